@@ -1,0 +1,31 @@
+# imgsearch: everything a fresh clone needs, offline except for the package registries.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WEIGHTS ?= random
+DATA    ?= demo
+ARCH    ?= resnet152
+PORT    ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo demo-data export index serve loadtest bench clean help
+help:
+	@echo "make setup     create $(VENV) and install everything (idempotent)"
+	@echo "make test      setup + the whole test suite (real Triton, Milvus Lite, uvicorn, chromium)"
+	@echo "make demo      setup, export, build demo images, index, serve on :$(PORT)"
+	@echo "               WEIGHTS=random|imagenet|/path/ckpt.pth  DATA=demo|stanford-dogs|/path/folder"
+	@echo "make loadtest  30 s Locust smoke against the stack 'make demo' started"
+
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf data/ model_repository/*/1 model_repository/*/model_card.json model_repository/*/labels.txt .pytest_cache

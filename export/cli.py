@@ -1,0 +1,72 @@
+"""Export a torchvision ResNet to ONNX and write a Triton model folder.
+
+The graph takes uint8 RGB NHWC images [-1,224,224,3] ('images') and returns an
+L2-normalised 'embedding' [-1,D] (+ softmax 'probs' [-1,C] when there is a classifier
+head). ONNX Runtime is checked against PyTorch on 8 images before anything is written:
+min cosine >= 0.9999 (fp32) or 0.999 (fp16).
+
+writes <repository>/<model-name>/:
+  1/model.onnx  1/model.py  config.pbtxt (GPU, onnxruntime + TensorRT FP16)
+  configs/cpu.pbtxt (Python backend + ONNX Runtime)  labels.txt  model_card.json
+
+examples:
+  imgsearch export                                   # ResNet-152, random weights (seed 0)
+  imgsearch export --arch resnet18                   # small and fast, for tests
+  imgsearch export --weights imagenet                # torchvision download (needs internet)
+  imgsearch export --weights resnet152_dogs.pth      # the original Kaggle checkpoint
+  imgsearch export --weights ckpt.pt --embedding head  # output of imgsearch finetune, 256-d
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imgsearch.settings import get_settings
+
+from .model import ARCHS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    s = get_settings()
+    p.add_argument("--arch", choices=ARCHS, default=None,
+                   help="torchvision ResNet (default: resnet152, or what the checkpoint holds)")
+    p.add_argument("--weights", default="random", metavar="random|imagenet|PATH",
+                   help="random (fixed seed), imagenet (download), or a checkpoint file (default: %(default)s)")
+    p.add_argument("--embedding", choices=("pool", "head", "logits"), default="pool",
+                   help="pool = 2048-d pooled features, head = 256-d hidden layer, logits (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="(default: %(default)s)")
+    p.add_argument("--repository", type=Path, default=s.model_repository, help="(default: %(default)s)")
+    p.add_argument("--model-name", default=s.model_name, help="(default: %(default)s)")
+    p.add_argument("--labels", type=Path, default=None, help="class names, one per line (checkpoints without names)")
+    p.add_argument("--max-queue-size", type=int, default=None, help="Triton queue bound before REJECT")
+    p.add_argument("--max-batch-size", type=int, default=None, help="CPU config max batch size")
+    p.add_argument("--queue-delay-us", type=int, default=None, help="CPU config dynamic batching window")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .onnx_export import export_model
+    from .triton_config import CPU_DEFAULTS, GPU_DEFAULTS
+
+    cpu, gpu = CPU_DEFAULTS, GPU_DEFAULTS
+    if args.max_queue_size:
+        cpu = dataclasses.replace(cpu, max_queue_size=args.max_queue_size)
+        gpu = dataclasses.replace(gpu, max_queue_size=args.max_queue_size)
+    if args.max_batch_size:
+        cpu = dataclasses.replace(cpu, max_batch_size=args.max_batch_size)
+    if args.queue_delay_us is not None:
+        cpu = dataclasses.replace(cpu, queue_delay_us=args.queue_delay_us)
+    labels = None
+    if args.labels:
+        labels = [ln.strip() for ln in args.labels.read_text().splitlines() if ln.strip()]
+    res = export_model(weights=args.weights, arch=args.arch, embedding=args.embedding, precision=args.precision,
+                       repository=args.repository, model_name=args.model_name, labels=labels,
+                       cpu_batching=cpu, gpu_batching=gpu)
+    c = res.card
+    print(f"exported {c.arch} ({c.weights}, {c.embedding} {c.embedding_dim}-d"
+          f"{', probs over %d classes' % c.num_classes if c.num_classes else ''}) to {res.model_dir}")
+    print("parity: " + json.dumps(c.parity))
+    return 0

@@ -1,0 +1,186 @@
+"""Export a ResNet to ONNX for Triton, check it against PyTorch, write the model folder.
+
+``export_model`` is the library function; ``imgsearch export`` is a thin CLI over it
+(the timm pattern). Nothing is written unless ONNX Runtime agrees with PyTorch.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgsearch.errors import CheckpointError
+from imgsearch.model_card import (
+    CARD_FILE,
+    EMBEDDING_NAME,
+    INPUT_NAME,
+    LABELS_FILE,
+    PROBS_NAME,
+    ModelCard,
+)
+
+from . import checkpoint as ckpts
+from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel
+from .triton_config import CPU_DEFAULTS, GPU_DEFAULTS, BatchingOptions, cpu_config, gpu_config
+
+log = logging.getLogger(__name__)
+
+PARITY_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
+PARITY_IMAGES = 8
+OPSET = 17
+TEMPLATE = Path(__file__).parent / "templates" / "encoder_model.py"
+
+
+class ParityError(CheckpointError):
+    code = "parity_failed"
+
+
+@dataclass
+class ExportResult:
+    card: ModelCard
+    model_dir: Path
+
+
+def parity_images(n: int = PARITY_IMAGES, size: int = 224, seed: int = 1234) -> np.ndarray:
+    """Half noise, half smooth gradients with blobs: both ends of what cameras produce."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n // 2, n):
+        c = rng.uniform(0, 1, (3, 3))
+        smooth = np.stack([c[k, 0] * xx + c[k, 1] * yy + c[k, 2] * np.sin(6 * xx * (k + 1)) for k in range(3)], -1)
+        smooth = (smooth - smooth.min()) / (np.ptp(smooth) + 1e-9)
+        imgs[i] = (smooth * 255).astype(np.uint8)
+    return imgs
+
+
+def _resolve_weights(weights: str, arch: str | None, labels: list[str] | None, dropout: float):
+    """Return (net, head kind, class names, weights tag, sha, arch)."""
+    if weights == "random":
+        arch = arch or "resnet152"
+        net = ckpts.random_model(arch, RANDOM_SEED)
+        tag = f"random:{RANDOM_SEED}"
+        return net, "none", [], tag, hashlib.sha256(f"{arch}:{tag}".encode()).hexdigest(), arch
+    if weights == "imagenet":
+        arch = arch or "resnet152"
+        net, names, tag = ckpts.imagenet_model(arch)
+        return net, "linear", names, tag, hashlib.sha256(f"{arch}:{tag}".encode()).hexdigest(), arch
+    ck = ckpts.read_checkpoint(weights, arch)
+    net = ckpts.load_into_model(ck, dropout)
+    names = labels or ck.class_names or [f"class_{i:03d}" for i in range(ck.num_classes)]
+    if ck.head != "none" and not (labels or ck.class_names):
+        log.warning("checkpoint has no class names: labels.txt gets class_000..; pass --labels FILE for real names")
+    if labels and len(labels) != ck.num_classes:
+        raise CheckpointError(f"--labels has {len(labels)} names for a {ck.num_classes}-class head")
+    return net, ck.head, names, f"checkpoint:{ck.kind}", ck.sha256, ck.arch
+
+
+def _onnx_export(model: torch.nn.Module, path: Path, has_probs: bool) -> None:
+    example = torch.zeros(2, 224, 224, 3, dtype=torch.uint8)
+    outputs = [EMBEDDING_NAME] + ([PROBS_NAME] if has_probs else [])
+    axes = {n: {0: "batch"} for n in [INPUT_NAME, *outputs]}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but exact and fast for CNNs; the dynamo
+        # exporter needs several minutes and much memory for ResNet-152 on 2 cores.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=outputs,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, precision: str, n: int = PARITY_IMAGES) -> dict:
+    """Run the same images through PyTorch (fp32 reference) and ONNX Runtime."""
+    import onnxruntime as ort
+
+    imgs = parity_images(n)
+    with torch.no_grad():
+        ref = [t.float().numpy() for t in model(torch.from_numpy(imgs))]
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {INPUT_NAME: imgs})
+    e_ref, e_got = ref[0], got[0]
+    cos = (e_ref * e_got).sum(1) / (np.linalg.norm(e_ref, axis=1) * np.linalg.norm(e_got, axis=1) + 1e-12)
+    report = {
+        "images": n,
+        "max_abs_diff": float(np.abs(e_ref - e_got).max()),
+        "min_cosine": float(cos.min()),
+        "threshold": PARITY_MIN_COSINE[precision],
+        "norm_max_dev": float(np.abs(np.linalg.norm(e_got, axis=1) - 1).max()),
+    }
+    if len(ref) > 1:
+        report["probs_max_abs_diff"] = float(np.abs(ref[1] - got[1]).max())
+    return report
+
+
+def export_model(
+    *,
+    weights: str = "random",
+    arch: str | None = None,
+    embedding: EmbeddingKind = "pool",
+    precision: str = "fp32",
+    repository: Path = Path("model_repository"),
+    model_name: str = "resnet152",
+    labels: list[str] | None = None,
+    dropout: float = 0.2,
+    cpu_batching: BatchingOptions = CPU_DEFAULTS,
+    gpu_batching: BatchingOptions = GPU_DEFAULTS,
+    parity_images_n: int = PARITY_IMAGES,
+) -> ExportResult:
+    """Build, export, verify and write ``<repository>/<model_name>/``; return its card."""
+    if precision not in PARITY_MIN_COSINE:
+        raise ValueError(f"precision must be fp32 or fp16, not {precision}")
+    net, head, class_names, tag, sha, arch = _resolve_weights(weights, arch, labels, dropout)
+    head_kind: HeadKind = head
+    reference = ServingModel(net, head_kind, embedding, half=False).eval()
+    served = reference
+    if precision == "fp16":
+        import copy
+
+        served = copy.deepcopy(reference)
+        served.backbone.half()
+        served.fc.half()
+        served.use_half = True
+    dim = reference.embedding_dim()
+    num_classes = len(class_names) if head_kind != "none" else 0
+    model_sha = hashlib.sha256(f"{sha}:{arch}:{embedding}:{precision}".encode()).hexdigest()[:16]
+
+    out_dir = Path(repository) / model_name
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=Path(repository).parent if Path(repository).parent.exists() else None))
+    try:
+        onnx_path = tmp / "model.onnx"
+        _onnx_export(served, onnx_path, head_kind != "none")
+        parity = check_parity(reference, onnx_path, precision, parity_images_n)
+        if parity["min_cosine"] < parity["threshold"]:
+            raise ParityError(
+                f"ONNX Runtime disagrees with PyTorch: min cosine {parity['min_cosine']:.6f} < "
+                f"{parity['threshold']} (max abs diff {parity['max_abs_diff']:.2e}); model not written"
+            )
+        card = ModelCard(
+            name=model_name, arch=arch, embedding=embedding, embedding_dim=dim, num_classes=num_classes,
+            weights=tag, checkpoint_sha256=sha, model_sha=model_sha, precision=precision,
+            outputs=[EMBEDDING_NAME] + ([PROBS_NAME] if num_classes else []),
+            exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            parity=parity, opset=OPSET,
+        )
+        (out_dir / "1").mkdir(parents=True, exist_ok=True)
+        (out_dir / "configs").mkdir(exist_ok=True)
+        # model.onnx is replaced atomically: a running Triton never sees half a file
+        os.replace(onnx_path, out_dir / "1" / "model.onnx")
+        shutil.copyfile(TEMPLATE, out_dir / "1" / "model.py")
+        (out_dir / "config.pbtxt").write_text(gpu_config(card, gpu_batching))
+        (out_dir / "configs" / "cpu.pbtxt").write_text(cpu_config(card, cpu_batching))
+        (out_dir / LABELS_FILE).write_text("".join(f"{n}\n" for n in class_names) if num_classes else "")
+        (out_dir / CARD_FILE).write_text(card.to_json())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s (%s)", out_dir, json.dumps(parity))
+    return ExportResult(card=card, model_dir=out_dir)

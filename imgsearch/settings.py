@@ -1,0 +1,69 @@
+"""All configuration, in one pydantic-settings class (env prefix ``IMGSEARCH_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings shared by the gateway, the indexer, the exporter and the load tests.
+
+    The names in DESIGN.md (TRITON_URL, MILVUS_URI, ...) are fixed: compose files,
+    dashboards and tests rely on them.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMGSEARCH_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- Triton ---------------------------------------------------------------------
+    triton_url: str | None = Field(
+        None,
+        description="host:port of Triton's gRPC (or HTTP) endpoint; unset = start the local tritonserver",
+    )
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_input: Literal["pixels", "bytes"] = Field(
+        "pixels", description="send decoded uint8 pixels, or raw file bytes to the image_search ensemble"
+    )
+    triton_timeout_s: float = 30.0
+    triton_retries: int = Field(5, description="retries with backoff when Triton's queue is full (indexer)")
+    model_repository: Path = Path("model_repository")
+    model_name: str = "resnet152"
+    ensemble_name: str = "image_search"
+    model_config_name: str = Field("cpu", description="configs/<name>.pbtxt for the local tritonserver")
+    local_triton_http_port: int = 8100
+    local_triton_grpc_port: int = 8101
+    local_triton_metrics_port: int = 8102
+    triton_exit_timeout_s: int = 20
+
+    # --- Milvus ---------------------------------------------------------------------
+    milvus_uri: str = "./data/milvus.db"
+    milvus_token: SecretStr | None = None
+    collection: str = "images"
+
+    # --- images ---------------------------------------------------------------------
+    image_root: Path = Path("data/images")
+    image_size: int = 224
+    max_pixels: int = Field(50_000_000, description="decoded pixel limit; more is a decompression bomb")
+    max_upload_bytes: int = 10 * 1024 * 1024
+
+    # --- gateway --------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_inflight: int = Field(32, description="concurrent searches before the gateway sheds with 503")
+    decode_threads: int = 4
+    retry_after_s: int = 1
+    api_key: SecretStr | None = Field(None, description="Bearer key for write endpoints; unset = writes disabled")
+    cors_origins: list[str] = Field(default_factory=list)
+    default_top_k: int = 10
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

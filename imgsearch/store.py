@@ -1,0 +1,277 @@
+"""The one Milvus store: schema, guard, upsert, search, delete.
+
+``MilvusClient(uri)`` is Milvus Lite for a path ending in ``.db`` (embedded, one process
+per file) and Milvus standalone/distributed for ``http://host:19530``; the code is the
+same. pymilvus errors become :mod:`imgsearch.errors` here and nowhere else. A failed call
+drops the client, so the next call reconnects: a Milvus that comes back needs no restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CollectionMismatch, NotFound, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+PROP_SHA = "imgsearch.model_sha"
+PROP_DIM = "imgsearch.dim"
+PROP_MODEL = "imgsearch.model"
+PATH_MAX = 1024
+LABEL_MAX = 256
+HNSW = {"index_type": "HNSW", "metric_type": "COSINE", "params": {"M": 16, "efConstruction": 200}}
+
+
+def content_id(data: bytes) -> int:
+    """Deterministic 63-bit id from the file's bytes: a re-run upserts, never duplicates."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def label_filter(label: str) -> str:
+    # json.dumps quotes and escapes: a label can never break out of the expression
+    return f"label == {json.dumps(label)}"
+
+
+@dataclass
+class Row:
+    id: int
+    path: str
+    label: str
+    embedding: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": int(self.id), "path": self.path[:PATH_MAX], "label": self.label[:LABEL_MAX],
+                "embedding": np.asarray(self.embedding, dtype=np.float32).tolist()}
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    label: str
+    score: float
+
+
+@dataclass
+class Entry:
+    id: int
+    path: str
+    label: str
+    embedding: np.ndarray | None = None
+
+
+def is_lite(uri: str) -> bool:
+    return uri.endswith(".db")
+
+
+class VectorStore:
+    """One collection of image embeddings bound to one model (dim + model card sha)."""
+
+    def __init__(self, uri: str, collection: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        self.uri = uri
+        self.collection = collection
+        self.token = token
+        self.timeout_s = timeout_s
+        self._client = None
+        self._lock = threading.Lock()
+
+    # --- the boundary ---------------------------------------------------------------
+    def _connect(self):
+        from pymilvus import MilvusClient
+
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    if is_lite(self.uri):
+                        Path(self.uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+                    kwargs: dict[str, Any] = {"uri": self.uri}
+                    if self.token:
+                        kwargs["token"] = self.token
+                    if not is_lite(self.uri):
+                        kwargs["timeout"] = self.timeout_s
+                    self._client = MilvusClient(**kwargs)
+        return self._client
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            client = self._connect()
+            return fn(client, *args, **kwargs)
+        except (StoreError, ValueError):
+            raise
+        except Exception as e:  # noqa: BLE001 - pymilvus, grpc and milvus-lite all raise their own types
+            self._reset()
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}") from None
+
+    def _reset(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client may fail too
+                pass
+
+    def close(self) -> None:
+        self._reset()
+
+    # --- collection lifecycle -------------------------------------------------------
+    def exists(self) -> bool:
+        return bool(self._call("has_collection", lambda c: c.has_collection(self.collection)))
+
+    def properties(self) -> dict[str, str]:
+        desc = self._call("describe_collection", lambda c: c.describe_collection(self.collection))
+        return dict(desc.get("properties") or {})
+
+    def open(self, dim: int, model_sha: str, model: str = "", *, recreate: bool = False) -> None:
+        """Create the collection if needed, or check it was built by this model."""
+        if recreate and self.exists():
+            self.drop()
+        if not self.exists():
+            self._create(dim, model_sha, model)
+        else:
+            self.check(dim, model_sha)
+        self._call("load_collection", lambda c: c.load_collection(self.collection))
+
+    def check(self, dim: int, model_sha: str) -> None:
+        props = self.properties()
+        have_sha, have_dim = props.get(PROP_SHA), props.get(PROP_DIM)
+        if have_sha != model_sha or str(have_dim) != str(dim):
+            raise CollectionMismatch(
+                f"collection {self.collection!r} holds embeddings of another model "
+                f"(dim {have_dim}, model sha {have_sha}); this model is dim {dim}, sha {model_sha}. "
+                "Re-index with --recreate (or use another --collection)."
+            )
+
+    def _create(self, dim: int, model_sha: str, model: str) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        def create(c):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("path", DataType.VARCHAR, max_length=PATH_MAX)
+            schema.add_field("label", DataType.VARCHAR, max_length=LABEL_MAX)
+            schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+            index = c.prepare_index_params()
+            index.add_index("embedding", **HNSW)
+            c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
+            c.alter_collection_properties(
+                self.collection, properties={PROP_SHA: model_sha, PROP_DIM: str(dim), PROP_MODEL: model})
+
+        self._call("create_collection", create)
+        log.info("created collection %s (dim %d, model sha %s) at %s", self.collection, dim, model_sha, self.uri)
+
+    def drop(self) -> None:
+        self._call("drop_collection", lambda c: c.drop_collection(self.collection))
+
+    def is_ready(self) -> bool:
+        def ready(c) -> bool:
+            if not c.has_collection(self.collection):
+                return False
+            state = c.get_load_state(self.collection).get("state")
+            return getattr(state, "name", str(state)) == "Loaded"
+
+        return bool(self._call("get_load_state", ready))
+
+    # --- data -----------------------------------------------------------------------
+    def upsert(self, rows: Sequence[Row]) -> int:
+        if not rows:
+            return 0
+        res = self._call("upsert", lambda c: c.upsert(self.collection, [r.to_dict() for r in rows]))
+        return int(res.get("upsert_count", len(rows)))
+
+    def existing(self, ids: Sequence[int]) -> dict[int, str]:
+        """id -> stored path, for those of ``ids`` already in the collection."""
+        if not ids:
+            return {}
+        got = self._call("query", lambda c: c.query(
+            self.collection, filter=f"id in {[int(i) for i in ids]}", output_fields=["id", "path"]))
+        return {int(r["id"]): r["path"] for r in got}
+
+    def get(self, id_: int, with_embedding: bool = False) -> Entry:
+        fields = ["id", "path", "label"] + (["embedding"] if with_embedding else [])
+        got = self._call("get", lambda c: c.get(self.collection, ids=[int(id_)], output_fields=fields))
+        if not got:
+            raise NotFound(f"no image with id {id_}")
+        r = got[0]
+        emb = np.asarray(r["embedding"], dtype=np.float32) if with_embedding else None
+        return Entry(int(r["id"]), r["path"], r["label"], emb)
+
+    def delete(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        res = self._call("delete", lambda c: c.delete(self.collection, ids=[int(i) for i in ids]))
+        if isinstance(res, dict):
+            return int(res.get("delete_count", len(ids)))
+        return len(res) if res is not None else 0
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        top_k: int = 10,
+        min_score: float | None = None,
+        label: str | None = None,
+        exclude_id: int | None = None,
+    ) -> list[list[Hit]]:
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        filters = []
+        if label:
+            filters.append(label_filter(label))
+        if exclude_id is not None:
+            filters.append(f"id != {int(exclude_id)}")
+        params: dict[str, Any] = {"metric_type": "COSINE", "params": {"ef": max(64, top_k * 2)}}
+        if min_score is not None:
+            params["params"]["radius"] = float(min_score) - 1e-6
+            params["params"]["range_filter"] = 1.0 + 1e-6
+        res = self._call("search", lambda c: c.search(
+            self.collection, data=vectors.tolist(), limit=top_k, filter=" and ".join(filters),
+            output_fields=["path", "label"], search_params=params))
+        out: list[list[Hit]] = []
+        for hits in res:
+            row = [Hit(int(h["id"]), h["entity"]["path"], h["entity"]["label"], float(h["distance"])) for h in hits]
+            if min_score is not None:  # range search is a hint on some index types; enforce it
+                row = [h for h in row if h.score >= min_score]
+            out.append(row)
+        return out
+
+    def count(self) -> int:
+        res = self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))
+        return int(res[0]["count(*)"]) if res else 0
+
+    def iter_entries(self, batch_size: int = 1000) -> Iterator[Entry]:
+        it = self._call("query_iterator", lambda c: c.query_iterator(
+            self.collection, batch_size=batch_size, output_fields=["id", "path", "label"]))
+        try:
+            while True:
+                batch = self._call("query_iterator.next", lambda _c: it.next())
+                if not batch:
+                    break
+                for r in batch:
+                    yield Entry(int(r["id"]), r["path"], r["label"])
+        finally:
+            try:
+                it.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def stats(self) -> dict[str, Any]:
+        props = self.properties()
+        labels: dict[str, int] = {}
+        for e in self.iter_entries():
+            labels[e.label] = labels.get(e.label, 0) + 1
+        index = self._call("describe_index", lambda c: c.describe_index(self.collection, "embedding"))
+        return {
+            "uri": self.uri, "collection": self.collection, "count": sum(labels.values()),
+            "dim": int(props.get(PROP_DIM, 0) or 0), "model_sha": props.get(PROP_SHA),
+            "model": props.get(PROP_MODEL), "index": {k: index.get(k) for k in ("index_type", "metric_type")},
+            "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
+        }

@@ -1,0 +1,170 @@
+"""The one Triton client: ``await encode(uint8 batch) -> (embeddings, probs)``.
+
+gRPC by default (HTTP optional), one channel per process, reused by every request.
+Triton's and tritonclient's errors become :mod:`imgsearch.errors` here:
+queue full -> :class:`TritonOverloaded`, unreachable / not ready -> :class:`TritonUnavailable`,
+refused input -> :class:`TritonInvalidInput`. The same code serves the local binary and a
+Triton container; only the URL differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import TritonError, TritonInvalidInput, TritonOverloaded, TritonUnavailable
+from .model_card import EMBEDDING_NAME, INPUT_NAME, PROBS_NAME
+
+log = logging.getLogger(__name__)
+
+BYTES_INPUT = "image_bytes"
+
+
+@dataclass
+class Encoded:
+    embeddings: np.ndarray  # [N, D] float32, unit norm
+    probs: np.ndarray | None  # [N, C] float32, or None without a classifier head
+
+
+def map_triton_error(exc: Exception) -> TritonError:
+    """Classify a tritonclient / grpc / aiohttp error. The single mapping point."""
+    msg = str(getattr(exc, "message", lambda: None)() or exc)
+    status = str(getattr(exc, "status", lambda: None)() or "")
+    low = msg.lower()
+    if "maximum queue size" in low or "exceeds maximum queue" in low or status in ("429", "StatusCode.RESOURCE_EXHAUSTED"):
+        return TritonOverloaded(f"Triton queue is full: {msg}")
+    if "timeout" in low and "queue" in low:
+        return TritonOverloaded(f"request timed out in Triton's queue: {msg}")
+    if status in ("StatusCode.INVALID_ARGUMENT", "400") or "unexpected shape" in low or "unexpected datatype" in low:
+        return TritonInvalidInput(msg)
+    return TritonUnavailable(f"Triton unavailable: {msg}")
+
+
+class TritonEncoder:
+    """Async encoder over Triton. Create one per process and share it."""
+
+    def __init__(
+        self,
+        url: str,
+        model_name: str = "resnet152",
+        protocol: str = "grpc",
+        timeout_s: float = 30.0,
+        ensemble_name: str = "image_search",
+    ) -> None:
+        self.url = url
+        self.model_name = model_name
+        self.ensemble_name = ensemble_name
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        self._client = None
+        self._outputs: list[str] | None = None
+
+    # --- plumbing -------------------------------------------------------------------
+    def _mod(self):
+        if self.protocol == "grpc":
+            import tritonclient.grpc.aio as mod
+        else:
+            import tritonclient.http.aio as mod
+        return mod
+
+    def _get_client(self):
+        if self._client is None:
+            self._client = self._mod().InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing a dead channel
+                pass
+
+    async def _model_outputs(self) -> list[str]:
+        if self._outputs is None:
+            try:
+                meta = await self._get_client().get_model_metadata(self.model_name, as_json=True) \
+                    if self.protocol == "grpc" else await self._get_client().get_model_metadata(self.model_name)
+            except Exception as e:  # noqa: BLE001 - the boundary
+                raise map_triton_error(e) from None
+            self._outputs = [o["name"] for o in meta["outputs"]]
+        return self._outputs
+
+    async def has_probs(self) -> bool:
+        return PROBS_NAME in await self._model_outputs()
+
+    # --- health ---------------------------------------------------------------------
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._get_client().is_model_ready(self.model_name), 2.0))
+        except Exception:  # noqa: BLE001 - not ready is the answer, whatever the cause
+            return False
+
+    async def has_ensemble(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._get_client().is_model_ready(self.ensemble_name), 2.0))
+        except Exception:  # noqa: BLE001
+            return False
+
+    # --- inference ------------------------------------------------------------------
+    async def encode(self, pixels: np.ndarray, timeout_s: float | None = None) -> Encoded:
+        """``pixels``: uint8 [N, H, W, 3] RGB. Returns unit-norm embeddings (+ probs)."""
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise TritonInvalidInput(f"expected uint8 [N,H,W,3], got {pixels.dtype} {list(pixels.shape)}")
+        mod = self._mod()
+        inp = mod.InferInput(INPUT_NAME, list(pixels.shape), "UINT8")
+        inp.set_data_from_numpy(np.ascontiguousarray(pixels))
+        return await self._infer(self.model_name, [inp], timeout_s)
+
+    async def encode_bytes(self, blobs: Sequence[bytes], timeout_s: float | None = None) -> Encoded:
+        """Send encoded files to the ``image_search`` ensemble (decode happens in Triton)."""
+        mod = self._mod()
+        arr = np.array([[b] for b in blobs], dtype=np.object_)
+        inp = mod.InferInput(BYTES_INPUT, list(arr.shape), "BYTES")
+        inp.set_data_from_numpy(arr)
+        return await self._infer(self.ensemble_name, [inp], timeout_s)
+
+    async def _infer(self, model: str, inputs: list, timeout_s: float | None) -> Encoded:
+        names = await self._model_outputs()
+        mod = self._mod()
+        outputs = [mod.InferRequestedOutput(n) for n in names]
+        timeout = timeout_s or self.timeout_s
+        try:
+            if self.protocol == "grpc":
+                res = await self._get_client().infer(model, inputs, outputs=outputs, client_timeout=timeout)
+            else:
+                res = await asyncio.wait_for(self._get_client().infer(model, inputs, outputs=outputs), timeout)
+        except asyncio.TimeoutError:
+            raise TritonUnavailable(f"Triton did not answer within {timeout:.0f}s") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the boundary
+            err = map_triton_error(e)
+            if isinstance(err, TritonUnavailable):
+                self._outputs = None  # the model may come back different
+            raise err from None
+        emb = res.as_numpy(EMBEDDING_NAME)
+        probs = res.as_numpy(PROBS_NAME) if PROBS_NAME in names else None
+        n = inputs[0].shape()[0]
+        if emb is None or emb.shape[0] != n:
+            raise TritonUnavailable(f"Triton returned {None if emb is None else emb.shape} embeddings for {n} inputs")
+        return Encoded(np.asarray(emb, dtype=np.float32), None if probs is None else np.asarray(probs, np.float32))
+
+
+async def with_backoff(fn, retries: int = 5, base_s: float = 0.2, max_s: float = 5.0):
+    """Retry ``await fn()`` while Triton says its queue is full (jittered exponential)."""
+    for attempt in range(retries + 1):
+        try:
+            return await fn()
+        except TritonOverloaded:
+            if attempt == retries:
+                raise
+            delay = min(max_s, base_s * 2**attempt) * (0.5 + random.random() / 2)
+            log.debug("Triton overloaded, retry %d in %.2fs", attempt + 1, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")

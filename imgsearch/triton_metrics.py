@@ -1,0 +1,58 @@
+"""Read Triton's Prometheus metrics: executions vs requests, queue and compute time."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from dataclasses import dataclass
+
+_LINE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
+
+
+def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:
+    out: dict[tuple[str, frozenset], float] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line.strip())
+        if m:
+            labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'\w+="[^"]*"', m.group(2)))
+            labels = frozenset((k, v.strip('"')) for k, v in labels)
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+@dataclass
+class ModelStats:
+    requests: float = 0.0  # successful inference requests
+    failures: float = 0.0
+    executions: float = 0.0  # model executions (batches)
+    inferences: float = 0.0  # images (batch elements)
+    queue_us: float = 0.0
+    compute_us: float = 0.0
+
+    @property
+    def avg_batch(self) -> float:
+        return self.inferences / self.executions if self.executions else 0.0
+
+    def __sub__(self, other: "ModelStats") -> "ModelStats":
+        return ModelStats(*(getattr(self, f) - getattr(other, f) for f in self.__dataclass_fields__))
+
+
+def model_stats(text: str, model: str) -> ModelStats:
+    names = {
+        "nv_inference_request_success": "requests",
+        "nv_inference_request_failure": "failures",
+        "nv_inference_exec_count": "executions",
+        "nv_inference_count": "inferences",
+        "nv_inference_queue_duration_us": "queue_us",
+        "nv_inference_compute_infer_duration_us": "compute_us",
+    }
+    stats = ModelStats()
+    for (name, labels), value in parse_prometheus(text).items():
+        if name in names and dict(labels).get("model") == model:
+            setattr(stats, names[name], getattr(stats, names[name]) + value)
+    return stats
+
+
+def fetch_model_stats(metrics_url: str, model: str, timeout: float = 5.0) -> ModelStats:
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+        return model_stats(r.read().decode(), model)

@@ -1,0 +1,265 @@
+"""Run the real ``tritonserver`` binary shipped in the nvidia-pytriton wheel, no Docker.
+
+``LocalTriton`` is a context manager (tests, ``imgsearch serve``, the indexer) and the
+engine of ``imgsearch triton``. It prepares what the wheel leaves to its own launcher:
+a backend directory holding the Python-backend stub for this interpreter, the library
+path, and a ``PATH`` whose first ``python3`` is this environment's (the stub finds its
+packages through it, not through ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LauncherError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TritonPaths:
+    binary: Path
+    libs: Path
+    python_backend: Path
+    stub: Path
+
+
+def find_triton() -> TritonPaths:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise LauncherError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0 (make setup does)")
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    root = pkg / "tritonserver"
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    paths = TritonPaths(
+        binary=root / "bin" / "tritonserver",
+        libs=pkg.parent / "nvidia_pytriton.libs",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / ver / "triton_python_backend_stub",
+    )
+    for p in (paths.binary, paths.libs, paths.python_backend, paths.stub):
+        if not p.exists():
+            raise LauncherError(f"the nvidia-pytriton wheel lacks {p} (Python {ver} supported?)")
+    return paths
+
+
+def check_stub_libraries(paths: TritonPaths) -> None:
+    """Fail with the fix instead of a load timeout when libpython is missing."""
+    env = dict(os.environ, LD_LIBRARY_PATH=_ld_path(paths))
+    try:
+        out = subprocess.run(["ldd", str(paths.stub)], capture_output=True, text=True, env=env, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no ldd: let the server speak for itself
+    missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
+    if missing:
+        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        hint = f" (apt install libpython{ver})" if any("libpython" in m for m in missing) else ""
+        raise LauncherError(f"the Python-backend stub cannot find {', '.join(missing)}{hint}")
+
+
+def check_numpy() -> None:
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise LauncherError(
+            f"numpy {numpy.__version__} is installed: the Triton Python-backend stub silently corrupts tensors "
+            "with numpy 2 (DESIGN.md). Install numpy<2 (make setup pins it)."
+        )
+
+
+def _ld_path(paths: TritonPaths) -> str:
+    return ":".join(x for x in [str(paths.libs), os.environ.get("LD_LIBRARY_PATH", "")] if x)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_backend_dir(paths: TritonPaths, dest: Path) -> Path:
+    """``dest/python/`` = libtriton_python.so + utils + the stub for this Python."""
+    py = dest / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for f in paths.python_backend.iterdir():
+        if f.is_file():
+            shutil.copy2(f, py / f.name)
+    shutil.copy2(paths.stub, py / paths.stub.name)
+    return dest
+
+
+class LocalTriton:
+    """A tritonserver child process serving ``repository``.
+
+    >>> with LocalTriton("model_repository") as t:  # doctest: +SKIP
+    ...     print(t.grpc_url)
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        config_name: str | None = "cpu",
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        host: str = "127.0.0.1",
+        exit_timeout_s: int = 20,
+        startup_timeout_s: float = 300.0,
+        log_file: str | Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.config_name = config_name
+        self.host = host
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.exit_timeout_s = exit_timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self.extra_args = extra_args or []
+        self._tmp = Path(tempfile.mkdtemp(prefix="imgsearch-triton-"))
+        self.log_path = Path(log_file) if log_file else self._tmp / "tritonserver.log"
+        self.proc: subprocess.Popen | None = None
+
+    # --- URLs -----------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    # --- lifecycle ------------------------------------------------------------------
+    def command(self, paths: TritonPaths, backend_dir: Path) -> list[str]:
+        cmd = [
+            str(paths.binary),
+            "--model-repository", str(self.repository),
+            "--backend-directory", str(backend_dir),
+            "--model-control-mode", "none",  # no remote loading/unloading, in every config we ship
+            "--http-address", self.host, "--http-port", str(self.http_port),
+            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+            "--allow-metrics", "true", "--allow-gpu-metrics", "false",
+            "--exit-timeout-secs", str(self.exit_timeout_s),
+            "--strict-readiness", "true",
+            "--log-verbose", "0",
+        ]
+        if self.config_name:
+            cmd += ["--model-config-name", self.config_name]
+        return cmd + self.extra_args
+
+    def environment(self, paths: TritonPaths) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = _ld_path(paths)
+        # the stub's embedded interpreter finds site-packages via the first python3 on PATH
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        return env
+
+    def start(self) -> "LocalTriton":
+        if not self.repository.is_dir():
+            raise LauncherError(f"model repository {self.repository} does not exist: run imgsearch export first")
+        paths = find_triton()
+        check_stub_libraries(paths)
+        check_numpy()
+        backend_dir = prepare_backend_dir(paths, self._tmp / "backends")
+        logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.command(paths, backend_dir), stdout=logf, stderr=subprocess.STDOUT,
+            env=self.environment(paths), start_new_session=True,
+        )
+        logf.close()
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self.proc.poll() if self.proc else None
+            if code is not None:
+                raise LauncherError(
+                    f"tritonserver exited with code {code} while loading {self.repository}:\n{self.log_excerpt()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise LauncherError(f"tritonserver not ready after {self.startup_timeout_s:.0f}s:\n{self.log_excerpt()}")
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_excerpt(self, limit: int = 40) -> str:
+        """The log lines that explain a failure: errors, failed loads, python tracebacks."""
+        lines = self.log_text().splitlines()
+        keep = [
+            ln for ln in lines
+            if ln.startswith(("E", "W")) or "failed" in ln.lower() or "error" in ln.lower()
+            or "Traceback" in ln or ln.startswith("  ") or "UNAVAILABLE" in ln
+        ]
+        return "\n".join((keep or lines)[-limit:])
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight work for up to exit_timeout_s), then SIGKILL."""
+        if not self.proc or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout if timeout is not None else self.exit_timeout_s + 10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the server and its stubs (fault-injection tests)."""
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "LocalTriton":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self.log_path.is_relative_to(self._tmp):
+            self.cleanup()

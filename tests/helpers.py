@@ -1,0 +1,85 @@
+"""Test data made here: generated images with separable classes, and broken files."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (160, 40, 200),
+           (20, 200, 200), (240, 120, 10), (120, 70, 30), (250, 250, 250), (10, 10, 10)]
+SHAPES = ["circle", "square", "triangle", "cross", "ring"]
+
+
+def shape_image(cls: int, seed: int, size: int = 160) -> Image.Image:
+    """Class = (colour, shape); position, scale, background noise vary with the seed."""
+    rng = random.Random(seed)
+    bg = tuple(rng.randint(90, 170) for _ in range(3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    colour = COLOURS[cls % len(COLOURS)]
+    shape = SHAPES[(cls // 2) % len(SHAPES)] if cls >= len(COLOURS) else SHAPES[cls % len(SHAPES)]
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "square":
+        d.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "cross":
+        d.rectangle([cx - r, cy - r // 3, cx + r, cy + r // 3], fill=colour)
+        d.rectangle([cx - r // 3, cy - r, cx + r // 3, cy + r], fill=colour)
+    else:
+        d.ellipse(box, outline=colour, width=max(3, r // 3))
+    arr = np.asarray(im).astype(np.int16)
+    noise = np.random.default_rng(seed).integers(-12, 13, arr.shape)
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_dataset(root: Path, classes: int = 10, per_class: int = 20, seed: int = 0,
+                 prefix_synset: bool = True) -> list[Path]:
+    """root/n0000000k-class_k/img_i.jpg, Stanford-Dogs style folder names."""
+    files = []
+    for c in range(classes):
+        name = f"n{c:08d}-class_{c}" if prefix_synset else f"class_{c}"
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            p = d / f"img_{i:04d}.jpg"
+            p.write_bytes(jpeg_bytes(shape_image(c, seed * 100_000 + c * 1000 + i)))
+            files.append(p)
+    return files
+
+
+def bomb_png(width: int = 10000, height: int = 10000) -> bytes:
+    """A tiny PNG that claims a huge size (a decompression bomb)."""
+    im = Image.new("1", (width, height), 0)
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+def truncated_jpeg(seed: int = 1) -> bytes:
+    data = jpeg_bytes(shape_image(1, seed, 256))
+    return data[: len(data) // 2]
+
+
+def random_pixels(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
