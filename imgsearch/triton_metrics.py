@@ -6,7 +6,9 @@ import re
 import urllib.request
 from dataclasses import dataclass
 
-_LINE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
+# labels are optional (a gauge like ``imgsearch_inflight_requests 3.0`` has none); a trailing
+# timestamp is allowed; the value may be NaN or +Inf
+_LINE = re.compile(r'^(\w+)(?:\{([^}]*)\})?\s+(\S+)(?:\s+-?\d+)?$')
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:
@@ -14,9 +16,13 @@ def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:
     for line in text.splitlines():
         m = _LINE.match(line.strip())
         if m:
-            labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'\w+="[^"]*"', m.group(2)))
+            try:
+                value = float(m.group(3))
+            except ValueError:
+                continue
+            labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'\w+="[^"]*"', m.group(2) or ""))
             labels = frozenset((k, v.strip('"')) for k, v in labels)
-            out[(m.group(1), labels)] = float(m.group(3))
+            out[(m.group(1), labels)] = value
     return out
 
 
