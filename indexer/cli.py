@@ -1,0 +1,136 @@
+"""Encode a folder of images through Triton into Milvus.
+
+Every image under IMAGE_ROOT is decoded in worker processes, sent to Triton in batches
+(several requests in flight) and upserted into the Milvus collection with an id derived
+from the file's content. The top folder name is the label (a Stanford-Dogs prefix such
+as "n02085620-" is stripped: n02085620-Chihuahua -> Chihuahua); a flat folder gives an
+empty label.
+
+Re-running is safe and cheap: content already in the collection is skipped without
+decoding or encoding ("unchanged"), and a run killed at any point (Ctrl-C, SIGKILL, a
+dead Triton) resumes where it stopped when run again, with no duplicates. Broken files
+are reported by reason and skipped.
+
+examples:
+  imgsearch index data/images                      # starts the local Triton itself
+  imgsearch index data/stanford-dogs/Images --limit 500
+  IMGSEARCH_TRITON_URL=127.0.0.1:8101 imgsearch index data/images --in-flight 4
+  imgsearch index data/images --sync               # also remove entries of deleted files
+  imgsearch index data/images --recreate           # new model exported: start over
+  imgsearch index data/images --json report.json   # full report, every failed file
+
+settings (environment): IMGSEARCH_TRITON_URL (unset = start the local tritonserver from
+IMGSEARCH_MODEL_REPOSITORY), IMGSEARCH_MILVUS_URI (default ./data/milvus.db, Milvus Lite;
+http://host:19530 for a Milvus server), IMGSEARCH_COLLECTION, IMGSEARCH_MODEL_NAME.
+The model card (<repository>/<model>/model_card.json) gives the embedding size and the
+model sha that the collection is tied to: a collection built by another model is an
+error that tells you to use --recreate or another --collection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image_root", nargs="?", type=Path, metavar="IMAGE_ROOT",
+                   help="folder of images or of label folders (default: IMGSEARCH_IMAGE_ROOT, data/images)")
+    p.add_argument("--collection", help="Milvus collection (default: IMGSEARCH_COLLECTION, images)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per Triton request (default: 32)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decode processes (default: one per CPU core, at most 8)")
+    p.add_argument("--in-flight", type=int, default=2, help="concurrent Triton requests (default: 2)")
+    p.add_argument("--limit", type=int, help="index only the first N files (sorted by path)")
+    p.add_argument("--recreate", action="store_true",
+                   help="drop the collection first (needed after exporting another model)")
+    p.add_argument("--sync", action="store_true",
+                   help="after indexing, delete entries whose content is no longer under IMAGE_ROOT "
+                        "(entries shared with a copy at another path are kept and re-pointed)")
+    p.add_argument("--retry-for", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to keep retrying an unreachable Triton before stopping (default: 30)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the full report (every failed file) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def triton_endpoint(settings) -> Iterator[str]:
+    """IMGSEARCH_TRITON_URL when set, else a local tritonserver on free ports for this run."""
+    if settings.triton_url:
+        yield settings.triton_url
+        return
+    from imgsearch.triton_server import LocalTriton
+
+    print(f"IMGSEARCH_TRITON_URL is not set: starting the local tritonserver on "
+          f"{settings.model_repository} (config {settings.model_config_name})...", file=sys.stderr)
+    with LocalTriton(settings.model_repository, settings.model_config_name,
+                     exit_timeout_s=settings.triton_exit_timeout_s) as server:
+        yield server.grpc_url if settings.triton_protocol == "grpc" else f"{server.host}:{server.http_port}"
+
+
+def quiet_libraries() -> None:
+    """Milvus Lite and faiss log start-up chatter at INFO; keep it unless -v was given."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return
+    for name in ("faiss", "milvus_lite"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # pymilvus probes AllocTimestamp, which Milvus Lite's in-process server does not implement;
+    # grpc logs that as an ERROR with a traceback although the client handles it.
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+
+
+def run(args: argparse.Namespace) -> int:
+    from imgsearch.model_card import read_card
+    from imgsearch.settings import Settings
+    from imgsearch.store import VectorStore
+    from imgsearch.triton_client import TritonEncoder
+
+    from .pipeline import IndexOptions, run_index
+    from .scan import scan
+
+    settings = Settings()  # fresh: the environment is the interface
+    quiet_libraries()
+    if args.sync and args.limit:
+        print("imgsearch index: --sync needs the whole folder: it cannot be combined with --limit", file=sys.stderr)
+        return 2
+    for name in ("batch_size", "in_flight"):
+        if getattr(args, name) < 1:
+            print(f"imgsearch index: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    root = args.image_root or settings.image_root
+    try:
+        found = scan(root, args.limit)
+    except (NotADirectoryError, OSError) as e:
+        print(f"imgsearch index: {e}", file=sys.stderr)
+        return 2
+    card = read_card(settings.model_repository, settings.model_name)
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    store = VectorStore(settings.milvus_uri, args.collection or settings.collection, token=token)
+    try:
+        store.open(card.embedding_dim, card.model_sha, f"{card.name} ({card.arch}, {card.weights})",
+                   recreate=args.recreate)
+        print(f"{len(found.files)} image files under {found.root} -> collection {store.collection!r} "
+              f"at {store.uri} ({card.arch}, {card.embedding_dim}-d, model sha {card.model_sha})", file=sys.stderr)
+        opts = IndexOptions(batch_size=args.batch_size, workers=args.workers, in_flight=args.in_flight,
+                            retries=settings.triton_retries, unavailable_timeout_s=args.retry_for,
+                            image_size=settings.image_size, max_pixels=settings.max_pixels,
+                            sync=args.sync, progress=not args.no_progress)
+        with triton_endpoint(settings) as url:
+            encoder = TritonEncoder(url, settings.model_name, settings.triton_protocol, settings.triton_timeout_s)
+            report = run_index(store, encoder, card.embedding_dim, found, opts)
+    finally:
+        store.close()
+    print(report.summary())
+    if args.json:
+        report.write_json(args.json)
+    if report.aborted:
+        print(f"imgsearch index: stopped: {report.aborted}\n"
+              f"{report.indexed} images were upserted before that and are kept; re-run to resume.", file=sys.stderr)
+        return 1
+    return 0

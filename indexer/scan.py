@@ -1,0 +1,97 @@
+"""Find the images under an image root and name their labels.
+
+Any folder of folders works: the top folder under the root is the label, with a
+Stanford-Dogs synset prefix stripped (``n02085620-Chihuahua`` -> ``Chihuahua``); a file
+directly in the root has the empty label. Hidden files and folders are skipped, symlinked
+folders are not followed (no loops, nothing outside the root), and a symlinked file is
+used only when it resolves to a file inside the root. Files are returned sorted, so
+``--limit N`` and "which duplicate wins" are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp"})
+_SYNSET = re.compile(r"^n\d{8}-(?=.)")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path  # absolute
+    rel: str  # posix path relative to the root: what the store keeps, what the gateway serves
+    label: str
+
+
+@dataclass
+class ScanResult:
+    root: Path
+    files: list[ImageFile]
+    ignored: Counter = field(default_factory=Counter)  # reason -> count
+    limited: bool = False  # --limit cut the list short
+
+
+def strip_synset(name: str) -> str:
+    """``n02085620-Chihuahua`` -> ``Chihuahua``; other names are kept as they are."""
+    return _SYNSET.sub("", name)
+
+
+def label_for(rel: str) -> str:
+    parts = rel.split("/")
+    return strip_synset(parts[0]) if len(parts) > 1 else ""
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def scan(root: str | Path, limit: int | None = None) -> ScanResult:
+    """Walk ``root`` (sorted, depth first) and return the image files in it."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"image root {root} is not a folder")
+    files: list[ImageFile] = []
+    ignored: Counter = Counter()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                ignored["hidden"] += 1
+            elif (here / d).is_symlink():
+                ignored["symlinked folder (not followed)"] += 1
+            else:
+                keep.append(d)
+        dirnames[:] = keep  # os.walk descends only into these, in this order
+        for name in sorted(filenames):
+            p = here / name
+            if name.startswith("."):
+                ignored["hidden"] += 1
+                continue
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                ignored[f"not an image name ({p.suffix.lower() or 'no extension'})"] += 1
+                continue
+            if p.is_symlink():
+                target = p.resolve()
+                if not _inside(target, root):
+                    ignored["symlink out of the image root"] += 1
+                    continue
+                if not target.is_file():
+                    ignored["symlink to a non-file"] += 1
+                    continue
+            elif not p.is_file():
+                ignored["not a regular file"] += 1
+                continue
+            rel = p.relative_to(root).as_posix()
+            files.append(ImageFile(p, rel, label_for(rel)))
+            if limit is not None and len(files) >= limit:
+                return ScanResult(root, files, ignored, limited=True)
+    return ScanResult(root, files, ignored)
