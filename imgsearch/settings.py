@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="Bearer key for write endpoints; unset = writes disabled")
     cors_origins: list[str] = Field(default_factory=list)
     default_top_k: int = 10
+    store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")
+    thumb_max_side: int = 256
+    thumb_cache_items: int = Field(512, description="thumbnails kept in memory (LRU)")
+    upload_prefix: str = Field(
+        "upload-", description="POST /v1/images stores IMAGE_ROOT/<label>/<prefix><id>.<ext> (re-indexing keeps the label)")
+    graceful_shutdown_s: float = Field(20.0, description="SIGTERM: seconds to drain in-flight requests")
 
 
 @lru_cache(maxsize=1)

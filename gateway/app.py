@@ -1,0 +1,108 @@
+"""``create_app(settings)``: the FastAPI gateway in front of Triton and Milvus.
+
+One process holds one Triton client (a gRPC channel shared by all requests, so Triton's
+dynamic batcher sees concurrent searches), one Milvus store and the model card read from
+the model repository (embedding dimension, model sha for the collection guard, whether
+there is a classifier head, the labels, the untrained banner).
+
+Middleware, outermost first: security headers -> metrics -> last-resort 500 -> CORS (only
+when IMGSEARCH_CORS_ORIGINS is set) -> in-flight limiter -> routes.
+
+Run it with ``imgsearch serve``, or ``uvicorn gateway.app:app_from_env --factory`` with
+IMGSEARCH_TRITON_URL set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from imgsearch.errors import CollectionMismatch, ModelRepositoryError, StoreUnavailable
+from imgsearch.model_card import read_card, read_labels
+from imgsearch.settings import Settings
+from imgsearch.store import VectorStore
+from imgsearch.triton_client import TritonEncoder
+
+from . import page
+from .errors import LastResortMiddleware, install_handlers
+from .limiter import InflightLimiter
+from .metrics import Metrics, MetricsMiddleware
+from .routes import router
+from .security import SecurityHeadersMiddleware
+from .state import Runtime
+
+log = logging.getLogger("gateway")
+
+DESCRIPTION = """Reverse image search: upload an image, get the most similar indexed images
+(cosine over ResNet embeddings served by Triton, stored in Milvus) and a breed guess.
+
+Errors are JSON `{"error": {"code", "message"}}`. 503 answers carry `Retry-After`.
+Write endpoints need `Authorization: Bearer <IMGSEARCH_API_KEY>` and are disabled (403)
+when no key is configured."""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    if not settings.triton_url:
+        raise ModelRepositoryError(
+            "IMGSEARCH_TRITON_URL is not set: run `imgsearch serve` (it starts the local Triton) "
+            "or point the gateway at a running Triton (host:port of its gRPC endpoint)")
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        card = read_card(settings.model_repository, settings.model_name)
+        labels = read_labels(settings.model_repository, settings.model_name) if card.has_probs else []
+        encoder = TritonEncoder(settings.triton_url, settings.model_name, settings.triton_protocol,
+                                timeout_s=settings.triton_timeout_s, ensemble_name=settings.ensemble_name)
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+        store = VectorStore(settings.milvus_uri, settings.collection, token=token)
+        rt = Runtime(settings, card, labels, encoder, store, metrics)
+        try:
+            await rt.open_store()
+        except CollectionMismatch:
+            await rt.close()
+            raise  # wrong model for this collection: refuse to serve garbage
+        except StoreUnavailable as e:
+            log.warning("Milvus not available at startup (%s); /readyz stays 503 until it is", e)
+        if not await encoder.is_ready():
+            log.warning("Triton model %r not ready at %s; /readyz stays 503 until it is",
+                        settings.model_name, settings.triton_url)
+        elif card.has_probs and not await encoder.has_probs():
+            log.warning("model card promises 'probs' but Triton's model has no such output")
+        app.state.runtime = rt
+        app.state.index_html = page.render_index(card.name, card.arch, card.untrained, settings.max_upload_bytes)
+        log.info("gateway ready: model %s (%s, %d-d%s), Triton %s, Milvus %s/%s, image root %s",
+                 card.name, card.arch, card.embedding_dim, ", untrained" if card.untrained else "",
+                 settings.triton_url, settings.milvus_uri, settings.collection, rt.image_root)
+        try:
+            yield
+        finally:
+            await rt.close()
+
+    app = FastAPI(title="imgsearch", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_handlers(app)
+    app.include_router(router)
+    page.mount(app)
+    # add_middleware: the last added runs first
+    app.add_middleware(InflightLimiter, limit=settings.max_inflight, metrics=metrics,
+                       retry_after_s=settings.retry_after_s)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
+    app.add_middleware(LastResortMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: settings from IMGSEARCH_* (``uvicorn gateway.app:app_from_env --factory``)."""
+    return create_app(Settings())

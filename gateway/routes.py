@@ -1,0 +1,298 @@
+"""The HTTP API: search, images, writes, health, metrics.
+
+Handlers stay thin: parse and validate, call :mod:`gateway.search` or the store, shape
+the JSON. Errors are raised as the project's exceptions (or :class:`ApiError`) and turned
+into ``{"error": {...}}`` by :mod:`gateway.errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+from pathlib import Path as FsPath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials
+
+from imgsearch.imaging import sniff_format, thumbnail
+from imgsearch.store import Row, content_id
+
+from . import schemas
+from .errors import ApiError, responses
+from .images import media_type, read_under, resolve_under
+from .metrics import CONTENT_TYPE
+from .search import encode_upload, search_image, similar_to
+from .security import bearer, check_api_key
+from .state import Runtime
+from .uploads import read_upload
+
+log = logging.getLogger("gateway")
+router = APIRouter()
+
+MAX_ID = 2**63 - 1
+ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (int64 content hash)")]
+TopK = Annotated[int, Query(ge=1, le=100, description="number of results (1..100)")]
+MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="drop results under this cosine")]
+LabelQ = Annotated[str | None, Query(min_length=1, max_length=256, description="only results with this label")]
+EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+
+_FORM_PARAMS = {
+    "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "description": "as the query parameter"},
+    "min_score": {"type": "number", "minimum": -1, "maximum": 1, "description": "as the query parameter"},
+    "label": {"type": "string", "minLength": 1, "maxLength": 256, "description": "as the query parameter"},
+}
+_FILE = {"type": "string", "format": "binary",
+         "description": "the image (JPEG, PNG, WebP, GIF or BMP; checked by content)"}
+SEARCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {"file": _FILE, **_FORM_PARAMS}}}}}}
+ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "label"], "properties": {
+        "file": _FILE,
+        "label": {"type": "string", "minLength": 1, "maxLength": 256, "description": "class name, e.g. a breed"},
+    }}}}}}
+IMAGE_CONTENT = {"content": {t: {"schema": {"type": "string", "format": "binary"}}
+                             for t in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")},
+                 "description": "the image file"}
+THUMB_CONTENT = {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                 "description": "a JPEG thumbnail, longest side IMGSEARCH_THUMB_MAX_SIDE"}
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+Rt = Annotated[Runtime, Depends(runtime)]
+Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+# --- form values: the same rules as the query parameters ------------------------------
+
+def _invalid(field: str, msg: str) -> ApiError:
+    return ApiError(422, "invalid_request", f"{field}: {msg}")
+
+
+def form_int(fields: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    if name not in fields:
+        return default
+    try:
+        v = int(fields[name].strip())
+    except ValueError:
+        raise _invalid(name, "not an integer") from None
+    if not lo <= v <= hi:
+        raise _invalid(name, f"must be in {lo}..{hi}")
+    return v
+
+
+def form_float(fields: dict[str, str], name: str, default: float | None, lo: float, hi: float) -> float | None:
+    if name not in fields or not fields[name].strip():
+        return default
+    try:
+        v = float(fields[name].strip())
+    except ValueError:
+        raise _invalid(name, "not a number") from None
+    if math.isnan(v) or not lo <= v <= hi:
+        raise _invalid(name, f"must be in {lo}..{hi}")
+    return v
+
+
+def form_label(fields: dict[str, str], name: str, default: str | None) -> str | None:
+    if name not in fields:
+        return default
+    return clean_label(fields[name], name)
+
+
+def clean_label(value: str, name: str = "label") -> str:
+    v = value.strip()
+    if not 1 <= len(v) <= 256:
+        raise _invalid(name, "must be 1..256 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise _invalid(name, "control characters are not allowed")
+    return v
+
+
+def require_file(upload_data: bytes | None) -> bytes:
+    if upload_data is None:
+        raise ApiError(422, "missing_file", "the multipart body has no 'file' field")
+    return upload_data
+
+
+# --- search ----------------------------------------------------------------------------
+
+@router.post(
+    "/v1/search", response_model=schemas.SearchResponse, tags=["search"],
+    summary="Search with an uploaded image",
+    description="multipart `file` (+ `top_k`, `min_score`, `label` as form fields or query parameters; "
+                "form wins). Returns the nearest indexed images by cosine, a breed guess and per-stage timings.",
+    responses=responses(413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
+async def search(request: Request, rt: Rt, top_k: TopK = 10, min_score: MinScore = None,
+                 label: LabelQ = None) -> Any:
+    upload = await read_upload(request, rt.settings.max_upload_bytes)
+    data = require_file(upload.data)
+    f = upload.fields
+    top_k = form_int(f, "top_k", top_k, 1, 100)
+    min_score = form_float(f, "min_score", min_score, -1.0, 1.0)
+    label = form_label(f, "label", clean_label(label, "label") if label is not None else None)
+    return await search_image(rt, data, top_k, min_score, label)
+
+
+@router.get(
+    "/v1/images/{id}/similar", response_model=schemas.SearchResponse, tags=["search"],
+    summary="More like an indexed image", responses=responses(404, 422, 503))
+async def similar(id: ImageId, rt: Rt, top_k: TopK = 10, min_score: MinScore = None,
+                  label: LabelQ = None) -> Any:
+    label = clean_label(label) if label is not None else None
+    return await similar_to(rt, id, top_k, min_score, label)
+
+
+# --- images ----------------------------------------------------------------------------
+
+async def _image_bytes(rt: Runtime, id_: int) -> bytes:
+    entry = await rt.store_call(rt.store.get, id_)
+    return await rt.in_decode_pool(read_under, rt.image_root, entry.path)
+
+
+@router.get("/v1/images/{id}", tags=["images"], summary="The indexed image file",
+            response_class=Response, responses={200: IMAGE_CONTENT, **responses(403, 404, 422, 503)})
+async def get_image(id: ImageId, rt: Rt) -> Response:
+    data = await _image_bytes(rt, id)
+    return Response(data, media_type=media_type(data), headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/v1/images/{id}/thumb", tags=["images"], summary="A JPEG thumbnail of the indexed image",
+            response_class=Response, responses={200: THUMB_CONTENT, **responses(403, 404, 422, 503)})
+async def get_thumb(id: ImageId, rt: Rt) -> Response:
+    thumb = rt.thumbs.get(id)
+    if thumb is None:
+        data = await _image_bytes(rt, id)
+        media_type(data)  # refuses a non-image before Pillow sees it
+        try:
+            thumb = await rt.in_decode_pool(thumbnail, data, rt.settings.thumb_max_side, rt.settings.max_pixels)
+        except Exception as e:  # noqa: BLE001 - a broken file in the index is not a client error
+            log.warning("thumbnail of %d failed: %s", id, e)
+            raise ApiError(404, "not_found", "the indexed file cannot be thumbnailed") from None
+        rt.thumbs.put(id, thumb)
+    return Response(thumb, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+# --- writes ----------------------------------------------------------------------------
+
+def _slug(label: str) -> str:
+    """A single safe path component for the label's folder (the label itself is kept in Milvus)."""
+    s = re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip(" .")[:100]
+    return s or "unlabelled"
+
+
+def _store_file(root: FsPath, rel: str, data: bytes) -> bool:
+    """Write atomically under the root; False when the same file is already there."""
+    dest = root / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.resolve().is_relative_to(root):
+        raise ApiError(403, "forbidden_path", "upload folder leads outside the image root")
+    if dest.exists():
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        FsPath(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+@router.post(
+    "/v1/images", response_model=schemas.ImageAdded, status_code=201, tags=["images"],
+    summary="Add one image to the index (API key)",
+    description="Stores the file as IMAGE_ROOT/<label>/upload-<id>.<ext> (so it can be served, and a re-index "
+                "gives it the same label) and upserts its embedding. Same content twice: 200, label updated.",
+    responses={200: {"model": schemas.ImageAdded, "description": "already indexed; label updated"},
+               **responses(401, 403, 413, 415, 422, 502, 503)},
+    openapi_extra=ADD_BODY)
+async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
+    check_api_key(request, credentials)  # before a single body byte is read
+    upload = await read_upload(request, rt.settings.max_upload_bytes)
+    data = require_file(upload.data)
+    if "label" not in upload.fields:
+        raise ApiError(422, "missing_label", "the multipart body has no 'label' field")
+    label = clean_label(upload.fields["label"])
+    encoded, _, _ = await encode_upload(rt, data)  # validates the image too
+    id_ = content_id(data)
+    fmt = sniff_format(data) or "JPEG"
+    rel = f"{_slug(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
+    existing = await rt.store_call(rt.store.existing, [id_])
+    if id_ in existing:
+        rel = existing[id_]  # same content: keep its file, update the label
+    wrote = False
+    if id_ not in existing:
+        wrote = await rt.in_decode_pool(_store_file, rt.image_root, rel, data)
+    try:
+        await rt.store_call(rt.store.upsert, [Row(id_, rel, label, encoded.embeddings[0])])
+    except BaseException:
+        if wrote:
+            (rt.image_root / rel).unlink(missing_ok=True)
+        raise
+    rt.thumbs.drop(id_)
+    log.info("added image %d (%s) as %s", id_, label, rel)
+    body = {"id": str(id_), "label": label, "path": rel, "url": f"/v1/images/{id_}",
+            "thumb_url": f"/v1/images/{id_}/thumb", "created": id_ not in existing}
+    return JSONResponse(body, status_code=201 if body["created"] else 200)
+
+
+@router.delete(
+    "/v1/images/{id}", response_model=schemas.ImageDeleted, tags=["images"],
+    summary="Remove one image from the index (API key)",
+    description="Removes the entry. The file is deleted only when POST /v1/images stored it "
+                "(named upload-<id>.<ext>); files of an indexed dataset are left alone.",
+    responses=responses(401, 403, 404, 422, 503))
+async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds) -> Any:
+    check_api_key(request, credentials)
+    entry = await rt.store_call(rt.store.get, id)
+    await rt.store_call(rt.store.delete, [id])
+    removed = False
+    if FsPath(entry.path).name.startswith(rt.settings.upload_prefix):
+        try:
+            target = await rt.in_decode_pool(resolve_under, rt.image_root, entry.path)
+            target.unlink()
+            removed = True
+        except (ApiError, OSError) as e:
+            log.warning("entry %d removed, its file %s not: %s", id, entry.path, e)
+    rt.thumbs.drop(id)
+    log.info("deleted image %d (%s)", id, entry.path)
+    return {"id": str(id), "deleted": True, "file_removed": removed}
+
+
+# --- operations ------------------------------------------------------------------------
+
+@router.get("/healthz", response_model=schemas.Health, tags=["operations"], summary="Liveness (process only)")
+async def healthz() -> Any:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz", response_model=schemas.Readiness, tags=["operations"],
+    summary="Readiness: Triton model ready and Milvus collection loaded",
+    responses={503: {"model": schemas.NotReady, "description": "a backend is not ready",
+                     "headers": responses(503)[503]["headers"]}})
+async def readyz(rt: Rt) -> Any:
+    checks, detail = await rt.readiness()
+    if all(checks.values()):
+        return {"status": "ready", "checks": checks, "detail": detail}
+    msg = "; ".join(f"{k}: {v}" for k, v in detail.items()) or "not ready"
+    return JSONResponse(
+        {"status": "not_ready", "checks": checks, "detail": detail,
+         "error": {"code": "not_ready", "message": msg}},
+        status_code=503, headers={"Retry-After": str(rt.settings.retry_after_s)})
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
+async def metrics(rt: Rt) -> Response:
+    return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
+

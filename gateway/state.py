@@ -1,0 +1,102 @@
+"""What the gateway holds for its lifetime: one Triton client, one store, the model card, two pools.
+
+Blocking work never runs on the event loop: decoding goes to a pool of
+``IMGSEARCH_DECODE_THREADS`` (Pillow releases the GIL), Milvus calls to a pool of
+``IMGSEARCH_STORE_THREADS``. The collection is opened (created or checked against the
+model card) at startup; when Milvus is down then, or fails later, the next request opens
+it again, so a Milvus that comes back needs no gateway restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, TypeVar
+
+from imgsearch.errors import StoreUnavailable
+from imgsearch.model_card import ModelCard
+from imgsearch.settings import Settings
+from imgsearch.store import VectorStore
+from imgsearch.triton_client import TritonEncoder
+
+from .images import ThumbCache
+from .metrics import Metrics
+
+log = logging.getLogger("gateway")
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, card: ModelCard, labels: list[str], encoder: TritonEncoder,
+                 store: VectorStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.card = card
+        self.labels = labels
+        self.encoder = encoder
+        self.store = store
+        self.metrics = metrics
+        self.image_root = settings.image_root.expanduser().resolve()
+        self.decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
+        self.store_pool = ThreadPoolExecutor(max(1, settings.store_threads), thread_name_prefix="milvus")
+        self.thumbs = ThumbCache(settings.thumb_cache_items)
+        self._store_open = False
+        self._open_lock = asyncio.Lock()
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return {"name": self.card.name, "arch": self.card.arch, "untrained": self.card.untrained}
+
+    async def in_decode_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args, **kwargs))
+
+    async def _in_store_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.store_pool, partial(fn, *args, **kwargs))
+
+    async def open_store(self) -> None:
+        """Create the collection or check it holds this model's embeddings (CollectionMismatch)."""
+        if self._store_open:
+            return
+        async with self._open_lock:
+            if self._store_open:
+                return
+            await self._in_store_pool(self.store.open, self.card.embedding_dim, self.card.model_sha, self.card.name)
+            self._store_open = True
+            log.info("collection %s open at %s", self.store.collection, self.store.uri)
+
+    async def store_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking VectorStore method; a failure makes the next call re-open the collection."""
+        await self.open_store()
+        try:
+            return await self._in_store_pool(fn, *args, **kwargs)
+        except StoreUnavailable:
+            self._store_open = False
+            raise
+
+    async def readiness(self) -> tuple[dict[str, bool], dict[str, str]]:
+        checks: dict[str, bool] = {}
+        detail: dict[str, str] = {}
+        checks["triton"] = await self.encoder.is_ready()
+        if not checks["triton"]:
+            detail["triton"] = f"model {self.encoder.model_name!r} not ready at {self.encoder.url}"
+        try:
+            await asyncio.wait_for(self.open_store(), 10.0)
+            checks["milvus"] = await asyncio.wait_for(self._in_store_pool(self.store.is_ready), 5.0)
+            if not checks["milvus"]:
+                self._store_open = False
+                detail["milvus"] = f"collection {self.store.collection!r} is not loaded"
+        except asyncio.TimeoutError:
+            checks["milvus"] = False
+            detail["milvus"] = "Milvus did not answer in time"
+        except Exception as e:  # noqa: BLE001 - any failure means not ready; the message says which
+            self._store_open = False
+            checks["milvus"] = False
+            detail["milvus"] = str(e)
+        return checks, detail
+
+    async def close(self) -> None:
+        await self.encoder.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.store.close)
+        self.store_pool.shutdown(wait=False, cancel_futures=True)
