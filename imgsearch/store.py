@@ -37,8 +37,9 @@ def content_id(data: bytes) -> int:
 
 
 def label_filter(label: str) -> str:
-    # json.dumps quotes and escapes: a label can never break out of the expression
-    return f"label == {json.dumps(label)}"
+    # json.dumps quotes and escapes: a label can never break out of the expression. Non-ASCII
+    # stays as is: Milvus' expression parser refuses \uXXXX escapes ("unknown escape sequence").
+    return f"label == {json.dumps(label, ensure_ascii=False)}"
 
 
 @dataclass
