@@ -1,0 +1,70 @@
+"""The Grafana dashboard's Triton queries read metrics a real tritonserver exports.
+
+The local server (the nvidia-pytriton wheel's Triton 2.51, the release the compose file's
+24.10 container ships) serves the test model; its /metrics lists the nv_inference_*
+families with their labels. GPU metrics are checked in tests/unit/test_deploy.py against
+Triton's documented list (a CPU server does not export them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch.triton_client import TritonEncoder
+from imgsearch.triton_metrics import fetch_model_stats
+
+MODEL = "resnet152"
+_UNIT = Path(__file__).resolve().parents[1] / "unit" / "test_deploy.py"
+
+
+def _deploy_checks():
+    """The dashboard parsing helpers of the unit test module (one parser, not two)."""
+    spec = importlib.util.spec_from_file_location("deploy_checks", _UNIT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def exported(metrics_url: str) -> dict[str, set[str]]:
+    """metric sample name -> label names, from a live /metrics page."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out: dict[str, set[str]] = {}
+    for name, labels in re.findall(r"^(\w+)(?:\{([^}]*)\})?\s", text, re.M):
+        out.setdefault(name, set()).update(re.findall(r'(\w+)="', labels or ""))
+    return out
+
+
+def test_dashboard_triton_inference_metrics_exist_in_a_running_triton(triton):
+    async def one_request():
+        enc = TritonEncoder(triton.grpc_url, MODEL)
+        try:
+            await enc.encode(np.zeros((2, 224, 224, 3), np.uint8))
+        finally:
+            await enc.close()
+
+    asyncio.run(one_request())  # the counters move, so the page shows the model's families with values
+    assert fetch_model_stats(triton.metrics_url, MODEL).inferences >= 2
+
+    live = exported(triton.metrics_url)
+    d = _deploy_checks()
+    used = {m for m in d.dashboard_metric_names() if m.startswith("nv_inference_")}
+    assert {"nv_inference_queue_duration_us", "nv_inference_request_success", "nv_inference_count",
+            "nv_inference_exec_count"} <= used
+    missing = used - set(live)
+    assert not missing, f"the dashboard reads Triton metrics this Triton does not export: {sorted(missing)}"
+    for expr, legend in d.dashboard_exprs():
+        names = [m for m in d._METRIC.findall(expr) if m.startswith("nv_inference_")]
+        if names:
+            have = set().union(*(live[n] for n in names))
+            assert d.expr_labels(expr, legend) <= have, f"labels {d.expr_labels(expr, legend) - have} in {expr}"
+    # the dashboard's model variable picks label values of a metric that carries `model`
+    assert "model" in live["nv_inference_count"]
+    # the project's contract names (helper_common / DESIGN.md) are all on the page too
+    contract = {m for m in d.TRITON_CONTRACT if m.startswith("nv_inference_")}
+    assert contract <= set(live)
