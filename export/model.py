@@ -22,6 +22,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0
 
 
+def pixel_norm() -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std on the 0..255 scale, shaped [1,3,1,1].
+
+    The ONNX graph and fine-tuning both normalise with ``(x - mean) / std`` on these
+    tensors, so a model is trained on exactly the arithmetic it is served with.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
 def feature_dim(arch: str) -> int:
     return 512 if arch in ("resnet18", "resnet34") else 2048
 
@@ -68,8 +79,7 @@ class ServingModel(nn.Module):
         self.fc = net.fc
         net.fc = nn.Identity()
         self.backbone = net
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
+        mean, std = pixel_norm()
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         if half:
