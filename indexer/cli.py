@@ -80,6 +80,11 @@ def quiet_libraries() -> None:
         return
     for name in ("faiss", "milvus_lite"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # with Milvus Lite the query iterator warns on every use that it falls back to client time;
+    # pymilvus configures its loggers when imported (resetting children), so import it first
+    import pymilvus  # noqa: F401
+
+    logging.getLogger("pymilvus.client.iterator").setLevel(logging.ERROR)
     # pymilvus probes AllocTimestamp, which Milvus Lite's in-process server does not implement;
     # grpc logs that as an ERROR with a traceback although the client handles it.
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
