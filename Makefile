@@ -29,3 +29,10 @@ test: setup
 
 clean:
 	rm -rf data/ model_repository/*/1 model_repository/*/model_card.json model_repository/*/labels.txt .pytest_cache
+
+# 30 s Locust smoke against the stack `make demo` started; report in loadtest/out/report.html.
+# More: make loadtest LOADTEST_ARGS="--shape step --users 16 --step-users 2 --slo-p99-ms 2000"
+LOADTEST_ARGS ?=
+loadtest: setup
+	$(BIN)/imgsearch loadtest --host http://127.0.0.1:$(PORT) --images data/images --run-time 30s \
+		--out loadtest/out $(LOADTEST_ARGS)

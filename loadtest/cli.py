@@ -22,7 +22,7 @@ examples:
   imgsearch loadtest --users 32 --shape step --step-users 4 --step-time 20 --slo-p99-ms 800
   imgsearch loadtest --slo-p95-ms 300 --max-failure-ratio 0.01    # CI gate: exit 1 when broken
   imgsearch loadtest --ui                                         # Locust's web UI on :8089
-  imgsearch loadtest --report-only loadtest-out --slo-p99-ms 500  # re-judge a finished run
+  imgsearch loadtest --report-only --slo-p99-ms 500               # re-judge the last run (--out)
 
 Defaults for users / spawn rate / run time come from loadtest/locust.conf.
 """
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-users", type=int, default=2, help="step shape: users added per step (default 2)")
     p.add_argument("--step-time", type=float, default=20.0, help="step shape: seconds per step (default 20)")
     p.add_argument("--images", default=str(s.image_root), help="folder of query images (default %(default)s)")
-    p.add_argument("--out", default="loadtest-out", help="output folder (default %(default)s)")
+    p.add_argument("--out", default="loadtest/out", help="output folder (default %(default)s)")
     p.add_argument("--slo-p95-ms", type=float, help="fail when p95 of served requests is above this")
     p.add_argument("--slo-p99-ms", type=float,
                    help="fail when p99 is above this; also the p99 the knee must meet (else 1000 ms)")
