@@ -90,6 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10, help="top_k of each search (default 10)")
     p.add_argument("--think-ms", type=float, default=0.0,
                    help="max think time between a user's requests (default 0: users = concurrency)")
+    p.add_argument("--ignore-retry-after", action="store_true",
+                   help="users retry a shed request at once instead of waiting its Retry-After")
     p.add_argument("--note", default="", help="free text stored with the run (e.g. what else ran on the machine)")
     p.add_argument("--ui", action="store_true",
                    help="Locust's interactive web UI (http://127.0.0.1:8089) instead of headless; "
@@ -108,6 +110,8 @@ def locust_command(args: argparse.Namespace, out: Path) -> list[str]:
            "--top-k", str(args.top_k), "--think-ms", str(args.think_ms),
            "--step-users", str(args.step_users), "--step-time", str(args.step_time),
            "--loglevel", "WARNING", "--logfile", str(out / "locust.log")]
+    if args.ignore_retry_after:
+        cmd.append("--ignore-retry-after")
     for flag, value in (("--users", args.users), ("--spawn-rate", args.spawn_rate), ("--run-time", args.run_time)):
         if value is not None:
             cmd += [flag, str(value)]

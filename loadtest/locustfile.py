@@ -5,11 +5,15 @@
 - ``SimilarUser`` (weight 3): ``GET /v1/images/{id}/similar``; ids come from the searches
   (a first search of its own when none is known yet).
 - ``PageUser``    (weight 1): ``GET /`` then a few ``/v1/images/{id}/thumb``, like a browser
-  showing a result grid.
+  showing a result grid, then 1-3 s of looking at it.
+
+The API users are closed-loop clients (no think time unless ``--think-ms``): users =
+requests in flight, which is what the step shape varies to find the knee.
 
 A 503 or 429 that carries ``Retry-After`` is the gateway shedding load on purpose: it is
 reported as a success under ``shed:<name>`` (its own row in the stats, not a failure), so
-the report can tell "the service said: come back later" from "the service broke".
+the report can tell "the service said: come back later" from "the service broke". The
+user then waits what Retry-After says (``--ignore-retry-after``: retry at once).
 
 ``--request-log PATH`` appends one CSV line per request (end time, users, name, outcome,
 status, latency): the report computes exact per-step percentiles from it.
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, events, task
 from locust.env import Environment
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
@@ -40,6 +44,7 @@ from loadtest.scenario import SHED_PREFIX, SHED_STATUSES, classify, load_payload
 log = logging.getLogger(__name__)
 
 MAX_KNOWN_IDS = 2000
+MAX_BACKOFF_S = 10.0
 
 # Shared by every user of this process, filled at test start (read once, reused).
 PAYLOADS: list[tuple[str, bytes, str]] = []  # (file name, multipart body, content type)
@@ -58,6 +63,8 @@ def _options(parser) -> None:
     g.add_argument("--thumbs", type=int, default=6, help="thumbnails a PageUser fetches after GET /")
     g.add_argument("--think-ms", type=float, default=0.0,
                    help="max think time between a user's requests (0 = closed loop: users = concurrency)")
+    g.add_argument("--ignore-retry-after", action="store_true",
+                   help="retry a shed request at once instead of waiting its Retry-After (a hostile client)")
     g.add_argument("--request-log", default="", help="append one CSV line per request here")
     g.add_argument("--step-users", type=int, default=2, help="step shape: users added per step")
     g.add_argument("--step-time", type=float, default=20.0, help="step shape: seconds per step")
@@ -140,10 +147,28 @@ class GatewayUser(FastHttpUser):
     network_timeout = 60.0
     connection_timeout = 10.0
 
-    def wait_time(self) -> float:  # noqa: D102 - Locust's hook, read from --think-ms
-        opts = self.environment.parsed_options
-        think_s = (getattr(opts, "think_ms", 0.0) or 0.0) / 1000.0
-        return between(0, think_s)(self) if think_s > 0 else 0.0
+    # (min, max) seconds between tasks; None = --think-ms (API clients: closed loop by default)
+    think_range: tuple[float, float] | None = None
+
+    def on_start(self) -> None:
+        self._backoff_s = 0.0
+
+    def wait_time(self) -> float:  # Locust's hook
+        if self._backoff_s:  # a shed answer said when to come back: a polite client waits
+            wait, self._backoff_s = self._backoff_s, 0.0
+            return wait
+        if self.think_range:
+            return random.uniform(*self.think_range)
+        think_s = (getattr(self.environment.parsed_options, "think_ms", 0.0) or 0.0) / 1000.0
+        return random.uniform(0, think_s) if think_s > 0 else 0.0
+
+    def _note_retry_after(self, headers: Any) -> None:
+        if getattr(self.environment.parsed_options, "ignore_retry_after", False):
+            return
+        try:
+            self._backoff_s = min(MAX_BACKOFF_S, max(0.0, float(headers.get("Retry-After"))))
+        except (TypeError, ValueError):  # an HTTP date instead of seconds: wait one second
+            self._backoff_s = 1.0
 
     def _call(self, method: str, url: str, name: str, expect_json: bool = False, **kw: Any) -> dict | None:
         """One request with ``catch_response``: ok / shed / fail, and the JSON body when asked."""
@@ -153,6 +178,7 @@ class GatewayUser(FastHttpUser):
             if outcome == "shed":
                 resp.request_meta["name"] = SHED_PREFIX + name
                 resp.success()
+                self._note_retry_after(resp.headers)
                 return None
             if outcome == "fail":
                 resp.failure(self._reason(resp, status))
@@ -211,6 +237,7 @@ class SimilarUser(GatewayUser):
     weight = 3
 
     def on_start(self) -> None:
+        super().on_start()
         self.ensure_ids()
 
     @task
@@ -226,9 +253,13 @@ class SimilarUser(GatewayUser):
 
 
 class PageUser(GatewayUser):
+    """A person: loads the page, its thumbnails arrive, looks at them for 1-3 s."""
+
     weight = 1
+    think_range = (1.0, 3.0)
 
     def on_start(self) -> None:
+        super().on_start()
         self.ensure_ids()
 
     @task

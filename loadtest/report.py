@@ -478,7 +478,9 @@ def plot_throughput(summary: dict, path: Path) -> None:
 def plot_outcomes(summary: dict, path: Path) -> None:
     plt = _plt()
     bins = summary["bins"]
-    fig, (ax, axb) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    mix = summary["outcome_mix"][:8]
+    fig, (ax, axb) = plt.subplots(2, 1, figsize=(10, 4.2 + 0.45 * max(len(mix), 2)),
+                                  gridspec_kw={"height_ratios": [3, 0.6 * max(len(mix), 2)]})
     t = [r["t"] for r in bins]
     ax.stackplot(t, [r["ok_rps"] for r in bins], [r["shed"] / summary["bin_s"] for r in bins],
                  [r["failed"] / summary["bin_s"] for r in bins], labels=["served", "shed", "failed"],
@@ -488,20 +490,23 @@ def plot_outcomes(summary: dict, path: Path) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("Served, shed and failed over time")
-    mix = summary["outcome_mix"][:8]
     if mix:
-        labels = [f"{m['outcome']} {m['status'] or 'conn'} {m['name'].split(' ', 1)[-1]}"
-                  + (f"\n{m['error'][:40]}" if m["error"] else "") for m in mix]
+        labels = [f"{m['outcome']} {m['status'] or 'no response'}  {m['name']}"
+                  + (f"  ({m['error'][:60]})" if m["error"] else "") for m in mix]
         colours = ["tab:orange" if m["outcome"] == "shed" else "tab:red" for m in mix]
-        axb.barh(range(len(mix)), [m["count"] for m in mix], color=colours)
-        axb.set_yticks(range(len(mix)), labels, fontsize=7)
+        bars = axb.barh(range(len(mix)), [m["count"] for m in mix], color=colours)
+        axb.set_yticks([])
+        for bar, label in zip(bars, labels):  # labels inside the axes: long names never get cut off
+            axb.text(0.005, bar.get_y() + bar.get_height() / 2, f"{label}: {int(bar.get_width())}",
+                     transform=axb.get_yaxis_transform(), va="center", fontsize=8)
         axb.invert_yaxis()
         axb.set_xlabel("requests")
+        axb.set_xlim(0, max(m["count"] for m in mix) * 1.05)
     else:
         axb.text(0.5, 0.5, "no shed and no failed request", ha="center", va="center", transform=axb.transAxes)
         axb.set_xticks([])
         axb.set_yticks([])
-    axb.set_title("Error and shed mix")
+    axb.set_title("Error and shed mix", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

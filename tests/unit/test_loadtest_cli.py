@@ -201,7 +201,7 @@ def test_report_reads_the_scraped_metrics(stub_run):
 def test_broken_limit_exits_1_with_one_line(stub_run, capsys):
     _, out, _ = stub_run
     capsys.readouterr()
-    rc = main(["loadtest", "--report-only", "--out", str(out), "--max-failure-ratio", "0.001",
+    rc = main(["loadtest", "--report-only", "--out", str(out), "--max-failure-ratio", "0",
                "--slo-p99-ms", "0.0001"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
