@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import shutil
 import sys
 import tarfile
@@ -86,7 +87,7 @@ def download(url: str, part: Path, timeout: float = 60.0, progress: bool = True)
         if e.code == 416 and have:  # nothing left to send: the part file is complete already
             return part
         raise FetchError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise FetchError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
     with resp:
         if have and resp.status == 206:
@@ -103,7 +104,7 @@ def download(url: str, part: Path, timeout: float = 60.0, progress: bool = True)
                 while True:
                     try:
                         chunk = resp.read(CHUNK)
-                    except (OSError, urllib.error.URLError) as e:
+                    except (OSError, http.client.HTTPException) as e:
                         raise FetchError(f"download interrupted at {out.tell():,} bytes ({e}); "
                                          "run the same command again to resume") from None
                     if not chunk:
