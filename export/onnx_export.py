@@ -32,7 +32,21 @@ from imgsearch.model_card import (
 
 from . import checkpoint as ckpts
 from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel
-from .triton_config import CPU_DEFAULTS, GPU_DEFAULTS, BatchingOptions, cpu_config, gpu_config
+from .triton_config import (
+    CPU_DEFAULTS,
+    ENSEMBLE_NAME,
+    GPU_DEFAULTS,
+    GPU_PYTHON_DEFAULTS,
+    PREPROCESS_CPU,
+    PREPROCESS_GPU,
+    PREPROCESS_NAME,
+    BatchingOptions,
+    cpu_config,
+    ensemble_config,
+    gpu_config,
+    gpu_python_config,
+    preprocess_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +54,8 @@ PARITY_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
 PARITY_IMAGES = 8
 OPSET = 17
 TEMPLATE = Path(__file__).parent / "templates" / "encoder_model.py"
+PREPROCESS_TEMPLATE = Path(__file__).parent / "templates" / "preprocess_model.py"
+WEIGHTS_FORMAT = "imgsearch-serving/1"  # read by templates/encoder_model.py (torch engine)
 
 
 class ParityError(CheckpointError):
@@ -173,14 +189,64 @@ def export_model(
         )
         (out_dir / "1").mkdir(parents=True, exist_ok=True)
         (out_dir / "configs").mkdir(exist_ok=True)
+        weights_path = tmp / "weights.pt"
+        _save_serving_weights(reference, arch, embedding, num_classes, weights_path)
         # model.onnx is replaced atomically: a running Triton never sees half a file
         os.replace(onnx_path, out_dir / "1" / "model.onnx")
+        os.replace(weights_path, out_dir / "1" / "weights.pt")
         shutil.copyfile(TEMPLATE, out_dir / "1" / "model.py")
         (out_dir / "config.pbtxt").write_text(gpu_config(card, gpu_batching))
         (out_dir / "configs" / "cpu.pbtxt").write_text(cpu_config(card, cpu_batching))
+        (out_dir / "configs" / "gpu.pbtxt").write_text(gpu_python_config(card))
+        write_decode_models(Path(repository), card, cpu_batching.max_batch_size,
+                            min(gpu_batching.max_batch_size, GPU_PYTHON_DEFAULTS.max_batch_size))
         (out_dir / LABELS_FILE).write_text("".join(f"{n}\n" for n in class_names) if num_classes else "")
         (out_dir / CARD_FILE).write_text(card.to_json())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s (%s)", out_dir, json.dumps(parity))
     return ExportResult(card=card, model_dir=out_dir)
+
+
+def _save_serving_weights(reference: torch.nn.Module, arch: str, embedding: str, num_classes: int, path: Path) -> None:
+    """The fp32 weights the GPU config's torch engine rebuilds the model from (1/weights.pt).
+
+    Plain tensors, strings and ints only, so it loads with ``torch.load(weights_only=True)``.
+    """
+    head = reference.head_kind
+    hidden = int(reference.fc[0].out_features) if head == "mlp" else 0
+    state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in reference.state_dict().items()}
+    torch.save({"format": WEIGHTS_FORMAT, "arch": arch, "head": head, "embedding": embedding,
+                "num_classes": num_classes, "hidden": hidden, "state_dict": state}, path)
+
+
+def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, gpu_max_batch: int,
+                        ensemble_name: str = ENSEMBLE_NAME, preprocess_name: str = PREPROCESS_NAME) -> None:
+    """``preprocess/`` (file bytes -> pixels in Triton) and the ``image_search`` ensemble into ``card``'s encoder.
+
+    Each has ``configs/cpu.pbtxt``, ``configs/gpu.pbtxt`` and a default ``config.pbtxt`` (= gpu).
+    The ensemble's max batch is the smaller of its two steps'.
+    """
+    pre = Path(repository) / preprocess_name
+    (pre / "1").mkdir(parents=True, exist_ok=True)
+    (pre / "configs").mkdir(exist_ok=True)
+    shutil.copyfile(PREPROCESS_TEMPLATE, pre / "1" / "model.py")
+    size = card.input_size
+    pre_gpu = preprocess_config(size, PREPROCESS_GPU, instance_kind="KIND_GPU", decoder="torchvision",
+                                name=preprocess_name, output_name=card.input_name)
+    (pre / "config.pbtxt").write_text(pre_gpu)
+    (pre / "configs" / "gpu.pbtxt").write_text(pre_gpu)
+    (pre / "configs" / "cpu.pbtxt").write_text(
+        preprocess_config(size, PREPROCESS_CPU, instance_kind="KIND_CPU", decoder="pillow", name=preprocess_name,
+                          output_name=card.input_name))
+    ens = Path(repository) / ensemble_name
+    (ens / "1").mkdir(parents=True, exist_ok=True)  # an ensemble has no files, but Triton wants a version
+    (ens / "configs").mkdir(exist_ok=True)
+    gpu = ensemble_config(card, min(gpu_max_batch, PREPROCESS_GPU.max_batch_size), name=ensemble_name,
+                          preprocess=preprocess_name)
+    (ens / "config.pbtxt").write_text(gpu)
+    (ens / "configs" / "gpu.pbtxt").write_text(gpu)
+    (ens / "configs" / "cpu.pbtxt").write_text(
+        ensemble_config(card, min(cpu_max_batch, PREPROCESS_CPU.max_batch_size), name=ensemble_name,
+                        preprocess=preprocess_name))

@@ -12,12 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import TritonError, TritonInvalidInput, TritonOverloaded, TritonUnavailable
+from .errors import (
+    CorruptImage,
+    ImageError,
+    ImageTooLarge,
+    TritonError,
+    TritonInvalidInput,
+    TritonOverloaded,
+    TritonUnavailable,
+    UnsupportedImage,
+)
 from .model_card import EMBEDDING_NAME, INPUT_NAME, PROBS_NAME
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,20 @@ def map_triton_error(exc: Exception) -> TritonError:
     if status in ("StatusCode.INVALID_ARGUMENT", "400") or "unexpected shape" in low or "unexpected datatype" in low:
         return TritonInvalidInput(msg)
     return TritonUnavailable(f"Triton unavailable: {msg}")
+
+
+_IMAGE_ERROR = re.compile(r"imgsearch:(\w+): (.*)", re.S)
+
+
+def image_error_from(message: str) -> ImageError | None:
+    """The typed image error that Triton's ``preprocess`` model put in an error message, if any."""
+    m = _IMAGE_ERROR.search(message)
+    if not m:
+        return None
+    for cls in (UnsupportedImage, CorruptImage, ImageTooLarge):
+        if cls.code == m.group(1):
+            return cls(m.group(2).strip())
+    return None
 
 
 class TritonEncoder:
@@ -122,12 +146,24 @@ class TritonEncoder:
         return await self._infer(self.model_name, [inp], timeout_s)
 
     async def encode_bytes(self, blobs: Sequence[bytes], timeout_s: float | None = None) -> Encoded:
-        """Send encoded files to the ``image_search`` ensemble (decode happens in Triton)."""
+        """Send encoded files to the ``image_search`` ensemble (decode happens in Triton).
+
+        A file Triton's ``preprocess`` cannot use raises the same typed error as
+        :func:`imgsearch.imaging.decode_image` would (UnsupportedImage, CorruptImage,
+        ImageTooLarge); in a request of several files, one bad file fails the request.
+        """
+        if not blobs:
+            raise TritonInvalidInput("encode_bytes needs at least one file")
         mod = self._mod()
-        arr = np.array([[b] for b in blobs], dtype=np.object_)
+        arr = np.empty((len(blobs), 1), dtype=np.object_)
+        for i, b in enumerate(blobs):
+            arr[i, 0] = bytes(b)
         inp = mod.InferInput(BYTES_INPUT, list(arr.shape), "BYTES")
         inp.set_data_from_numpy(arr)
-        return await self._infer(self.ensemble_name, [inp], timeout_s)
+        try:
+            return await self._infer(self.ensemble_name, [inp], timeout_s)
+        except TritonInvalidInput as e:
+            raise image_error_from(str(e)) or e from None
 
     async def _infer(self, model: str, inputs: list, timeout_s: float | None) -> Encoded:
         names = await self._model_outputs()

@@ -71,12 +71,21 @@ def check_stub_libraries(paths: TritonPaths) -> None:
         raise LauncherError(f"the Python-backend stub cannot find {', '.join(missing)}{hint}")
 
 
-def check_numpy() -> None:
-    import numpy
+def check_numpy(python_bin: Path | None = None) -> None:
+    """numpy<2 where the stub will find its packages (this interpreter, or ``python_bin/python3``)."""
+    if python_bin is None:
+        import numpy
 
-    if int(numpy.__version__.split(".")[0]) >= 2:
+        version = numpy.__version__
+    else:
+        try:
+            version = subprocess.run([str(Path(python_bin) / "python3"), "-c", "import numpy; print(numpy.__version__)"],
+                                     capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            raise LauncherError(f"cannot run numpy in the stub's python {python_bin}/python3: {e}") from None
+    if int(version.split(".")[0]) >= 2:
         raise LauncherError(
-            f"numpy {numpy.__version__} is installed: the Triton Python-backend stub silently corrupts tensors "
+            f"numpy {version} is installed: the Triton Python-backend stub silently corrupts tensors "
             "with numpy 2 (DESIGN.md). Install numpy<2 (make setup pins it)."
         )
 
@@ -121,6 +130,8 @@ class LocalTriton:
         startup_timeout_s: float = 300.0,
         log_file: str | Path | None = None,
         extra_args: list[str] | None = None,
+        stub_python: str | Path | None = None,
+        allow_numpy2: bool = False,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.config_name = config_name
@@ -131,6 +142,11 @@ class LocalTriton:
         self.exit_timeout_s = exit_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = extra_args or []
+        # a folder whose python3 the Python-backend stub takes its packages from (default:
+        # this interpreter's); e.g. an environment with numpy<2 on a box whose own has numpy 2
+        self.stub_python = Path(stub_python) if stub_python else None
+        # only for repositories whose models move every tensor with DLPack (torch engine)
+        self.allow_numpy2 = allow_numpy2
         self._tmp = Path(tempfile.mkdtemp(prefix="imgsearch-triton-"))
         self.log_path = Path(log_file) if log_file else self._tmp / "tritonserver.log"
         self.proc: subprocess.Popen | None = None
@@ -171,7 +187,8 @@ class LocalTriton:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = _ld_path(paths)
         # the stub's embedded interpreter finds site-packages via the first python3 on PATH
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        stub_bin = self.stub_python or Path(sys.executable).parent
+        env["PATH"] = os.pathsep.join([str(stub_bin), env.get("PATH", "")])
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         return env
 
@@ -180,7 +197,8 @@ class LocalTriton:
             raise LauncherError(f"model repository {self.repository} does not exist: run imgsearch export first")
         paths = find_triton()
         check_stub_libraries(paths)
-        check_numpy()
+        if not self.allow_numpy2:
+            check_numpy(self.stub_python)
         backend_dir = prepare_backend_dir(paths, self._tmp / "backends")
         logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
