@@ -132,7 +132,11 @@ class Indexer:
                 await self._upsert_q.put(_DONE)
                 await upserter
             if opt.sync and not r.aborted:
-                await self._sync(scan)
+                if scan.errors:  # a folder we could not list would look like deleted files
+                    r.sync_skipped = f"--sync skipped: {len(scan.errors)} folder(s) could not be read ({scan.errors[0]})"
+                    log.warning(r.sync_skipped)
+                else:
+                    await self._sync(scan)
         except _Stop:
             pass
         finally:

@@ -30,6 +30,7 @@ class IndexReport:
     stages_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     settings: dict = field(default_factory=dict)
     aborted: str | None = None  # why the run stopped early (Triton or Milvus gone...)
+    sync_skipped: str | None = None  # why --sync deleted nothing
 
     # --- derived ------------------------------------------------------------------------
     @property
@@ -69,7 +70,9 @@ class IndexReport:
             + f", duplicates {self.duplicates}, failed {self.failed_count}"
             + f" of {self.scanned} files in {self.elapsed_s:.1f}s ({self.images_per_s:.1f} images/s)"
         ]
-        if self.deleted or self.repointed or self.settings.get("sync"):
+        if self.sync_skipped:
+            lines.append(self.sync_skipped)
+        elif self.deleted or self.repointed or self.settings.get("sync"):
             lines.append(f"sync: deleted {self.deleted} entries of files that are gone, re-pointed {self.repointed}")
         for code, items in sorted(self.failed.items(), key=lambda kv: -len(kv[1])):
             lines.append(f"failed, {code} ({len(items)}):")

@@ -33,6 +33,7 @@ class ScanResult:
     files: list[ImageFile]
     ignored: Counter = field(default_factory=Counter)  # reason -> count
     limited: bool = False  # --limit cut the list short
+    errors: list[str] = field(default_factory=list)  # folders that could not be listed
 
 
 def strip_synset(name: str) -> str:
@@ -60,7 +61,13 @@ def scan(root: str | Path, limit: int | None = None) -> ScanResult:
         raise NotADirectoryError(f"image root {root} is not a folder")
     files: list[ImageFile] = []
     ignored: Counter = Counter()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    errors: list[str] = []
+
+    def walk_error(e: OSError) -> None:
+        errors.append(f"{e.filename}: {e.strerror or e}")
+        ignored["unreadable folder"] += 1
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=walk_error, followlinks=False):
         here = Path(dirpath)
         keep = []
         for d in sorted(dirnames):
@@ -93,5 +100,5 @@ def scan(root: str | Path, limit: int | None = None) -> ScanResult:
             rel = p.relative_to(root).as_posix()
             files.append(ImageFile(p, rel, label_for(rel)))
             if limit is not None and len(files) >= limit:
-                return ScanResult(root, files, ignored, limited=True)
-    return ScanResult(root, files, ignored)
+                return ScanResult(root, files, ignored, limited=True, errors=errors)
+    return ScanResult(root, files, ignored, errors=errors)

@@ -94,3 +94,32 @@ def test_report_summary_groups_failures_and_counts():
     assert r.done == 10 and "STOPPED" not in text
     r.aborted = "Triton unavailable"
     assert "STOPPED: Triton unavailable" in r.summary() and r.to_dict()["not_processed"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any folder")
+def test_unreadable_folder_is_recorded(tmp_path):
+    touch(tmp_path / "a" / "1.jpg")
+    locked = tmp_path / "b"
+    touch(locked / "2.jpg")
+    locked.chmod(0)
+    try:
+        res = scan(tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert [f.rel for f in res.files] == ["a/1.jpg"] and res.errors and res.ignored["unreadable folder"] == 1
+
+
+def test_walk_errors_are_recorded(tmp_path, monkeypatch):
+    # root may read anything, so simulate a folder that cannot be listed
+    import indexer.scan as mod
+
+    touch(tmp_path / "a" / "1.jpg")
+    real_walk = os.walk
+
+    def walk(top, onerror=None, followlinks=False):
+        onerror(PermissionError(13, "Permission denied", str(tmp_path / "b")))
+        yield from real_walk(top, followlinks=followlinks)
+
+    monkeypatch.setattr(mod.os, "walk", walk)
+    res = scan(tmp_path)
+    assert res.errors == [f"{tmp_path / 'b'}: Permission denied"] and [f.rel for f in res.files] == ["a/1.jpg"]

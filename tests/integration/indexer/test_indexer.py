@@ -231,7 +231,7 @@ def test_unusual_formats_are_indexed(env, index_cli, tmp_path):
 
 
 # --- --sync, duplicates, moves, and the collection guard ------------------------------
-def test_sync_duplicates_and_moves(env, index_cli, tmp_path):
+def test_sync_duplicates_and_moves(env, index_cli, tmp_path, monkeypatch):
     uri = env["IMGSEARCH_MILVUS_URI"]
     root = tmp_path / "sync"
     for c in range(3):
@@ -284,6 +284,24 @@ def test_sync_duplicates_and_moves(env, index_cli, tmp_path):
     assert run.report["deleted"] == 1 and ids["c0/0.jpg"] not in entries() and len(entries()) == 11
 
     assert index_cli(root, "--sync", "--limit", "3").rc == 2  # refused: would delete the rest
+
+    # a folder that cannot be listed looks like deleted files: --sync must then delete nothing
+    import os
+
+    import indexer.scan as scan_mod
+
+    real_walk = os.walk
+
+    def walk(top, onerror=None, followlinks=False):
+        onerror(PermissionError(13, "Permission denied", str(root / "c1")))
+        for dirpath, dirnames, filenames in real_walk(top, followlinks=followlinks):
+            if Path(dirpath) != root / "c1":
+                yield dirpath, [d for d in dirnames if d != "c1"], filenames
+
+    monkeypatch.setattr(scan_mod.os, "walk", walk)
+    run = index_cli(root, "--sync")
+    assert run.rc == 0 and run.report["deleted"] == 0 and "--sync skipped" in run.out
+    assert len(entries()) == 11
     release_lite(uri)
 
 
