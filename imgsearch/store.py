@@ -172,7 +172,17 @@ class VectorStore:
         log.info("created collection %s (dim %d, model sha %s) at %s", self.collection, dim, model_sha, self.uri)
 
     def drop(self) -> None:
-        self._call("drop_collection", lambda c: c.drop_collection(self.collection))
+        def drop(c) -> None:
+            # IMGSEARCH_COLLECTION may name an alias (docs/deploy.md). Dropping through it
+            # removes the collection live traffic reads (Milvus Lite does), so refuse.
+            if c.has_collection(self.collection):
+                target = c.describe_collection(self.collection).get("collection_name", self.collection)
+                if target != self.collection:
+                    raise StoreError(f"{self.collection!r} is an alias of collection {target!r}: drop "
+                                     f"{target!r} by its own name, after pointing the alias elsewhere")
+            c.drop_collection(self.collection)
+
+        self._call("drop_collection", drop)
 
     def is_ready(self) -> bool:
         def ready(c) -> bool:
