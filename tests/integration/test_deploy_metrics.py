@@ -1,4 +1,5 @@
-"""The Grafana dashboard's Triton queries read metrics a real tritonserver exports.
+"""The Grafana dashboard's Triton queries (and the HPA's adapter rule) read metrics a real
+tritonserver exports.
 
 The local server (the nvidia-pytriton wheel's Triton 2.51, the release the compose file's
 24.10 container ships) serves the test model; its /metrics lists the nv_inference_*
@@ -58,6 +59,11 @@ def test_dashboard_triton_inference_metrics_exist_in_a_running_triton(triton):
             "nv_inference_exec_count"} <= used
     missing = used - set(live)
     assert not missing, f"the dashboard reads Triton metrics this Triton does not export: {sorted(missing)}"
+    # the autoscaler's custom metric (deploy/kubernetes/prometheus-adapter-rules.yaml) too
+    rules = d.yaml.safe_load((d.K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    for rule in rules:
+        names = set(d._METRIC.findall(rule["seriesQuery"] + rule["metricsQuery"]))
+        assert names and names <= set(live), f"adapter rule reads {sorted(names - set(live))}"
     for expr, legend in d.dashboard_exprs():
         names = [m for m in d._METRIC.findall(expr) if m.startswith("nv_inference_")]
         if names:

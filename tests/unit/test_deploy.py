@@ -252,8 +252,13 @@ def test_triton_serves_the_mounted_repository_with_its_default_config(compose):
     assert not any(a.startswith("--model-config-name") for a in cmd), "production uses config.pbtxt (GPU)"
     assert flag(cmd, "--model-control-mode") == "none"
     repo = flag(cmd, "--model-repository")
-    source, mode = mounts(t)[repo]
-    assert (ROOT / source).resolve() == ROOT / "model_repository" and mode == "ro"
+    # the encoder model's folder of model_repository/, read-only, under its own name
+    name = Settings.model_fields["model_name"].default
+    source, mode = mounts(t)[f"{repo}/{name}"]
+    assert (ROOT / source).resolve() == ROOT / "model_repository" / name and mode == "ro"
+    assert (ROOT / source / "config.pbtxt").exists()
+    served = [target for target in mounts(t) if target.startswith(repo + "/")]
+    assert served == [f"{repo}/{name}"], f"Triton would load {served}"
 
 
 def test_triton_ports_and_the_gateway_url_agree(compose):
@@ -297,6 +302,9 @@ def test_model_name_agrees_across_compose_settings_and_repository(compose, setti
     name = Settings(_env_file=None).model_name
     for svc in ("gateway", "indexer"):
         assert env_of(services(compose)[svc]).get("IMGSEARCH_MODEL_NAME", name) == name
+    # the folder Triton serves (TRITON_MODEL) defaults to the same model
+    assert compose_vars()["TRITON_MODEL"] == (":-", name)
+    assert compose_vars()["IMGSEARCH_MODEL_NAME"] == (":-", name)
     cfg = ROOT / "model_repository" / name / "config.pbtxt"
     assert cfg.exists(), f"{cfg} missing: compose's Triton would serve nothing under {name}"
     assert pbtxt_name(cfg.read_text()) == name
@@ -340,6 +348,7 @@ def test_gateway_env_names_are_settings_fields(compose, settings_env):
             settings_env.setenv(k, v)
         s = Settings(_env_file=None)
         assert s.triton_url == "triton:8001"
+        assert s.triton_input == "pixels"  # the compose Triton serves the encoder only, no ensemble
         assert s.milvus_uri == "http://milvus:19530"
         if name == "gateway":
             assert s.api_key is not None and s.api_key.get_secret_value() == REQUIRED_VALUES["IMGSEARCH_API_KEY"]
@@ -650,3 +659,48 @@ def test_image_check_would_catch_a_missing_requirement(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert res.returncode != 0
     assert "No module named 'fastapi" in res.stderr and "not in the gateway image" in res.stderr, res.stderr[-2000:]
+
+
+# ------------------------------------------------- Kubernetes / Helm excerpts
+
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def k8s_docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def test_kubernetes_triton_matches_the_compose_triton(compose):
+    docs = {d["kind"]: d for d in k8s_docs("triton.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    t = services(compose)["triton"]
+    assert c["image"] == t["image"]
+    for f in ("--model-control-mode", "--http-port", "--grpc-port", "--metrics-port", "--exit-timeout-secs"):
+        assert flag(c["args"], f) == flag(t["command"], f), f
+    assert not any(a.startswith("--model-config-name") for a in c["args"])
+    assert int(flag(c["args"], "--exit-timeout-secs")) < pod["terminationGracePeriodSeconds"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert {p["port"] for p in docs["Service"]["spec"]["ports"]} == {8000, 8001, 8002}
+
+
+def test_hpa_reads_the_metric_the_adapter_publishes():
+    hpa = next(d for d in k8s_docs("triton.yaml") if d["kind"] == "HorizontalPodAutoscaler")
+    wanted = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    rules = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    rule = next(r for r in rules if r["name"]["as"] == wanted)
+    used = set(_METRIC.findall(rule["metricsQuery"])) | set(_METRIC.findall(rule["seriesQuery"]))
+    # queue time per request, from Triton's own counters (names checked live in test_deploy_metrics.py)
+    assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
+    assert used <= TRITON_CONTRACT
+
+
+def test_helm_values_run_the_compose_milvus_version(compose):
+    values = yaml.safe_load((ROOT / "deploy" / "helm" / "milvus-values.yaml").read_text())
+    assert values["cluster"]["enabled"] is True
+    assert services(compose)["milvus"]["image"] == f"milvusdb/milvus:{values['image']['all']['tag']}"
+    assert values["etcd"]["replicaCount"] >= 3 and values["queryNode"]["replicas"] >= 2
+    assert "accessKey" not in values["minio"], "credentials come from a Secret, not the values file"
