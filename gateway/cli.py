@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 
 from imgsearch.errors import LauncherError
 from imgsearch.settings import get_settings
@@ -41,8 +42,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
+    # uvicorn drains on SIGTERM, then re-raises the signal under the previous handler. The
+    # default handler would end this process on the spot and leave the local tritonserver
+    # (its own session) running: exit through Python instead, so the ExitStack stops it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     from imgsearch.store import is_lite
     from imgsearch.triton_server import LocalTriton

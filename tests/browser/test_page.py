@@ -1,0 +1,132 @@
+"""The web page in a real headless browser (Debian chromium + chromedriver, through selenium).
+
+Uploads an image through the page's file input and waits for the results grid and the
+breed guess; uploads a text file and expects a readable error. Skips with the reason
+when chromium or chromedriver is missing (``.ci/run`` installs both with apt).
+Set IMGSEARCH_SCREENSHOT=/path.png to keep a screenshot of the results.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import make_dataset
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "gateway"))
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} missing (apt-get install chromium chromium-driver)"
+    if not CHROMEDRIVER.exists():
+        return f"{CHROMEDRIVER} missing (apt-get install chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def page_stack(tmp_path_factory, triton, repo18):
+    from stack import gateway_env, index_folder, start_gateway
+
+    base = tmp_path_factory.mktemp("browser")
+    root = base / "images"
+    make_dataset(root, classes=3, per_class=5)
+    db = base / "page.db"
+    ids = index_folder(root, db, triton.grpc_url, repo18)
+    gw = start_gateway(gateway_env(repo18, triton.grpc_url, db, root))
+    yield gw, root, ids
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-extensions", "--no-first-run",
+                "--disable-sync", "--disable-component-update", "--window-size=1100,1300",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(arg)
+    # an explicit driver path: Selenium Manager would otherwise try to download one
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def test_upload_shows_grid_guess_and_timings(browser, page_stack, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gw, root, ids = page_stack
+    browser.get(gw.url + "/")
+    assert "imgsearch" in browser.title
+    banner = browser.find_element(By.ID, "banner")
+    assert banner.is_displayed()
+    assert "untrained demo weights: results show the plumbing, not quality" in banner.text
+
+    query = sorted(ids)[6]  # a class_1 image
+    browser.find_element(By.ID, "file").send_keys(str(root / query))
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#results .card")))
+    wait.until(lambda d: d.find_element(By.ID, "guess").text.strip() != "")
+
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert len(cards) == 12  # the page asks for top_k=12 of the 15 indexed
+    first = cards[0]
+    assert first.find_element(By.CSS_SELECTOR, ".label").text == "class 1"  # shown without '_' / synset
+    assert first.find_element(By.CSS_SELECTOR, ".score").text.startswith("score 1.000")
+    # thumbnails really loaded (naturalWidth > 0), from this origin
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+    src = first.find_element(By.TAG_NAME, "img").get_attribute("src")
+    assert src == f"{gw.url}/v1/images/{ids[query]}/thumb"
+    guess = browser.find_element(By.ID, "guess").text
+    assert guess.startswith("We guess your dog is a class 1 (")
+    assert "decode" in browser.find_element(By.ID, "timings").text
+    assert browser.find_element(By.ID, "preview").is_displayed()
+    assert not browser.find_element(By.ID, "error").is_displayed()
+
+    shot = os.environ.get("IMGSEARCH_SCREENSHOT") or str(tmp_path / "results.png")
+    assert browser.save_screenshot(shot)
+    # no CSP violations or script errors in the console
+    logs = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not logs, logs
+
+    # "more like this" on the second card runs a similar-search
+    cards[1].find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .card")
+               and d.find_element(By.CSS_SELECTOR, "#results .card img").get_attribute("src") != src)
+
+
+def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gw, _, _ = page_stack
+    browser.get(gw.url + "/")
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("definitely not a picture\n")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    err = WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else None)
+    assert "not an image we can read" in err.text
+    assert err.get_attribute("data-code") == "unsupported_media_type"
+
