@@ -36,3 +36,30 @@ LOADTEST_ARGS ?=
 loadtest: setup
 	$(BIN)/imgsearch loadtest --host http://127.0.0.1:$(PORT) --images data/images --run-time 30s \
 		--out loadtest/out $(LOADTEST_ARGS)
+
+# --- demo / serve (gateway) --------------------------------------------------------------
+# make demo                               random ResNet-152 + scikit-image demo photos, offline
+# make demo WEIGHTS=imagenet DATA=stanford-dogs   the real thing (needs internet)
+# make demo WEIGHTS=/path/resnet152.pth   the original project's Kaggle checkpoint
+# make demo DATA=/path/folder             your own label folders
+IMAGE_DIR = $(if $(filter demo,$(DATA)),data/images,$(if $(filter stanford-dogs,$(DATA)),data/stanford-dogs/Images,$(DATA)))
+EXPORT_ARCH = $(if $(filter random imagenet,$(WEIGHTS)),--arch $(ARCH),)
+
+demo: setup
+	@set -e; recreate=""; \
+	if $(BIN)/python -m gateway.demo card-matches "$(WEIGHTS)" "$(ARCH)"; then :; else \
+	  $(BIN)/imgsearch export --weights "$(WEIGHTS)" $(EXPORT_ARCH); recreate="--recreate"; fi; \
+	case "$(DATA)" in \
+	  demo) $(BIN)/imgsearch demo-data data/images ;; \
+	  stanford-dogs) $(BIN)/imgsearch fetch stanford-dogs ;; \
+	  *) test -d "$(DATA)" || { echo "DATA=$(DATA): not demo, stanford-dogs or a folder" >&2; exit 2; } ;; \
+	esac; \
+	$(BIN)/imgsearch index "$(IMAGE_DIR)" $$recreate
+	@$(MAKE) --no-print-directory serve
+
+serve: setup
+	@echo ""
+	@echo "  page:    http://127.0.0.1:$(PORT)/        API docs: http://127.0.0.1:$(PORT)/docs"
+	@echo "  search:  curl -F file=@$$($(BIN)/python -m gateway.demo example-image "$(IMAGE_DIR)") 'http://127.0.0.1:$(PORT)/v1/search?top_k=5'"
+	@echo ""
+	IMGSEARCH_IMAGE_ROOT="$(IMAGE_DIR)" $(BIN)/imgsearch serve --port $(PORT)
