@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from imgsearch.store import VectorStore
     from imgsearch.triton_client import TritonEncoder
 
-    from .pipeline import IndexOptions, run_index
+    from .pipeline import IndexOptions, default_workers, run_index, start_workers
     from .scan import scan
 
     settings = Settings()  # fresh: the environment is the interface
@@ -117,19 +117,22 @@ def run(args: argparse.Namespace) -> int:
     card = read_card(settings.model_repository, settings.model_name)
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
     store = VectorStore(settings.milvus_uri, args.collection or settings.collection, token=token)
+    workers = args.workers or default_workers()
+    pool = start_workers(workers)  # spawning while Milvus and Triton start
     try:
         store.open(card.embedding_dim, card.model_sha, f"{card.name} ({card.arch}, {card.weights})",
                    recreate=args.recreate)
         print(f"{len(found.files)} image files under {found.root} -> collection {store.collection!r} "
               f"at {store.uri} ({card.arch}, {card.embedding_dim}-d, model sha {card.model_sha})", file=sys.stderr)
-        opts = IndexOptions(batch_size=args.batch_size, workers=args.workers, in_flight=args.in_flight,
+        opts = IndexOptions(batch_size=args.batch_size, workers=workers, in_flight=args.in_flight,
                             retries=settings.triton_retries, unavailable_timeout_s=args.retry_for,
                             image_size=settings.image_size, max_pixels=settings.max_pixels,
                             sync=args.sync, progress=not args.no_progress)
         with triton_endpoint(settings) as url:
             encoder = TritonEncoder(url, settings.model_name, settings.triton_protocol, settings.triton_timeout_s)
-            report = run_index(store, encoder, card.embedding_dim, found, opts)
+            report = run_index(store, encoder, card.embedding_dim, found, opts, pool)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no-op after a run; frees workers after an error
         store.close()
     print(report.summary())
     if args.json:

@@ -36,7 +36,7 @@ from imgsearch.triton_client import TritonEncoder, with_backoff
 
 from .report import IndexReport
 from .scan import ImageFile, ScanResult, label_for
-from .work import READ_ERROR, Decoded, Hashed, decode_files, hash_files, init_worker
+from .work import READ_ERROR, Decoded, Hashed, decode_files, hash_files, init_worker, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,18 @@ _DONE = None  # queue sentinel
 
 def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+def start_workers(n: int) -> ProcessPoolExecutor:
+    """The decode processes, spawning now: their imports overlap whatever the caller does next.
+
+    Spawned, not forked: the parent holds gRPC channels (Triton, Milvus) that must not be forked.
+    """
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=init_worker, initargs=(os.getpid(),))
+    for _ in range(n):
+        pool.submit(warm_up)
+    return pool
 
 
 @dataclass
@@ -68,8 +80,10 @@ class _Stop(Exception):
 class Indexer:
     """One run over one scan. ``await Indexer(...).run(scan)`` -> :class:`IndexReport`."""
 
-    def __init__(self, store: VectorStore, encoder: TritonEncoder, dim: int, options: IndexOptions) -> None:
+    def __init__(self, store: VectorStore, encoder: TritonEncoder, dim: int, options: IndexOptions,
+                 pool: ProcessPoolExecutor | None = None) -> None:
         self.store = store
+        self._pool = pool  # from start_workers(); shut down at the end of run()
         self.encoder = encoder
         self.dim = dim
         self.opt = options
@@ -111,10 +125,9 @@ class Indexer:
         self._decode_q: asyncio.Queue = asyncio.Queue(maxsize=opt.in_flight + self.workers)
         self._upsert_q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        t0 = time.perf_counter()
-        # spawn, not fork: the parent holds gRPC channels (Triton, Milvus) that must not be forked
-        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=init_worker, initargs=(os.getpid(),))
+        t0 = self._idle_since = time.perf_counter()
+        self._inflight = 0
+        pool = self._pool or start_workers(self.workers)
         from tqdm import tqdm
 
         self._bar = tqdm(total=len(scan.files), unit="img", desc="indexing", smoothing=0.1,
@@ -275,6 +288,7 @@ class Indexer:
             if not dec.positions:
                 continue
             t = time.perf_counter()
+            self._busy(+1, t)
             try:
                 enc = await self._encode(dec.pixels)
             except _Stop:
@@ -282,6 +296,8 @@ class Indexer:
             except TritonError as e:
                 self._abort(self._triton_message(e))
                 continue
+            finally:
+                self._busy(-1, time.perf_counter())
             r.stages_s["infer"] += time.perf_counter() - t
             r.batches += 1
             if enc.shape[1] != self.dim:
@@ -294,6 +310,14 @@ class Indexer:
                 f = items[pos][0]
                 rows.append(Row(dec.ids[k], f.rel, f.label, enc[k]))
             await self._upsert_q.put(rows)
+
+    def _busy(self, delta: int, now: float) -> None:
+        """Track the time no Triton request is in flight: pipeline fill and starvation."""
+        if self._inflight == 0 and delta > 0:
+            self.report.triton_idle_s += now - self._idle_since
+        self._inflight += delta
+        if self._inflight == 0:
+            self._idle_since = now
 
     async def _encode(self, pixels: np.ndarray) -> np.ndarray:
         """Overloaded: backoff (``with_backoff``). Unavailable: retry until the deadline."""
@@ -372,16 +396,16 @@ class Indexer:
 
 
 def run_index(store: VectorStore, encoder: TritonEncoder, dim: int, scan: ScanResult,
-              options: IndexOptions) -> IndexReport:
+              options: IndexOptions, pool: ProcessPoolExecutor | None = None) -> IndexReport:
     """Blocking wrapper: one event loop for the run; closes the encoder's channel after."""
 
     async def main() -> IndexReport:
         try:
-            return await Indexer(store, encoder, dim, options).run(scan)
+            return await Indexer(store, encoder, dim, options, pool).run(scan)
         finally:
             await encoder.close()
 
     return asyncio.run(main())
 
 
-__all__ = ["IndexOptions", "Indexer", "IndexReport", "run_index"]
+__all__ = ["IndexOptions", "Indexer", "IndexReport", "run_index", "start_workers"]

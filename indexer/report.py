@@ -27,6 +27,7 @@ class IndexReport:
     repointed: int = 0  # --sync: entries whose path changed to another copy of the content
     batches: int = 0  # Triton requests that succeeded
     elapsed_s: float = 0.0
+    triton_idle_s: float = 0.0  # no Triton request in flight (start-up fill, starvation) before the last one
     stages_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     settings: dict = field(default_factory=dict)
     aborted: str | None = None  # why the run stopped early (Triton or Milvus gone...)
@@ -86,6 +87,7 @@ class IndexReport:
         lines.append(
             "time: " + ", ".join(f"{s} {st[s]:.1f}s" for s in STAGES)
             + " | share: " + ", ".join(f"{s} {sh[s]:.0%}" for s in SHARE_STAGES)
+            + (f" | Triton idle {self.triton_idle_s:.1f}s" if self.batches else "")
         )
         not_done = self.scanned - self.done
         if self.aborted:

@@ -81,6 +81,11 @@ def decode_files(paths: list[str], size: int, max_pixels: int) -> Decoded:
     return Decoded(positions, ids, pixels, errors, time.perf_counter() - t0)
 
 
+def warm_up() -> int:
+    """A no-op task: submitting one per worker makes the pool spawn them all right away."""
+    return os.getpid()
+
+
 def init_worker(parent_pid: int) -> None:
     """Exit when the indexer dies (SIGKILL included), instead of lingering as an orphan."""
 

@@ -142,7 +142,7 @@ def test_sigkill_five_times_then_exact(dataset, env, triton, tmp_path, spawn_ind
 
 
 # --- Triton dies mid-index --------------------------------------------------------------
-def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, tmp_path, spawn_index):
+def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, triton, tmp_path, spawn_index):
     uri = env["IMGSEARCH_MILVUS_URI"]
     total = len(dataset.valid)
     server = LocalTriton(repo18, "cpu", exit_timeout_s=2)
@@ -165,10 +165,9 @@ def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, 
     kept = entries_and_check(uri, dataset.root)
     assert 0 < len(kept) < total  # what was upserted stays
 
-    with LocalTriton(repo18, "cpu", exit_timeout_s=2) as again:
-        run_env = env | {"IMGSEARCH_TRITON_URL": again.grpc_url}
-        proc = spawn_index(dataset.root, run_env, "--json", str(tmp_path / "resume.json"), cwd=tmp_path)
-        out, err = proc.communicate(timeout=180)
+    # Triton is back (the session's server: the same model, another process, as after a restart)
+    proc = spawn_index(dataset.root, env, "--json", str(tmp_path / "resume.json"), cwd=tmp_path)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     resumed = json.loads((tmp_path / "resume.json").read_text())
     assert resumed["unchanged"] == len(kept) and resumed["indexed"] == total - len(kept)
