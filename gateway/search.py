@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from imgsearch.errors import ModelRepositoryError
 from imgsearch.imaging import decode_image
 from imgsearch.store import Hit
 from imgsearch.triton_client import Encoded
@@ -52,6 +53,12 @@ async def encode_upload(rt: Runtime, data: bytes) -> tuple[Encoded, float, float
     t1 = time.perf_counter()
     rt.metrics.observe_stage("decode", t1 - t0)
     encoded = await rt.encoder.encode(pixels[None])
+    if encoded.embeddings.shape[1] != rt.card.embedding_dim:
+        # another model behind that URL (another repository, another Triton on the port)
+        raise ModelRepositoryError(
+            f"Triton at {rt.encoder.url} returns {encoded.embeddings.shape[1]}-d embeddings for "
+            f"{rt.encoder.model_name!r}, the model card says {rt.card.embedding_dim}: the gateway and Triton "
+            "do not use the same model repository")
     t2 = time.perf_counter()
     rt.metrics.observe_stage("infer", t2 - t1)
     return encoded, t1 - t0, t2 - t1

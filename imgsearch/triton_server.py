@@ -94,6 +94,17 @@ def _ld_path(paths: TritonPaths) -> str:
     return ":".join(x for x in [str(paths.libs), os.environ.get("LD_LIBRARY_PATH", "")] if x)
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on host:port (SO_REUSEADDR: TIME_WAIT leftovers do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,6 +206,12 @@ class LocalTriton:
     def start(self) -> "LocalTriton":
         if not self.repository.is_dir():
             raise LauncherError(f"model repository {self.repository} does not exist: run imgsearch export first")
+        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(self.host, p)]
+        if busy:
+            # otherwise the readiness probe may be answered by whatever already listens there
+            raise LauncherError(
+                f"port(s) {', '.join(map(str, busy))} on {self.host} already in use (another tritonserver?): "
+                "stop it, or choose other ports (IMGSEARCH_LOCAL_TRITON_{HTTP,GRPC,METRICS}_PORT)")
         paths = find_triton()
         check_stub_libraries(paths)
         if not self.allow_numpy2:
