@@ -61,6 +61,11 @@ def _start(rel_data: RelData, repo: Path, triton_url: str, milvus_uri: str | Non
 
 
 @pytest.fixture(scope="session")
+def api_key() -> str:
+    return API_KEY
+
+
+@pytest.fixture(scope="session")
 def main_gw(rel_data, repo18, triton) -> MainGateway:
     tmpdir = rel_data.base / "main_tmp"
     tmpdir.mkdir()
