@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -47,6 +48,7 @@ LOCUSTFILE = HERE / "locustfile.py"
 SHAPES = HERE / "shapes.py"
 CONF = HERE / "locust.conf"
 EXIT_SLO = 1
+SCENARIOS = {"search": "SearchUser", "similar": "SimilarUser", "page": "PageUser"}  # locustfile classes
 EXIT_RUN = 3
 
 
@@ -90,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=10, help="top_k of each search (default 10)")
     p.add_argument("--think-ms", type=float, default=0.0,
                    help="max think time between a user's requests (default 0: users = concurrency)")
+    p.add_argument("--only", help="comma list of scenarios to run instead of the weighted mix: "
+                                  + ", ".join(SCENARIOS) + " (e.g. --only search for the model path alone)")
     p.add_argument("--ignore-retry-after", action="store_true",
                    help="users retry a shed request at once instead of waiting its Retry-After")
     p.add_argument("--note", default="", help="free text stored with the run (e.g. what else ran on the machine)")
@@ -112,14 +116,29 @@ def locust_command(args: argparse.Namespace, out: Path) -> list[str]:
            "--loglevel", "WARNING", "--logfile", str(out / "locust.log")]
     if args.ignore_retry_after:
         cmd.append("--ignore-retry-after")
-    for flag, value in (("--users", args.users), ("--spawn-rate", args.spawn_rate), ("--run-time", args.run_time)):
+    run_time = args.run_time
+    top = args.users or int(conf_defaults().get("users", 0) or 0)
+    if args.shape == "step" and run_time is None and top:
+        # the shape ends by itself after its last step; locust.conf's run-time must not cut it short
+        run_time = f"{math.ceil(-(-top // args.step_users) * args.step_time) + 1}s"
+    for flag, value in (("--users", args.users), ("--spawn-rate", args.spawn_rate), ("--run-time", run_time)):
         if value is not None:
             cmd += [flag, str(value)]
     if args.ui:
         cmd += ["--web-host", "127.0.0.1", "--web-port", str(args.web_port)]
     else:
         cmd += ["--headless", "--only-summary"]
+    if args.only:
+        cmd += only_classes(args.only)  # positional: the user classes to run
     return cmd
+
+
+def only_classes(only: str) -> list[str]:
+    names = [x.strip() for x in only.split(",") if x.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise ValueError(f"--only: unknown scenario {', '.join(unknown) or '(none)'}; choose from {', '.join(SCENARIOS)}")
+    return [SCENARIOS[n] for n in names]
 
 
 def check_reachable(host: str, timeout_s: float = 5.0) -> str | None:
@@ -155,6 +174,17 @@ def machine_info(note: str = "") -> dict:
             "platform": platform.platform(), "description": desc + (f"; {note}" if note else ""), "note": note}
 
 
+def _flag(cmd: list[str], flag: str) -> str | None:
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _timespan_s(text: str | None) -> float | None:
     if not text:
         return None
@@ -176,6 +206,12 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         return _judge(build_report, ReportError, out, slo, args)
 
+    if args.only:
+        try:
+            only_classes(args.only)
+        except ValueError as e:
+            print(f"imgsearch loadtest: {e}", file=sys.stderr)
+            return EXIT_RUN
     if not Path(args.images).is_dir():
         print(f"imgsearch loadtest: no image folder {args.images!r} (pass --images DIR)", file=sys.stderr)
         return EXIT_RUN
@@ -194,14 +230,16 @@ def run(args: argparse.Namespace) -> int:
     conf = conf_defaults()
     record = {
         "argv": ["imgsearch", "loadtest", *sys.argv[2:]] if sys.argv[1:2] == ["loadtest"] else sys.argv,
-        "locust_command": cmd, "host": args.host, "shape": args.shape,
+        "locust_command": cmd, "host": args.host, "shape": args.shape, "only": args.only,
         "users": args.users or int(conf.get("users", 0) or 0),
         "spawn_rate": args.spawn_rate or float(conf.get("spawn-rate", 0) or 0),
-        "run_time": args.run_time or conf.get("run-time"),
+        "run_time": _flag(cmd, "--run-time") or conf.get("run-time"),
         "step_users": args.step_users if args.shape == "step" else None,
         "step_time": args.step_time if args.shape == "step" else None,
         "images": str(args.images), "model": args.model, "machine": machine_info(args.note),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "started_at": time.time(),
+        # what else ran on the machine: a load average above the core count means shared CPUs
+        "loadavg_start": _loadavg(),
     }
     gateway_metrics = args.gateway_metrics or args.host.rstrip("/") + "/metrics"
     scraper = Scraper({"triton": args.triton_metrics, "gateway": gateway_metrics}, out / "metrics.jsonl")
@@ -223,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         rc = 130  # --ui: the user stopped Locust; still write the report
     finally:
         scraper.stop()
-    record.update(finished_at=time.time(), locust_returncode=rc,
+    record.update(finished_at=time.time(), locust_returncode=rc, loadavg_end=_loadavg(),
                   scrapes={k: {"ok": scraper.ok[k], "failed": scraper.failed[k]} for k in scraper.targets})
     (out / "run.json").write_text(json.dumps(record, indent=1))
     if rc == -1:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from locust import LoadTestShape
 
-from loadtest.scenario import step_schedule
+try:
+    from loadtest.scenario import step_schedule
+except ImportError:  # a Locust image with loadtest/ mounted as a plain folder: Locust puts it on sys.path
+    from scenario import step_schedule  # type: ignore[no-redef]
 
 
 class StepLoadShape(LoadTestShape):

@@ -230,4 +230,14 @@ def test_locust_command_loads_shape_only_for_step(tmp_path):
     step = locust_command(p.parse_args(["--images", "x", "--shape", "step", "--users", "6"]), Path(tmp_path))
     assert "shapes.py" not in const[const.index("-f") + 1]
     assert step[step.index("-f") + 1].endswith("shapes.py") and "--headless" in step
-    assert "--users" not in const  # locust.conf supplies it
+    assert "--users" not in const and "--run-time" not in const  # locust.conf supplies them
+    # a step run lasts its steps (3 x 20 s), not locust.conf's run-time
+    assert step[step.index("--run-time") + 1] == "61s"
+    from loadtest.cli import LOCUSTFILE, SCENARIOS
+
+    source = LOCUSTFILE.read_text()
+    assert all(f"class {cls}(GatewayUser)" in source for cls in SCENARIOS.values())
+    only = locust_command(p.parse_args(["--images", "x", "--only", "search,page"]), Path(tmp_path))
+    assert only[-2:] == ["SearchUser", "PageUser"]
+    with pytest.raises(ValueError, match="unknown scenario"):
+        locust_command(p.parse_args(["--images", "x", "--only", "serch"]), Path(tmp_path))

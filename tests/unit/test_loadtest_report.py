@@ -89,6 +89,8 @@ def test_levels_and_knee(tmp_path):
         assert levels[users]["window_s"] == pytest.approx(STEP_S, abs=0.2)
         assert levels[users]["ok_rps"] == pytest.approx(rps, rel=0.03)
         assert ms <= levels[users]["p50_ms"] <= levels[users]["p99_ms"] <= ms * 1.2
+        assert ms <= levels[users]["search"]["p50_ms"] <= levels[users]["search"]["p99_ms"] <= ms * 1.2
+        assert levels[users]["search_ok_rps"] == pytest.approx(rps * 2 / 3, rel=0.05)  # 2 in 3 are searches
     # 6 users serves a little more but its p99 (~480 ms) breaks 100 ms: the knee is 4 users
     assert s["knee"]["users"] == 4 and s["knee"]["ok_rps"] == pytest.approx(40, rel=0.03)
     assert s["knee"]["avg_batch"] == pytest.approx(3.0)
