@@ -1,0 +1,96 @@
+"""Overload: a flood at 10x the measured capacity is shed early and visibly, and Triton's
+bounded queue rejects instead of queueing without limit.
+
+Both run the scenario functions of loadtest/flood.py (the published figures come from the
+same code) and assert bounds on what they measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from imgsearch.triton_server import LocalTriton
+from loadtest.flood import flood, metric, scrape, shape_jpeg, triton_queue
+
+pytestmark = pytest.mark.integration
+
+MODEL = "resnet152"
+MAX_INFLIGHT = 4  # main_gw's IMGSEARCH_MAX_INFLIGHT
+RSS_BOUND_MIB = 64
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def p99_bound_s(single_s: float, max_inflight: int) -> float:
+    """Generous: an accepted request waits behind at most max_inflight - 1 others, each about
+    one single-request time; x3 and +1 s for a 2-core machine shared with other work."""
+    return 3.0 * max_inflight * single_s + 1.0
+
+
+def test_flood_at_10x_capacity_sheds_with_retry_after_and_recovers(main_gw):
+    query = shape_jpeg(2, 777)
+    before = asyncio.run(scrape(main_gw.url))
+    res = asyncio.run(flood(main_gw.url, query, main_gw.gw.pid, factor=10.0, probe_s=2.0, capacity_s=3.0,
+                            flood_s=4.0))
+    after = asyncio.run(scrape(main_gw.url))
+    shown = {k: v for k, v in res.items() if k != "replies"}
+    print("\n" + "\n".join(f"  {k:26s} {v}" for k, v in shown.items()))
+    replies = res["replies"]
+
+    assert {r.status for r in replies} <= {200, 503}, res["by_status"]
+    assert res["accepted"] > 0 and res["by_status"].get("503", 0) > 0, res["by_status"]
+    assert res["503_without_retry_after"] == 0
+    assert {r.code for r in replies if r.status == 503} == {"overloaded"}
+    # every shed is counted, under its reason
+    shed = sum(metric(after, "imgsearch_shed_total", reason=r) - metric(before, "imgsearch_shed_total", reason=r)
+               for r in ("inflight", "triton_overloaded"))
+    assert shed == res["by_status"]["503"]
+
+    bound = p99_bound_s(res["single_p50_ms"] / 1000.0, MAX_INFLIGHT)
+    assert res["accepted_p99_ms"] / 1000.0 <= bound, (res["accepted_p99_ms"], bound)
+    assert res["rss_growth_mib"] < RSS_BOUND_MIB, shown
+    assert res["recovered_after_s"] is not None and res["recovered_after_s"] <= 5.0, shown
+
+
+@pytest.fixture(scope="module")
+def tiny_queue_triton(tmp_path_factory, repo18):
+    """The test model, one request per batch and a queue of 2: easy to overflow."""
+    from export.triton_config import CPU_DEFAULTS, cpu_config
+    from imgsearch.model_card import read_card
+
+    repo = tmp_path_factory.mktemp("tinyq")
+    shutil.copytree(repo18 / MODEL, repo / MODEL)
+    opts = dataclasses.replace(CPU_DEFAULTS, max_batch_size=1, preferred=(1,), max_queue_size=2, queue_delay_us=0)
+    (repo / MODEL / "configs" / "cpu.pbtxt").write_text(cpu_config(read_card(repo, MODEL), opts))
+    with LocalTriton(repo, "cpu", exit_timeout_s=2) as server:
+        yield server
+
+
+def test_triton_queue_full_is_503_with_retry_after_and_counted(launch, tiny_queue_triton):
+    gw = launch(tiny_queue_triton.grpc_url, max_inflight=64)  # the gateway's own limit stays out of the way
+    res = asyncio.run(triton_queue(gw.url, shape_jpeg(3, 888), n=40))
+    print({k: v for k, v in res.items() if k != "replies"})
+    assert {r.status for r in res["replies"]} <= {200, 503}, res["by_status"]
+    n503 = res["by_status"].get("503", 0)
+    assert n503 > 0, "a queue of 2 must reject part of 40 concurrent searches"
+    assert res["accepted"] > 0, "the searches that fit must still be served"
+    assert res["by_code"] == {"overloaded": n503}
+    assert res["503_without_retry_after"] == 0
+    assert res["shed_triton_overloaded"] == n503 and res["shed_inflight"] == 0
+    assert res["errors_overloaded"] == n503
+    assert tiny_queue_triton.is_ready()
+
+
+@pytest.mark.parametrize("config", ["config.pbtxt", "configs/cpu.pbtxt", "configs/gpu.pbtxt"])
+def test_shipped_model_configs_bound_the_queue_and_reject(config):
+    text = (REPO_ROOT / "model_repository" / MODEL / config).read_text()
+    policy = re.search(r"default_queue_policy\s*\{([^}]*)\}", text)
+    assert policy, f"{config}: no default_queue_policy: Triton would queue without limit"
+    size = re.search(r"max_queue_size:\s*(\d+)", policy.group(1))
+    assert size and int(size.group(1)) > 0, config
+    assert re.search(r"timeout_action:\s*REJECT", policy.group(1)), config
