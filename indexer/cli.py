@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from imgsearch.store import VectorStore
     from imgsearch.triton_client import TritonEncoder
 
-    from .pipeline import IndexOptions, default_workers, run_index, start_workers
+    from .pipeline import INTERRUPTED, IndexOptions, default_workers, run_index, start_workers
     from .scan import scan
 
     settings = Settings()  # fresh: the environment is the interface
@@ -140,5 +140,5 @@ def run(args: argparse.Namespace) -> int:
     if report.aborted:
         print(f"imgsearch index: stopped: {report.aborted}\n"
               f"{report.indexed} images were upserted before that and are kept; re-run to resume.", file=sys.stderr)
-        return 1
+        return 130 if report.aborted == INTERRUPTED else 1
     return 0

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from imgsearch.errors import StoreError, TritonError, TritonOverloaded, TritonUnavailable
+from imgsearch.errors import StoreError, TritonError, TritonInvalidInput, TritonOverloaded, TritonUnavailable
 from imgsearch.store import Row, VectorStore
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
@@ -41,6 +41,7 @@ from .work import READ_ERROR, Decoded, Hashed, decode_files, hash_files, init_wo
 log = logging.getLogger(__name__)
 
 _DONE = None  # queue sentinel
+INTERRUPTED = "interrupted (Ctrl-C)"
 
 
 def default_workers() -> int:
@@ -345,6 +346,9 @@ class Indexer:
         if isinstance(e, TritonOverloaded):
             return (f"Triton's queue stayed full after {self.opt.retries} retries with backoff ({e}); "
                     "lower --in-flight or --batch-size")
+        if isinstance(e, TritonInvalidInput):
+            return (f"Triton refused the batch ({e}); is --batch-size {self.opt.batch_size} above the "
+                    "model's max_batch_size, or the image size not the model's input size?")
         return f"{e} [{self.encoder.url}]"
 
     # --- stage 4: Milvus ----------------------------------------------------------------
@@ -399,13 +403,22 @@ def run_index(store: VectorStore, encoder: TritonEncoder, dim: int, scan: ScanRe
               options: IndexOptions, pool: ProcessPoolExecutor | None = None) -> IndexReport:
     """Blocking wrapper: one event loop for the run; closes the encoder's channel after."""
 
+    indexer = Indexer(store, encoder, dim, options, pool)
+
     async def main() -> IndexReport:
         try:
-            return await Indexer(store, encoder, dim, options, pool).run(scan)
+            return await indexer.run(scan)
         finally:
             await encoder.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        # Ctrl-C: run() has drained what was encoded into Milvus on its way out
+        if indexer.report is None:
+            raise
+        indexer.report.aborted = INTERRUPTED
+        return indexer.report
 
 
-__all__ = ["IndexOptions", "Indexer", "IndexReport", "run_index", "start_workers"]
+__all__ = ["INTERRUPTED", "IndexOptions", "Indexer", "IndexReport", "run_index", "start_workers"]

@@ -8,6 +8,7 @@ file: each file comes back as an id, pixels or a typed error code with a message
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,7 +88,12 @@ def warm_up() -> int:
 
 
 def init_worker(parent_pid: int) -> None:
-    """Exit when the indexer dies (SIGKILL included), instead of lingering as an orphan."""
+    """Exit when the indexer dies (SIGKILL included), instead of lingering as an orphan.
+
+    Ctrl-C reaches the whole process group: the workers ignore it and let the indexer
+    drain and shut the pool down (a worker dying of KeyboardInterrupt breaks the pool).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while True:
