@@ -1,0 +1,140 @@
+"""The pipeline's failure handling with scripted fakes of Triton and Milvus (real decode workers).
+
+The integration tests kill the real Triton; here the rarer paths are forced exactly:
+a full queue that clears, Milvus failing mid-run, Triton never coming back, a wrong dim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from helpers import make_dataset
+
+from imgsearch.errors import StoreUnavailable, TritonOverloaded, TritonUnavailable
+from imgsearch.store import Entry
+from imgsearch.triton_client import Encoded
+from indexer.pipeline import Indexer, IndexOptions
+from indexer.scan import scan
+
+DIM = 8
+
+
+class FakeEncoder:
+    url = "fake:1"
+    model_name = "resnet152"
+
+    def __init__(self, failures=(), dim=DIM):
+        self.failures = list(failures)  # exception (or None) per call, then success
+        self.calls = 0
+        self.dim = dim
+
+    async def is_ready(self) -> bool:
+        return True
+
+    async def encode(self, pixels: np.ndarray) -> Encoded:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.failures:
+            err = self.failures.pop(0)
+            if err is not None:
+                raise err
+        v = pixels.reshape(len(pixels), -1)[:, : self.dim].astype(np.float32) + 1
+        return Encoded(v / np.linalg.norm(v, axis=1, keepdims=True), None)
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeStore:
+    uri = "fake.db"
+    collection = "images"
+
+    def __init__(self, fail_on_upsert: int | None = None):
+        self.rows = {}
+        self.upserts = 0
+        self.fail_on_upsert = fail_on_upsert
+
+    def existing(self, ids):
+        return {i: self.rows[i].path for i in ids if i in self.rows}
+
+    def upsert(self, rows):
+        self.upserts += 1
+        if self.fail_on_upsert is not None and self.upserts >= self.fail_on_upsert:
+            raise StoreUnavailable("Milvus (fake.db) failed during upsert: connection refused")
+        for r in rows:
+            self.rows[r.id] = r
+        return len(rows)
+
+    def get(self, id_, with_embedding=False):
+        r = self.rows[id_]
+        return Entry(r.id, r.path, r.label, r.embedding)
+
+    def iter_entries(self):
+        return iter([Entry(r.id, r.path, r.label) for r in self.rows.values()])
+
+    def delete(self, ids):
+        for i in ids:
+            self.rows.pop(i, None)
+        return len(ids)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    make_dataset(root, classes=3, per_class=8)
+    return scan(root)
+
+
+def run(store, encoder, found, **opts):
+    options = IndexOptions(batch_size=4, workers=1, in_flight=2, progress=False, **opts)
+    return asyncio.run(Indexer(store, encoder, DIM, options).run(found))
+
+
+def test_full_queue_is_retried_with_backoff(images):
+    enc = FakeEncoder([TritonOverloaded("queue full"), TritonOverloaded("queue full")])
+    store = FakeStore()
+    rep = run(store, enc, images)
+    assert rep.aborted is None and rep.indexed == 24 == len(store.rows)
+    assert enc.calls == 6 + 2  # 6 batches, 2 of the calls were refused and retried
+
+
+def test_queue_full_for_too_long_stops_with_advice(images):
+    enc = FakeEncoder([TritonOverloaded("queue full")] * 100)
+    rep = run(FakeStore(), enc, images, retries=2)
+    assert rep.indexed == 0 and "lower --in-flight or --batch-size" in rep.aborted
+
+
+def test_milvus_failing_mid_run_stops_and_keeps_what_was_written(images):
+    store = FakeStore(fail_on_upsert=2)
+    rep = run(store, FakeEncoder(), images)
+    assert rep.aborted.startswith("Milvus (fake.db) failed during upsert")
+    assert rep.indexed == len(store.rows) > 0  # counted only what the store accepted
+    assert store.upserts == 2  # nothing more was tried once Milvus was gone
+    assert rep.scanned - rep.done > 0
+
+
+def test_triton_gone_is_retried_until_the_deadline(images):
+    # two batches go through, then Triton is gone for good
+    enc = FakeEncoder([None, None] + [TritonUnavailable("connection refused")] * 1000)
+    store = FakeStore()
+    rep = run(store, enc, images, unavailable_timeout_s=0.6)
+    assert "still failing after retrying" in rep.aborted
+    assert "connection refused" in rep.aborted
+    assert rep.indexed == len(store.rows) == 8  # the encoded batches were still upserted
+    assert enc.calls > 4  # retried, not given up at the first error
+
+
+def test_triton_with_another_dim_is_caught_before_writing(images):
+    store = FakeStore()
+    rep = run(store, FakeEncoder(dim=DIM + 1), images)
+    assert "model card says 8" in rep.aborted and rep.indexed == 0 and not store.rows
+
+
+def test_unchanged_files_are_not_decoded_or_encoded(images):
+    store = FakeStore()
+    run(store, FakeEncoder(), images)
+    enc = FakeEncoder()
+    rep = run(store, enc, images)
+    assert (rep.indexed, rep.unchanged, enc.calls, rep.stages_s["decode"]) == (0, 24, 0, 0.0)
