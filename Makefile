@@ -63,3 +63,10 @@ serve: setup
 	@echo "  search:  curl -F file=@$$($(BIN)/python -m gateway.demo example-image "$(IMAGE_DIR)") 'http://127.0.0.1:$(PORT)/v1/search?top_k=5'"
 	@echo ""
 	IMGSEARCH_IMAGE_ROOT="$(IMAGE_DIR)" $(BIN)/imgsearch serve --port $(PORT)
+
+# --- indexer benchmark: indexer end to end vs raw Triton on the same images -------------
+# Uses the exported model in model_repository (make demo exports one) and a local Triton.
+# make bench-index BENCH_INDEX_ARGS="--generate 1000 --batch-size 32 --in-flight 2 --rounds 3"
+BENCH_INDEX_ARGS ?= --generate 640
+bench-index: setup
+	$(BIN)/python loadtest/bench_index.py $(BENCH_INDEX_ARGS) --out outputs/bench_index.json
