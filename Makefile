@@ -69,4 +69,4 @@ serve: setup
 # make bench-index BENCH_INDEX_ARGS="--generate 1000 --batch-size 32 --in-flight 2 --rounds 3"
 BENCH_INDEX_ARGS ?= --generate 640
 bench-index: setup
-	$(BIN)/python loadtest/bench_index.py $(BENCH_INDEX_ARGS) --out outputs/bench_index.json
+	$(BIN)/python loadtest/bench_index.py $(BENCH_INDEX_ARGS) --out loadtest/out/bench_index.json

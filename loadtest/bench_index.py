@@ -14,7 +14,7 @@ its own pipeline time (first file to last upsert); the ratio including process s
 stage (decode / infer / upsert) and writes everything as JSON to --out.
 
 examples:
-  python loadtest/bench_index.py data/images --out outputs/bench_index.json
+  python loadtest/bench_index.py data/images --out loadtest/out/bench_index.json
   IMGSEARCH_MODEL_REPOSITORY=/tmp/repo18 python loadtest/bench_index.py --generate 1000
   IMGSEARCH_TRITON_URL=127.0.0.1:8101 python loadtest/bench_index.py data/images --limit 2000
 """
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--in-flight", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="indexer decode processes (default: its own)")
     ap.add_argument("--rounds", type=int, default=2, help="indexer runs, each between two raw runs (default: 2)")
-    ap.add_argument("--out", type=Path, default=Path("outputs/bench_index.json"))
+    ap.add_argument("--out", type=Path, default=Path("loadtest/out/bench_index.json"))
     args = ap.parse_args(argv)
     settings = Settings()
 
