@@ -111,6 +111,10 @@ class VectorStore:
         except Exception as e:  # noqa: BLE001 - pymilvus, grpc and milvus-lite all raise their own types
             self._reset()
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if is_lite(self.uri) and "open local milvus failed" in msg.lower():
+                # milvus-lite only logs why; the usual reason is its one-process-per-file lock
+                msg += (" (Milvus Lite could not open the .db: another process probably holds it; one process "
+                        "per file: stop `imgsearch index` or the other server using it, or use a Milvus server URI)")
             raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}") from None
 
     def _reset(self) -> None:
