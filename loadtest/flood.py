@@ -381,6 +381,7 @@ async def outage(url: str, data: bytes, kill: Callable[[], object], restart: Cal
         "readyz_200_after_backend_back_s": since(t_ready, t_back),
         "first_503_message": first_503.message if first_503 else None,
         "replies": replies, "during_replies": during,
+        "_t_kill": t_kill, "_t_back": t_back, "_t_recovered": t_ok,  # monotonic, for slicing replies
     }
 
 
@@ -769,7 +770,7 @@ def copy_db(template: Path, dest: Path) -> Path:
 
 def public(res: dict[str, Any]) -> dict[str, Any]:
     """The figures of a scenario without the raw replies."""
-    return {k: v for k, v in res.items() if "replies" not in k}
+    return {k: v for k, v in res.items() if "replies" not in k and not k.startswith("_")}
 
 
 def run_own_stack(args: argparse.Namespace, wanted: list[str]) -> dict[str, Any]:
