@@ -127,6 +127,7 @@ class Indexer:
         self._upsert_q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         t0 = self._idle_since = time.perf_counter()
+        c0 = time.process_time()  # this process, all threads (incl. an in-process Milvus Lite)
         self._inflight = 0
         pool = self._pool or start_workers(self.workers)
         from tqdm import tqdm
@@ -157,6 +158,7 @@ class Indexer:
             self._bar.close()
             pool.shutdown(wait=True, cancel_futures=True)
             r.elapsed_s = time.perf_counter() - t0
+            r.cpu_s["main"] = time.process_time() - c0
         return r
 
     async def _wait_for_triton(self) -> None:
@@ -193,6 +195,7 @@ class Indexer:
                     self._abort(f"a decode worker process died ({e}); re-run to resume")
                     return
                 r.stages_s["hash"] += hashed.seconds
+                r.cpu_s["workers"] += hashed.cpu_seconds
                 fresh = await self._classify(part, hashed)
                 if fresh is None:
                     return
@@ -284,6 +287,7 @@ class Indexer:
                 self._abort(f"decoding a batch failed unexpectedly: {type(e).__name__}: {e}")
                 continue
             r.stages_s["decode"] += dec.seconds
+            r.cpu_s["workers"] += dec.cpu_seconds
             for pos, code, msg in dec.errors:
                 self._fail(items[pos][0], code, msg)
             if not dec.positions:

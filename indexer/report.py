@@ -28,6 +28,7 @@ class IndexReport:
     batches: int = 0  # Triton requests that succeeded
     elapsed_s: float = 0.0
     triton_idle_s: float = 0.0  # no Triton request in flight (start-up fill, starvation) before the last one
+    cpu_s: dict[str, float] = field(default_factory=lambda: {"workers": 0.0, "main": 0.0})  # CPU seconds used
     stages_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     settings: dict = field(default_factory=dict)
     aborted: str | None = None  # why the run stopped early (Triton or Milvus gone...)
@@ -89,6 +90,7 @@ class IndexReport:
             + " | share: " + ", ".join(f"{s} {sh[s]:.0%}" for s in SHARE_STAGES)
             + (f" | Triton idle {self.triton_idle_s:.1f}s" if self.batches else "")
         )
+        lines.append(f"cpu: decode workers {self.cpu_s['workers']:.1f}s, indexer process {self.cpu_s['main']:.1f}s")
         not_done = self.scanned - self.done
         if self.aborted:
             lines.append(f"STOPPED: {self.aborted}")
