@@ -48,7 +48,8 @@ def map_triton_error(exc: Exception) -> TritonError:
     low = msg.lower()
     if "maximum queue size" in low or "exceeds maximum queue" in low or status in ("429", "StatusCode.RESOURCE_EXHAUSTED"):
         return TritonOverloaded(f"Triton queue is full: {msg}")
-    if "timeout" in low and "queue" in low:
+    if ("timeout" in low and "queue" in low) or "request timeout expired" in low:
+        # the queue policy's REJECT on timeout says "Request timeout expired" (also inside an ensemble)
         return TritonOverloaded(f"request timed out in Triton's queue: {msg}")
     if status in ("StatusCode.INVALID_ARGUMENT", "400") or "unexpected shape" in low or "unexpected datatype" in low:
         return TritonInvalidInput(msg)

@@ -14,6 +14,8 @@ Triton was started with (``--model-config-name``) picks the engine through its
   numpy-2 trap of the stub (DESIGN.md), so this path works with numpy 2.
 * ``engine`` = ``torch`` on a CPU instance runs the same torch code in fp32 without
   graphs: that is how the tests exercise the GPU engine's code on a machine without one.
+* ``device`` = ``cuda`` makes a KIND_CPU instance compute on GPU 0 anyway (a fallback for a
+  server build that refuses GPU instances); default ``auto`` follows the instance kind.
 
 At start-up the torch engine is checked against the ONNX model (ONNX Runtime on the CPU,
 or an fp32 torch reference when ONNX Runtime is missing) on a few images: a min cosine
@@ -317,8 +319,8 @@ class TorchEncoder:
                 sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
                 ref = sess.run([sess.get_outputs()[0].name], {sess.get_inputs()[0].name: imgs})[0]
                 against = "onnxruntime-cpu"
-        except ImportError:
-            pass
+        except Exception as e:  # noqa: BLE001 - no (working) ONNX Runtime here: the fp32 torch reference
+            self.log(f"parity: ONNX Runtime unusable ({type(e).__name__}: {str(e)[:200]}); using fp32 torch on the CPU")
         if ref is None:
             cpu = build_serving_module(self.meta)
             cpu.load_state_dict(self.meta["state_dict"], strict=True)
@@ -376,6 +378,9 @@ class TritonPythonModel:
         self.output_names = [o["name"] for o in config["output"]]
         kind = args.get("model_instance_kind", "CPU")
         device_id = int(args.get("model_instance_device_id", 0) or 0)
+        if params.get("device", "auto") == "cuda":
+            # a KIND_CPU instance that still computes on GPU 0 (for servers without GPU instance support)
+            kind = "GPU"
         engine = params.get("engine", "onnxruntime")
         if engine == "auto":
             engine = self._pick_engine(kind)

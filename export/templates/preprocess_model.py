@@ -243,6 +243,8 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         kind = args.get("model_instance_kind", "CPU")
         device_id = int(args.get("model_instance_device_id", 0) or 0)
+        if params.get("device", "auto") == "cuda":  # a KIND_CPU instance decoding on GPU 0
+            kind = "GPU"
         out = next(o for o in config["output"] if o["name"] == OUTPUT)
         size = int(params.get("size", out["dims"][0]))
         decoder = params.get("decoder", "pillow")
