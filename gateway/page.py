@@ -9,6 +9,7 @@ and whether the "untrained demo weights" banner shows. Swagger UI comes from the
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -62,9 +63,19 @@ async def docs(request: Request) -> HTMLResponse:
     return HTMLResponse(page, headers={"Content-Security-Policy": DOCS_CSP})
 
 
+class Assets(StaticFiles):
+    """StaticFiles, but a NUL byte in the path is a 404: Starlette's os.stat raised
+    ValueError("embedded null byte") on ``/static/%00x``, a 500 (found by the reliability tests)."""
+
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        if "\x00" in path:
+            return "", None
+        return super().lookup_path(path)
+
+
 def mount(app: FastAPI) -> None:
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", Assets(directory=STATIC), name="static")
     sw = swagger_dir()
     if sw is not None:
-        app.mount("/docs-assets", StaticFiles(directory=sw), name="docs-assets")
+        app.mount("/docs-assets", Assets(directory=sw), name="docs-assets")
