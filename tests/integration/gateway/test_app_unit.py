@@ -45,3 +45,10 @@ def test_a_bug_is_a_json_500_with_the_security_headers_and_counted(settings_env)
 def test_the_app_needs_a_triton_url(settings_env):
     with pytest.raises(ModelRepositoryError, match="IMGSEARCH_TRITON_URL"):
         create_app(Settings(_env_file=None))
+
+
+def test_static_paths_with_a_nul_byte_are_404(settings_env):
+    client = make()
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/%00x").status_code == 404
+    assert client.get("/static/../gateway/app.py").status_code == 404
