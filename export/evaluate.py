@@ -217,8 +217,8 @@ def build_eval_set(data_dir: str | Path, queries: str = "split", fraction: float
         if not held:
             raise ValueError(f"the {fraction:.0%} split of {data_dir} gives no queries (classes need 2+ images)")
         return EvalSet(data.subset(kept), data.subset(held),
-                       {"queries": "split", "fraction": fraction, "seed": seed})
-    return EvalSet(data, scan_folder(queries), {"queries": str(queries)})
+                       {"query_source": "split", "fraction": fraction, "seed": seed})
+    return EvalSet(data, scan_folder(queries), {"query_source": str(queries)})
 
 
 def evaluate_served(url: str, model_name: str, evalset: EvalSet, labels: Sequence[str] = (),

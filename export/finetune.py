@@ -287,6 +287,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             raise CheckpointError(f"{out} exists: pass --resume to continue it or --force to start over")
     elif cfg.resume:
         log.info("%s does not exist yet: starting from scratch", out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a run killed while saving
+        stale.unlink(missing_ok=True)
 
     if previous is not None:
         if previous.get("class_names") != data.class_names:
