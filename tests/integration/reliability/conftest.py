@@ -15,9 +15,20 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from loadtest.flood import GatewayProc, copy_db, gateway_env, index_images, make_images, start_gateway
+from loadtest.flood import (
+    COLLECTION,
+    GatewayProc,
+    copy_db,
+    gateway_env,
+    index_images,
+    make_images,
+    release_lite,
+    shape_jpeg,
+    start_gateway,
+)
 
 API_KEY = "rel-key-0123456789abcdef"
 _n = itertools.count()
@@ -53,10 +64,11 @@ def rel_data(tmp_path_factory, triton, repo18) -> RelData:
 
 
 def _start(rel_data: RelData, repo: Path, triton_url: str, milvus_uri: str | None = None, *,
-           serve_cli: bool = False, extra_env: dict[str, str] | None = None, **settings: object) -> GatewayProc:
+           serve_cli: bool = False, extra_env: dict[str, str] | None = None, image_root: Path | None = None,
+           **settings: object) -> GatewayProc:
     i = next(_n)
     uri = milvus_uri or str(copy_db(rel_data.template, rel_data.base / f"gw{i}.db"))
-    env = gateway_env(repo, triton_url, uri, rel_data.images, **settings)
+    env = gateway_env(repo, triton_url, uri, image_root or rel_data.images, **settings)
     return start_gateway(env, serve_cli=serve_cli, log_path=rel_data.base / f"gw{i}.log", extra_env=extra_env)
 
 
@@ -72,6 +84,62 @@ def main_gw(rel_data, repo18, triton) -> MainGateway:
     gw = _start(rel_data, repo18, triton.grpc_url, api_key=API_KEY, max_inflight=4,
                 extra_env={"TMPDIR": str(tmpdir)})
     yield MainGateway(gw, tmpdir, rel_data.images)
+    gw.stop()
+
+
+@dataclass
+class SecGateway:
+    gw: GatewayProc
+    root: Path
+    ids: dict[str, int]  # name of the crafted entry -> id
+    secret: bytes  # the file outside the root that the crafted entries point at
+    inside: bytes  # the one legitimate file
+
+    @property
+    def url(self) -> str:
+        return self.gw.url
+
+
+CORS_ORIGIN = "https://ok.example"
+
+
+@pytest.fixture(scope="session")
+def sec_gw(rel_data, repo18, triton) -> SecGateway:
+    """No API key (writes disabled), CORS for CORS_ORIGIN only, and its own image root whose
+    index holds entries that try to leave it: a symlinked directory, a symlink loop, '..',
+    an absolute path, backslashes. Written into the collection before the gateway opens it."""
+    from imgsearch.model_card import read_card
+    from imgsearch.store import Row, VectorStore
+
+    base = rel_data.base / "sec"
+    root, outside = base / "images", base / "outside"
+    (root / "ok").mkdir(parents=True)
+    outside.mkdir()
+    secret, inside = shape_jpeg(5, 1), shape_jpeg(4, 2)
+    (outside / "secret.jpg").write_bytes(secret)
+    (root / "ok" / "inside.jpg").write_bytes(inside)
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root / "loop")
+    entries = {"inside": "ok/inside.jpg", "dir_symlink": "linkdir/secret.jpg", "loop": "loop/a.jpg",
+               "dotdot": "../outside/secret.jpg", "absolute": str(outside / "secret.jpg"),
+               "backslash": "..\\outside\\secret.jpg", "encoded": "ok/..%2f..%2foutside/secret.jpg"}
+    ids = {name: 900 + i for i, name in enumerate(entries)}
+    card = read_card(repo18, "resnet152")
+    rng = np.random.default_rng(9)
+    rows = []
+    for name, rel in entries.items():
+        v = rng.standard_normal(card.embedding_dim).astype(np.float32)
+        rows.append(Row(ids[name], rel, "sec", v / np.linalg.norm(v)))
+    db = copy_db(rel_data.template, base / "sec.db")
+    store = VectorStore(str(db), COLLECTION)
+    try:
+        store.open(card.embedding_dim, card.model_sha, card.name)
+        store.upsert(rows)
+    finally:
+        store.close()
+        release_lite(db)
+    gw = _start(rel_data, repo18, triton.grpc_url, str(db), image_root=root, cors_origins=f'["{CORS_ORIGIN}"]')
+    yield SecGateway(gw, root, ids, secret, inside)
     gw.stop()
 
 
