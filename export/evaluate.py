@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgsearch.errors import ImageError
 from imgsearch.imaging import decode_image
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
@@ -174,14 +175,24 @@ def near_duplicate_variants(data: bytes, seed: int, size: int = 320) -> dict[str
 
 
 async def encode_blobs(encoder: TritonEncoder, load: Callable[[int], bytes], n: int, batch_size: int = 32,
-                       retries: int = 5) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode ``load(i)`` for i < n with the serving decoder and encode through Triton."""
+                       retries: int = 5, name: Callable[[int], str] = str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode ``load(i)`` for i < n with the serving decoder and encode through Triton.
+
+    An undecodable image stops the evaluation with its ``name(i)``: skipping it would
+    silently change the figures.
+    """
     loop = asyncio.get_running_loop()
     embs: list[np.ndarray] = []
     probs: list[np.ndarray] = []
 
+    def decode_one(i: int) -> np.ndarray:
+        try:
+            return decode_image(load(i))
+        except ImageError as e:
+            raise type(e)(f"{name(i)}: {e}") from None
+
     def decode_batch(lo: int, hi: int) -> np.ndarray:
-        return np.stack([decode_image(load(i)) for i in range(lo, hi)])
+        return np.stack([decode_one(i) for i in range(lo, hi)])
 
     starts = list(range(0, n, batch_size))
     pending = loop.run_in_executor(None, decode_batch, 0, min(batch_size, n)) if n else None
@@ -237,8 +248,10 @@ def evaluate_served(url: str, model_name: str, evalset: EvalSet, labels: Sequenc
     async def run() -> tuple:
         encoder = TritonEncoder(url, model_name, protocol)
         try:
-            ge, _ = await encode_blobs(encoder, lambda i: g.paths[i].read_bytes(), len(g), batch_size)
-            qe, qp = await encode_blobs(encoder, lambda i: q.paths[i].read_bytes(), len(q), batch_size)
+            ge, _ = await encode_blobs(encoder, lambda i: g.paths[i].read_bytes(), len(g), batch_size,
+                                       name=lambda i: str(g.paths[i]))
+            qe, qp = await encode_blobs(encoder, lambda i: q.paths[i].read_bytes(), len(q), batch_size,
+                                        name=lambda i: str(q.paths[i]))
             de, _ = await encode_blobs(encoder, lambda i: dup_blobs[i][2], len(dup_blobs), batch_size)
             return ge, qe, qp, de
         finally:

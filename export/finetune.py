@@ -145,9 +145,13 @@ class FolderDataset(Dataset):
 # --- model ----------------------------------------------------------------------------
 
 
-def build_model(weights: str, arch: str | None, num_classes: int, dropout: float,
-                seed: int) -> tuple[nn.Module, str, str]:
-    """(model with a fresh ``num_classes`` MLP head, arch, weights tag)."""
+def build_model(weights: str, arch: str | None, num_classes: int, dropout: float, seed: int,
+                class_names: list[str] | None = None) -> tuple[nn.Module, str, str]:
+    """(model with an MLP head over ``num_classes``, arch, weights tag).
+
+    A checkpoint's own MLP head is kept when it fits (same class count, and the same
+    names where the checkpoint records them); otherwise the head is new.
+    """
     torch.manual_seed(seed)
     if weights == "random":
         arch = arch or "resnet152"
@@ -160,8 +164,10 @@ def build_model(weights: str, arch: str | None, num_classes: int, dropout: float
         arch = ck.arch
         net = ckpts.load_into_model(ck, dropout)
         tag = f"checkpoint:{ck.kind}:{ck.sha256[:12]}"
-        if ck.head == "mlp" and ck.num_classes == num_classes:
+        same_names = not (ck.class_names and class_names) or ck.class_names == class_names
+        if ck.head == "mlp" and ck.num_classes == num_classes and same_names:
             return net, arch, tag  # continue training this head (e.g. the Kaggle checkpoint)
+        log.info("%s: new %d-class head (the checkpoint's head does not fit these classes)", weights, num_classes)
     torch.manual_seed(seed)
     net.fc = mlp_head(feature_dim(arch), num_classes, dropout=dropout)
     return net, arch, tag
@@ -305,7 +311,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         model.load_state_dict({**model.state_dict(), **previous["resume"]["model"]})
     else:
         dropout = cfg.dropout
-        model, arch, weights_tag = build_model(cfg.weights, cfg.arch, C, dropout, cfg.seed)
+        model, arch, weights_tag = build_model(cfg.weights, cfg.arch, C, dropout, cfg.seed, data.class_names)
 
     trainable, total = freeze_for_finetune(model)
     device = _device(cfg.device)

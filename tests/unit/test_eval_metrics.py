@@ -7,6 +7,7 @@ expected recall / AP follow from where the relevant items were placed.
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -18,6 +19,8 @@ from export.data import class_name, scan_folder, split_per_class
 from export.evaluate import (
     NEAR_DUP_KINDS,
     average_precision_at_k,
+    build_eval_set,
+    encode_blobs,
     format_table,
     knn_vote,
     near_duplicate_variants,
@@ -26,7 +29,9 @@ from export.evaluate import (
     retrieval_metrics,
     top_k,
 )
+from imgsearch.errors import CorruptImage
 from imgsearch.imaging import decode_image
+from imgsearch.triton_client import Encoded
 
 
 def query_for_ranking(order: list[int], n: int) -> np.ndarray:
@@ -188,3 +193,27 @@ def test_class_names_and_split(tmp_path):
     held_big = {(bigger.paths[i].parent.name, bigger.paths[i].name) for i in split_per_class(bigger, 0.2, 0)[1]
                 if bigger.labels[i] < 3}
     assert held_names == held_big
+
+
+def test_query_folder_against_the_whole_data_folder(tmp_path):
+    make_dataset(tmp_path / "data", classes=3, per_class=4)
+    make_dataset(tmp_path / "queries", classes=2, per_class=2, seed=7)
+    es = build_eval_set(tmp_path / "data", queries=str(tmp_path / "queries"))
+    assert len(es.gallery) == 12 and len(es.queries) == 4
+    assert es.queries.label_names() == ["class_0"] * 2 + ["class_1"] * 2
+    assert es.spec == {"query_source": str(tmp_path / "queries")}
+    split = build_eval_set(tmp_path / "data")
+    assert len(split.queries) == 3 and len(split.gallery) == 9  # round(0.2 * 4) = 1 per class
+
+
+def test_an_undecodable_image_stops_the_evaluation_with_its_name():
+    class FakeEncoder:  # never reached for the bad batch: decoding fails first
+        async def encode(self, pixels):
+            return Encoded(np.ones((len(pixels), 2), np.float32), None)
+
+    blobs = [jpeg_bytes(shape_image(0, 1)), b"\xff\xd8\xff\xe0 truncated"]
+    with pytest.raises(CorruptImage, match="photos/broken.jpg"):
+        asyncio.run(encode_blobs(FakeEncoder(), blobs.__getitem__, 2, batch_size=2,
+                                 name=lambda i: ["photos/ok.jpg", "photos/broken.jpg"][i]))
+    emb, probs = asyncio.run(encode_blobs(FakeEncoder(), blobs.__getitem__, 1))
+    assert emb.shape == (1, 2) and probs is None

@@ -154,3 +154,16 @@ def test_zero_epochs_save_the_untrained_model(tmp_path):
     fresh = build_resnet("resnet18", "mlp", 3)
     for k, v in fresh.state_dict().items():
         assert torch.equal(obj["state_dict"][k], v), k
+
+
+def test_a_finetune_head_for_other_classes_is_replaced(tmp_path):
+    make_dataset(tmp_path / "d", classes=2, per_class=3)
+    out = tmp_path / "e0.pt"
+    finetune(FinetuneConfig(data=tmp_path / "d", out=out, arch="resnet18", weights="random", epochs=0,
+                            workers=0, progress=False))
+    kept, _, _ = build_model(str(out), None, 2, 0.2, seed=5, class_names=["class_0", "class_1"])
+    other, _, _ = build_model(str(out), None, 2, 0.2, seed=5, class_names=["cat", "dog"])
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    assert torch.equal(kept.fc[3].weight, saved["fc.3.weight"])
+    assert not torch.equal(other.fc[3].weight, saved["fc.3.weight"])  # same count, other names: a new head
+    assert torch.equal(other.layer4[0].conv1.weight, saved["layer4.0.conv1.weight"])
