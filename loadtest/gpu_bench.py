@@ -584,7 +584,7 @@ def indexer(repo: Path, server, milvus_uri: str | None) -> None:
     try:
         res = asyncio.run(_bytes_pipeline(server.grpc_url, files, milvus_uri, card.embedding_dim, card.model_sha,
                                           batch=PLAN.index_batch, in_flight=PLAN.index_in_flight))
-        rows.append({"path": "bytes -> image_search ensemble (GPU decode) -> Milvus", **res})
+        rows.append({"path": "bytes -> image_search ensemble (decode in Triton) -> Milvus upsert", **res})
         log(json.dumps(rows[-1]))
     except Exception as e:  # noqa: BLE001
         rows.append({"path": "bytes pipeline", "error": f"{type(e).__name__}: {e}"[:800]})
