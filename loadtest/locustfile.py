@@ -100,7 +100,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         f = path.open("a", newline="", encoding="utf-8")
         writer = csv.writer(f)
         if new:
-            writer.writerow(["end", "ms", "users", "method", "name", "outcome", "status", "error"])
+            writer.writerow(["end", "ms", "users", "method", "name", "outcome", "status", "error", "state"])
         _REQUEST_LOG.update(file=f, writer=writer, env=environment)
 
 
@@ -120,7 +120,7 @@ def _on_request(request_type: str, name: str, response_time: float, response: An
         outcome = "ok"
     error = "" if exception is None else str(exception).splitlines()[0][:200]
     writer.writerow([f"{time.time():.4f}", f"{response_time:.2f}", runner.user_count if runner else 0,
-                     request_type, name, outcome, status, error])
+                     request_type, name, outcome, status, error, runner.state if runner else ""])
 
 
 @events.test_stop.add_listener

@@ -108,6 +108,7 @@ class RequestLog:
     outcome: np.ndarray  # ok | shed | fail
     status: np.ndarray
     error: np.ndarray
+    state: np.ndarray  # Locust's runner state: spawning | running | stopping ("" in old logs)
 
     def __len__(self) -> int:
         return len(self.end)
@@ -125,15 +126,15 @@ def read_request_log(path: str | Path) -> RequestLog:
                 if name.startswith("shed:"):
                     name = name[len("shed:"):]
                 rows.append((float(r["end"]), float(r["ms"]), int(r["users"]), f"{r['method']} {name}",
-                             r["outcome"], int(r["status"] or 0), r.get("error") or ""))
+                             r["outcome"], int(r["status"] or 0), r.get("error") or "", r.get("state") or ""))
             except (KeyError, ValueError):
                 continue  # a torn last line from a killed run
     rows.sort(key=lambda x: x[0])
-    cols = list(zip(*rows)) if rows else [[]] * 7
+    cols = list(zip(*rows)) if rows else [[]] * 8
     return RequestLog(np.array(cols[0], dtype=float), np.array(cols[1], dtype=float),
                       np.array(cols[2], dtype=int), np.array(cols[3], dtype=object),
                       np.array(cols[4], dtype=object), np.array(cols[5], dtype=int),
-                      np.array(cols[6], dtype=object))
+                      np.array(cols[6], dtype=object), np.array(cols[7], dtype=object))
 
 
 def percentiles(ms: np.ndarray) -> dict[str, float | None]:
@@ -181,25 +182,33 @@ def users_levels(log: RequestLog, t_end: float | None = None) -> list[dict]:
     """Requests grouped by the number of users running when they completed.
 
     A level's window is the time between its first completion and the first completion
-    at another level (summed over its stretches), so rps = requests / window.
+    at another level (summed over its stretches), so rps = requests / window. Requests that
+    completed while Locust was stopping its users (users falling back to 0, each level
+    visited again briefly with the queue of the top one) belong to no level.
     """
+    t_end = float(log.end[-1]) if t_end is None and len(log) else t_end
+    stopping = log.state == "stopping"
+    if stopping.any():
+        t_end = min(t_end, float(log.end[stopping].min()))
+        log = log.subset(~stopping)
     if len(log) == 0:
         return []
-    t_end = float(log.end[-1]) if t_end is None else t_end
     change = np.flatnonzero(np.diff(log.users) != 0) + 1
     starts = np.concatenate([[0], change])
     stops = np.concatenate([change, [len(log)]])
     windows: dict[int, float] = defaultdict(float)
     members: dict[int, list[np.ndarray]] = defaultdict(list)
+    segments: dict[int, list[list[float]]] = defaultdict(list)
     for a, b in zip(starts, stops):
         users = int(log.users[a])
         seg_end = float(log.end[b]) if b < len(log) else max(t_end, float(log.end[b - 1]))
         windows[users] += seg_end - float(log.end[a])
         members[users].append(np.arange(a, b))
+        segments[users].append([float(log.end[a]), seg_end])
     levels = []
     for users in sorted(windows):
         sub = log.subset(np.concatenate(members[users]))
-        row = {"users": users, "window_s": windows[users]}
+        row = {"users": users, "window_s": windows[users], "segments": segments[users]}
         row.update(counts(sub, windows[users]))
         search = (sub.outcome == "ok") & (sub.name == SEARCH)
         row["search_ok_rps"] = float(search.sum()) / max(windows[users], 1e-9)
@@ -392,8 +401,8 @@ def analyse(out_dir: str | Path, slo: Slo | None = None, model: str | None = Non
     scrapes = load_scrapes(out_dir / METRICS)
     triton = triton_stats(scrapes.get("triton", []), model or run.get("model"), t0)
     gateway = gateway_stats(scrapes.get("gateway", []), t0)
-    if knee is not None:
-        knee = dict(knee, avg_batch=_window_batch(triton, knee, levels, log, t0))
+    for lv in levels:
+        lv["avg_batch"] = _window_batch(triton, lv, t0)
     summary = {
         "run": run,
         "totals": totals,
@@ -416,13 +425,10 @@ def analyse(out_dir: str | Path, slo: Slo | None = None, model: str | None = Non
     return summary
 
 
-def _window_batch(triton: dict, knee: dict, levels: list[dict], log: RequestLog, t0: float) -> float | None:
-    """Triton's average batch over the scrape intervals that fall inside the knee level."""
-    ends = log.end[log.users == knee["users"]] - t0
-    if len(ends) == 0:
-        return None
-    lo, hi = float(ends.min()), float(ends.max())
-    rows = [r for r in triton.get("series", []) if lo <= r["t"] <= hi and r["executions"] > 0]
+def _window_batch(triton: dict, level: dict, t0: float) -> float | None:
+    """Triton's average batch over the scrape intervals that fall inside a users level."""
+    rows = [r for r in triton.get("series", []) if r["executions"] > 0
+            and any(a - t0 <= r["t"] <= b - t0 for a, b in level["segments"])]
     execs = sum(r["executions"] for r in rows)
     return sum(r["inferences"] for r in rows) / execs if execs else None
 

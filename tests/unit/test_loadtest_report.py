@@ -35,8 +35,8 @@ def write_run(d, with_metrics=True):
                              "CatchResponseError('HTTP 500 internal')"])
     with (d / "requests.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["end", "ms", "users", "method", "name", "outcome", "status", "error"])
-        w.writerows(rows)
+        w.writerow(["end", "ms", "users", "method", "name", "outcome", "status", "error", "state"])
+        w.writerows(r + ["running"] for r in rows)
     (d / "run.json").write_text(json.dumps({"host": "http://127.0.0.1:9", "shape": "step", "users": 6,
                                             "step_users": 2, "step_time": STEP_S, "started_at": T0,
                                             "model": "resnet152", "argv": ["imgsearch", "loadtest"],
@@ -172,11 +172,26 @@ def test_levels_of_a_constant_run_after_its_ramp():
 
     end = np.array([0.1, 0.2, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0])
     users = np.array([1, 2, 2, 4, 4, 4, 4, 4])
-    log = RequestLog(end, np.full(8, 5.0), users, np.array(["GET /"] * 8, dtype=object),
-                     np.array(["ok"] * 8, dtype=object), np.full(8, 200), np.array([""] * 8, dtype=object))
+    obj = lambda v: np.array([v] * 8, dtype=object)  # noqa: E731
+    log = RequestLog(end, np.full(8, 5.0), users, obj("GET /"), obj("ok"), np.full(8, 200), obj(""), obj("running"))
     levels = {lv["users"]: lv for lv in users_levels(log, t_end=6.0)}
     assert levels[1]["window_s"] == pytest.approx(0.1) and levels[2]["window_s"] == pytest.approx(0.8)
     assert levels[4]["window_s"] == pytest.approx(5.0) and levels[4]["requests"] == 5
+    assert levels[2]["segments"] == [[0.2, 1.0]]
+
+
+def test_requests_answered_while_stopping_belong_to_no_level():
+    from loadtest.report import RequestLog
+
+    # 4 users run until t=10; then Locust stops them: 3, 2, 1 users left, slow answers drain
+    end = np.array([1.0, 4.0, 7.0, 9.0, 10.5, 11.0, 11.5])
+    users = np.array([4, 4, 4, 4, 3, 2, 1])
+    state = np.array(["running"] * 4 + ["stopping"] * 3, dtype=object)
+    obj = lambda v: np.array([v] * 7, dtype=object)  # noqa: E731
+    log = RequestLog(end, np.full(7, 5.0), users, obj("GET /"), obj("ok"), np.full(7, 200), obj(""), state)
+    levels = users_levels(log, t_end=12.0)
+    assert [lv["users"] for lv in levels] == [4]
+    assert levels[0]["requests"] == 4 and levels[0]["window_s"] == pytest.approx(9.5)  # until the stop began
 
 
 def test_a_cheap_endpoint_cannot_hide_a_slow_one(tmp_path):
