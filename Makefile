@@ -70,3 +70,11 @@ serve: setup
 BENCH_INDEX_ARGS ?= --generate 640
 bench-index: setup
 	$(BIN)/python loadtest/bench_index.py $(BENCH_INDEX_ARGS) --out loadtest/out/bench_index.json
+
+# --- reliability figures: flood at 10x capacity, Triton queue, Triton/Milvus faults, SIGTERM drain ---
+# Builds its own stack on loopback ports (resnet18 random weights); docs/reliability.md quotes it.
+# make reliability RELIABILITY_ARGS="--scenarios triton_kill --outage-s 45"
+RELIABILITY_ARGS ?=
+.PHONY: reliability
+reliability: setup
+	$(BIN)/python -m loadtest.flood --out loadtest/out/flood.json $(RELIABILITY_ARGS)
