@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(ev.format_table(rows))
     if len(rows) > 1:
-        print(f"recommended: --embedding {best['embedding']} (highest mAP@{ev.MAP_K}, then recall@1, then near-dup)")
+        print(f"recommended: --embedding {best['embedding']} (highest mAP@{ev.MAP_K}; within {ev.TIE} counts as a tie, "
+              "then recall@1, then near-duplicate recall)")
     if not args.no_plot:
         for r in reports:
             suffix = f"-{r['model'].get('embedding')}" if len(reports) > 1 else ""

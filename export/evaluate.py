@@ -304,11 +304,21 @@ def summary_row(report: dict) -> dict:
             f"knn@{KNN_K}_top1": b[f"knn@{KNN_K}_top1"], "near_dup@1": d.get("recall@1")}
 
 
-def recommend(rows: Sequence[dict]) -> dict:
-    """The embedding to serve: highest mAP@10, then recall@1, then near-duplicate recall."""
-    def key(r: dict) -> tuple:
-        return (round(r[f"mAP@{MAP_K}"], 4), round(r["recall@1"], 4), round(r["near_dup@1"] or 0.0, 4))
-    return max(rows, key=key)
+TIE = 0.01  # differences below this are noise on evaluation sets of a few hundred queries
+
+
+def recommend(rows: Sequence[dict], tie: float = TIE) -> dict:
+    """The embedding to serve, by measurement.
+
+    Highest mAP@10; rows within ``tie`` of the best count as equal and go on to recall@1,
+    then near-duplicate recall. A full tie keeps the earliest row (pool comes first: it
+    does not depend on the training classes).
+    """
+    left = list(rows)
+    for key in (f"mAP@{MAP_K}", "recall@1", "near_dup@1"):
+        best = max(r[key] or 0.0 for r in left)
+        left = [r for r in left if (r[key] or 0.0) >= best - tie]
+    return left[0]
 
 
 def format_table(rows: Sequence[dict]) -> str:

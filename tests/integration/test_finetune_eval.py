@@ -134,8 +134,8 @@ def test_eval_cli_compares_embeddings_side_by_side(shapes, trained, reports, tmp
     runs = {r["model"]["embedding"]: r for r in rep["runs"]}
     assert list(runs) == ["pool", "head", "logits"]
     assert [runs[k]["model"]["embedding_dim"] for k in runs] == [512, 256, CLASSES]
-    best = max(rep["summary"], key=lambda r: (round(r["mAP@10"], 4), round(r["recall@1"], 4)))
-    assert rep["recommended_embedding"] == best["embedding"]
+    best = next(r for r in rep["summary"] if r["embedding"] == rep["recommended_embedding"])
+    assert best["mAP@10"] >= max(r["mAP@10"] for r in rep["summary"]) - 0.01  # chosen by measurement
     # the pool run exports the same checkpoint the fixture exported: same figures
     for key in ("recall@1", "recall@5", "mAP@10"):
         assert runs["pool"]["retrieval"][key] == pytest.approx(reports["trained"]["retrieval"][key], abs=1e-6)

@@ -156,6 +156,10 @@ def test_recommend_and_table():
     assert recommend(rows)["embedding"] == "head"
     rows[1]["mAP@10"] = 0.7
     assert recommend(rows)["embedding"] == "logits"  # tie on mAP, recall@1 decides
+    rows[1].update({"mAP@10": 0.705, "recall@1": 0.95})  # within noise of logits on both
+    assert recommend(rows)["embedding"] == "logits"  # near-duplicate recall decides (1.0 > None)
+    rows[2]["near_dup@1"] = None
+    assert recommend(rows)["embedding"] == "head"  # a full tie keeps the earlier row
     table = format_table(rows)
     assert table.splitlines()[0].split(" | ")[0].strip() == "embedding" and "-" in table.splitlines()[3]
 
