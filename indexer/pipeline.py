@@ -91,6 +91,8 @@ class Indexer:
         self.workers = options.workers or default_workers()
         self._stop = asyncio.Event()
         self._store_dead = False
+        self._triton_lock = asyncio.Lock()
+        self._triton_ok = False
         self.report: IndexReport | None = None
         self._bar = None
 
@@ -135,7 +137,6 @@ class Indexer:
         self._bar = tqdm(total=len(scan.files), unit="img", desc="indexing", smoothing=0.1,
                          disable=not opt.progress, dynamic_ncols=True)
         try:
-            await self._wait_for_triton()
             upserter = asyncio.create_task(self._upserter())
             encoders = [asyncio.create_task(self._encode_loop()) for _ in range(opt.in_flight)]
             try:
@@ -160,6 +161,13 @@ class Indexer:
             r.elapsed_s = time.perf_counter() - t0
             r.cpu_s["main"] = time.process_time() - c0
         return r
+
+    async def _ensure_triton(self) -> None:
+        """Checked before the first request only: a run where nothing changed needs no Triton."""
+        async with self._triton_lock:
+            if not self._triton_ok:
+                await self._wait_for_triton()
+                self._triton_ok = True
 
     async def _wait_for_triton(self) -> None:
         deadline = time.monotonic() + self.opt.unavailable_timeout_s
@@ -291,6 +299,10 @@ class Indexer:
             for pos, code, msg in dec.errors:
                 self._fail(items[pos][0], code, msg)
             if not dec.positions:
+                continue
+            try:
+                await self._ensure_triton()
+            except _Stop:
                 continue
             t = time.perf_counter()
             self._busy(+1, t)

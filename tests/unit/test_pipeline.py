@@ -25,13 +25,14 @@ class FakeEncoder:
     url = "fake:1"
     model_name = "resnet152"
 
-    def __init__(self, failures=(), dim=DIM):
+    def __init__(self, failures=(), dim=DIM, ready=True):
         self.failures = list(failures)  # exception (or None) per call, then success
         self.calls = 0
         self.dim = dim
+        self.ready = ready
 
     async def is_ready(self) -> bool:
-        return True
+        return self.ready
 
     async def encode(self, pixels: np.ndarray) -> Encoded:
         self.calls += 1
@@ -138,3 +139,12 @@ def test_unchanged_files_are_not_decoded_or_encoded(images):
     enc = FakeEncoder()
     rep = run(store, enc, images)
     assert (rep.indexed, rep.unchanged, enc.calls, rep.stages_s["decode"]) == (0, 24, 0, 0.0)
+
+
+def test_triton_needed_only_when_something_must_be_encoded(images):
+    store = FakeStore()
+    run(store, FakeEncoder(), images)
+    rep = run(store, FakeEncoder(ready=False), images, unavailable_timeout_s=0.3)
+    assert rep.aborted is None and rep.unchanged == 24  # nothing new: a down Triton does not matter
+    rep = run(FakeStore(), FakeEncoder(ready=False), images, unavailable_timeout_s=0.3)
+    assert "has no ready model 'resnet152'" in rep.aborted and rep.indexed == 0
