@@ -80,7 +80,7 @@ class Plan:
 
 
 GPU_PLAN = Plan(arch="resnet152", budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", "330")), secs=5.0,
-                dyn_levels=(1, 16, 64, 256), nobatch_levels=(1, 16, 64), bulk=(32, 16), index_batch=64, index_in_flight=8, client_procs=6,
+                dyn_levels=(1, 16, 64, 256), nobatch_levels=(1, 16, 64), bulk=(32, 16), index_batch=64, index_in_flight=8, client_procs=8,
                 raw_sizes=(1, 8, 32, 64, 128), n_images=12000, index_workers=10,
                 search_levels=(16, 64, 128, 256), gateway_workers=6)
 DRY_PLAN = Plan(arch="resnet18", budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", "900")), secs=2.0,
@@ -653,10 +653,11 @@ async def _search_clients(url, conc, secs, files, start_at, seed):
     return lat, {str(k): v for k, v in codes.items()}, dict(stages), time.time()
 
 
-def start_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path,
+                  collection: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, IMGSEARCH_TRITON_URL=triton_url, IMGSEARCH_MILVUS_URI=milvus_uri,
-               IMGSEARCH_MODEL_REPOSITORY=str(repo), IMGSEARCH_MODEL_NAME=MODEL, IMGSEARCH_COLLECTION="indexer_cli",
+               IMGSEARCH_MODEL_REPOSITORY=str(repo), IMGSEARCH_MODEL_NAME=MODEL, IMGSEARCH_COLLECTION=collection,
                IMGSEARCH_IMAGE_ROOT=str(images), IMGSEARCH_TRITON_INPUT="bytes", IMGSEARCH_MAX_INFLIGHT="1024",
                IMGSEARCH_DECODE_THREADS="4", IMGSEARCH_STORE_THREADS="16")
     logf = open(WORK / "gateway.log", "wb")
@@ -689,16 +690,23 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
         raise RuntimeError(f"the gateway is not importable here: {type(e).__name__}: {e}") from None
     from imgsearch.store import VectorStore
 
-    store = VectorStore(milvus_uri, "indexer_cli")
     if milvus is not None and milvus.poll() is not None:
         raise RuntimeError(f"the milvus-lite server exited ({milvus.returncode}): {(WORK / 'milvus.log').read_text()[-800:]}")
-    if not store.exists() or store.count() == 0:
-        raise RuntimeError("collection indexer_cli is empty (the indexer phase did not fill it)")
-    R["search_collection_rows"] = store.count()
-    store.close()
+    collection = None
+    for name in ("indexer_cli", "bytes_path"):  # what the indexer phase filled
+        store = VectorStore(milvus_uri, name)
+        try:
+            if store.exists() and store.count() > 0:
+                collection = name
+                R["search_collection"] = {"name": name, "rows": store.count()}
+                break
+        finally:
+            store.close()
+    if collection is None:
+        raise RuntimeError("no filled collection (the indexer phase did not fill one)")
     images = WORK / "images"
     files = [str(p) for p in sorted(images.rglob("*.jpg"))[:: max(1, PLAN.n_images // 200)]]
-    gw, url = start_gateway(repo, server.grpc_url, milvus_uri, images)
+    gw, url = start_gateway(repo, server.grpc_url, milvus_uri, images, collection)
     rows = []
     R["search_table"] = rows
     try:

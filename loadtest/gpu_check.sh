@@ -62,6 +62,10 @@ printf 'home = %s\ninclude-system-site-packages = false\nversion = %s\n' "$(dirn
 [ -d "$T/stubnumpy" ] && cp -r "$T/stubnumpy"/. "$SP"/
 printf 'import site; site.addsitedir(%s)\n%s\n' "'$SITE'" "$REPO" > "$SP/zz_imgsearch.pth"
 export GPU_CHECK_STUB_PYTHON=$T/stubenv/bin
+# the stub links libpython<ver>.so.1.0: where the interpreter keeps it (the calibration found it in
+# /usr/lib/x86_64-linux-gnu on the device; a pyenv build keeps it in its own lib/)
+LIBDIR=$("$PY" -c "import sysconfig;print(sysconfig.get_config_var('LIBDIR') or '')")
+export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 "$T/stubenv/bin/python3" -c "import numpy, torch, PIL, imgsearch.imaging; print('stub env: numpy', numpy.__version__, 'torch', torch.__version__)" \
   || { echo "the stub environment is broken" >&2; exit 2; }
 

@@ -32,6 +32,8 @@ SITE_PKGS=(
   fastapi==0.163.2 starlette==0.52.1 annotated-doc==0.0.7 opentelemetry-api==1.45.2 importlib_metadata==10.2.0
   uvicorn==0.54.0 httptools==0.9.0 python-multipart==0.0.34 swagger-ui-bundle-v2==5.31.0
   pymilvus==3.0.2 milvus-lite==3.2.2 cachetools==8.0.2 orjson==3.13.0 faiss-cpu==1.15.1
+  # the image has grpcio and protobuf, in versions not known here: bring the tested pair
+  grpcio==1.85.3 protobuf==6.33.6
 )
 # the Python-backend stub's side only
 STUB_PKGS=(numpy==1.26.4)
@@ -41,7 +43,8 @@ pack() {  # pack NAME PKG... : download wheels, unpack, strip tests and caches, 
   local out="$CARRY/$name.tar.xz"
   if [ -s "$out" ] && [ "$out" -nt "$0" ]; then echo "have $out"; return; fi
   local tmp; tmp=$(mktemp -d)
-  "$PY" -m pip download -q "${PLAT[@]}" -d "$tmp/whl" "$@"
+  "$PY" -m pip download -q "${PLAT[@]}" -d "$tmp/whl" "$@" 2>&1 | grep -v "^WARNING: Location" || true
+  ls "$tmp"/whl/*.whl >/dev/null
   mkdir -p "$tmp/site"
   for w in "$tmp"/whl/*.whl; do unzip -q -o "$w" -d "$tmp/site"; done
   find "$tmp/site" -depth \( -name tests -o -name __pycache__ \) -type d -exec rm -rf {} +
