@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
               f"at {store.uri} ({card.arch}, {card.embedding_dim}-d, model sha {card.model_sha})", file=sys.stderr)
         opts = IndexOptions(batch_size=args.batch_size, workers=workers, in_flight=args.in_flight,
                             retries=settings.triton_retries, unavailable_timeout_s=args.retry_for,
-                            image_size=settings.image_size, max_pixels=settings.max_pixels,
+                            image_size=card.input_size, max_pixels=settings.max_pixels,
                             sync=args.sync, progress=not args.no_progress)
         with triton_endpoint(settings) as url:
             encoder = TritonEncoder(url, settings.model_name, settings.triton_protocol, settings.triton_timeout_s)
