@@ -24,7 +24,7 @@ from pathlib import Path
 
 from imgsearch.settings import get_settings
 
-from .model import ARCHS
+from .archs import ARCHS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .model import ARCHS
+from .archs import ARCHS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

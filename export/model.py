@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+from .archs import ARCHS  # noqa: F401 - re-exported
 EmbeddingKind = Literal["pool", "head", "logits"]
 HeadKind = Literal["none", "linear", "mlp"]
 
