@@ -13,26 +13,19 @@ reshuffle the others.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from imgsearch.errors import ImgsearchError
+from imgsearch.labels import IMAGE_SUFFIXES
+from imgsearch.labels import folder_label as class_name
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-_SYNSET = re.compile(r"^n\d{8}-(.+)$")
 
 
 class DatasetError(ImgsearchError):
     """The data folder is not a usable labelled image folder."""
 
     code = "bad_dataset"
-
-
-def class_name(folder: str) -> str:
-    """``n02085620-Chihuahua`` -> ``Chihuahua``; other names unchanged."""
-    m = _SYNSET.match(folder)
-    return m.group(1) if m else folder
 
 
 @dataclass

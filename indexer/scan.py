@@ -11,13 +11,13 @@ used only when it resolves to a file inside the root. Files are returned sorted,
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp"})
-_SYNSET = re.compile(r"^n\d{8}-(?=.)")
+from imgsearch.labels import IMAGE_SUFFIXES
+from imgsearch.labels import folder_label as strip_synset
+
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,6 @@ class ScanResult:
     ignored: Counter = field(default_factory=Counter)  # reason -> count
     limited: bool = False  # --limit cut the list short
     errors: list[str] = field(default_factory=list)  # folders that could not be listed
-
-
-def strip_synset(name: str) -> str:
-    """``n02085620-Chihuahua`` -> ``Chihuahua``; other names are kept as they are."""
-    return _SYNSET.sub("", name)
 
 
 def label_for(rel: str) -> str:
