@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -654,7 +655,7 @@ def render_html(summary: dict, out_dir: Path, plots: dict[str, str]) -> Path:
              if (out_dir / name).exists()]
     page = _jinja_env().get_template("report.html.j2").render(
         s=summary, plots=plots, links=links, min_window_s=MIN_LEVEL_WINDOW_S,
-        command=" ".join(summary["run"].get("argv", [])))
+        command=shlex.join(summary["run"].get("argv", [])))
     path = out_dir / REPORT
     path.write_text(page, encoding="utf-8")
     return path
