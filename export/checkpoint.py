@@ -11,7 +11,6 @@ Supported, all loaded with ``torch.load(weights_only=True)`` (no code is unpickl
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from imgsearch.errors import CheckpointError
+from imgsearch.model_card import sha256_file
 
 from .model import ARCHS, HeadKind, build_resnet
 
@@ -46,14 +46,6 @@ class Checkpoint:
     kind: str = "torchvision"  # torchvision | kaggle | finetune
     sha256: str = ""
     meta: dict = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str | None:

@@ -11,21 +11,12 @@ card's checkpoint sha256 is the file's. Export takes minutes for ResNet-152 on a
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 from imgsearch.errors import ModelRepositoryError
-from imgsearch.model_card import model_dir, read_card
+from imgsearch.model_card import model_dir, read_card, sha256_file
 from imgsearch.settings import get_settings
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def card_matches(weights: str, arch: str, repository: Path, name: str) -> tuple[bool, str]:

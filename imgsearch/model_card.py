@@ -7,6 +7,7 @@ models in one collection.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,3 +74,12 @@ def read_labels(repository: Path, name: str) -> list[str]:
     if not path.exists():
         return []
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def sha256_file(path: Path) -> str:
+    """Checkpoint identity recorded in the card (and compared by ``make demo``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
