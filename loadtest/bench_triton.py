@@ -1,0 +1,136 @@
+"""Dynamic batching on the local Triton: the same model with and without it, one run.
+
+Serves two copies of the exported model from one tritonserver (the wheel's binary, the
+CPU config): ``<model>`` as exported (dynamic batching) and ``<model>_nobatch`` (the same
+config with the ``dynamic_batching`` block removed, so Triton runs each request alone).
+For each concurrency level, closed-loop clients send single-image requests for
+``--seconds`` to one copy, then the other (alternating, so a shared machine's drift hits
+both alike). Prints img/s, p50/p99 and Triton's average batch size (from its metrics), and
+the dynamic/no-batching throughput ratio per level; writes everything as JSON.
+
+  python -m loadtest.bench_triton                                  # model_repository, resnet152
+  python -m loadtest.bench_triton --repository /tmp/repo18 --levels 1,8,32 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from imgsearch.settings import get_settings
+from imgsearch.triton_client import TritonEncoder
+from imgsearch.triton_metrics import fetch_model_stats
+from imgsearch.triton_server import LocalTriton
+
+
+def make_repository(src: Path, model: str, dest: Path) -> tuple[str, str]:
+    """dest/<model> (as exported) and dest/<model>_nobatch; large files symlinked."""
+    nobatch = f"{model}_nobatch"
+    for name in (model, nobatch):
+        shutil.copytree(src / model, dest / name, copy_function=os.symlink)
+        cfg = dest / name / "configs" / "cpu.pbtxt"
+        text = cfg.read_text()
+        cfg.unlink()  # a symlink to the original: replace, never write through it
+        if name == nobatch:
+            text = re.sub(r'name: "[^"]+"', f'name: "{nobatch}"', text, count=1)
+            text = re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.S)
+        cfg.write_text(text)
+    return model, nobatch
+
+
+async def closed_loop(enc: TritonEncoder, pixels: np.ndarray, concurrency: int, seconds: float) -> dict:
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def worker(i: int) -> None:
+        nonlocal errors
+        k = i
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                await enc.encode(pixels[k % len(pixels)][None])
+                lat.append((time.perf_counter() - t0) * 1000)
+            except Exception:  # noqa: BLE001 - counted, the benchmark goes on
+                errors += 1
+            k += concurrency
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker(i) for i in range(concurrency)])
+    wall = time.perf_counter() - t0
+    arr = np.array(lat) if lat else np.array([np.nan])
+    return {"images": len(lat), "errors": errors, "seconds": round(wall, 3),
+            "img_s": round(len(lat) / wall, 2), "p50_ms": round(float(np.percentile(arr, 50)), 1),
+            "p99_ms": round(float(np.percentile(arr, 99)), 1)}
+
+
+async def sweep(server: LocalTriton, models: tuple[str, str], levels: list[int], seconds: float) -> list[dict]:
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
+    encoders = {m: TritonEncoder(server.grpc_url, m) for m in models}
+    rows = []
+    try:
+        for m in models:  # warm-up: first calls pay session and channel set-up
+            await closed_loop(encoders[m], pixels, 2, 1.0)
+        for c in levels:
+            for m in models:
+                before = fetch_model_stats(server.metrics_url, m)
+                r = await closed_loop(encoders[m], pixels, c, seconds)
+                d = fetch_model_stats(server.metrics_url, m) - before
+                r.update(model=m, mode="dynamic" if m == models[0] else "nobatch", concurrency=c,
+                         avg_batch=round(d.avg_batch, 2),
+                         queue_ms=round(d.queue_us / 1000 / max(d.requests, 1), 1),
+                         compute_ms=round(d.compute_us / 1000 / max(d.requests, 1), 1))
+                rows.append(r)
+                print(f"  c={c:<3} {r['mode']:<8} {r['img_s']:>8.1f} img/s  p50 {r['p50_ms']:>7.1f}  "
+                      f"p99 {r['p99_ms']:>7.1f} ms  batch {r['avg_batch']:>5.2f}", flush=True)
+    finally:
+        for e in encoders.values():
+            await e.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = get_settings()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=s.model_repository)
+    ap.add_argument("--model", default=s.model_name)
+    ap.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrency levels (default: %(default)s)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per level and mode (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=Path("loadtest/out/bench_triton.json"))
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
+        models = make_repository(args.repository, args.model, Path(tmp))
+        with LocalTriton(tmp, "cpu", exit_timeout_s=5) as server:
+            print(f"tritonserver {server.grpc_url}: {models[0]} (dynamic batching) vs {models[1]}", flush=True)
+            rows = asyncio.run(sweep(server, models, levels, args.seconds))
+    by = {(r["concurrency"], r["mode"]): r for r in rows}
+    print(f"\n{'conc':>4} | {'dynamic img/s':>13} {'p50':>7} {'p99':>7} {'batch':>5} | "
+          f"{'nobatch img/s':>13} {'p50':>7} {'p99':>7} | {'ratio':>5}")
+    ratios = {}
+    for c in levels:
+        d, n = by[(c, "dynamic")], by[(c, "nobatch")]
+        ratios[c] = round(d["img_s"] / n["img_s"], 2) if n["img_s"] else None
+        print(f"{c:>4} | {d['img_s']:>13.1f} {d['p50_ms']:>7.1f} {d['p99_ms']:>7.1f} {d['avg_batch']:>5.2f} | "
+              f"{n['img_s']:>13.1f} {n['p50_ms']:>7.1f} {n['p99_ms']:>7.1f} | {ratios[c]:>5}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "repository": str(args.repository), "model": args.model, "seconds": args.seconds,
+        "dynamic_vs_nobatch": ratios, "rows": rows}, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
