@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         labels = [ln.strip() for ln in args.labels.read_text().splitlines() if ln.strip()]
     res = export_model(weights=args.weights, arch=args.arch, embedding=args.embedding, precision=args.precision,
                        repository=args.repository, model_name=args.model_name, labels=labels,
-                       cpu_batching=cpu, gpu_batching=gpu)
+                       cpu_batching=cpu, gpu_batching=gpu, max_pixels=get_settings().max_pixels)
     c = res.card
     print(f"exported {c.arch} ({c.weights}, {c.embedding} {c.embedding_dim}-d"
           f"{', probs over %d classes' % c.num_classes if c.num_classes else ''}) to {res.model_dir}")

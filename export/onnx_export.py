@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from imgsearch.errors import CheckpointError
+from imgsearch.imaging import DEFAULT_MAX_PIXELS
 from imgsearch.model_card import (
     CARD_FILE,
     EMBEDDING_NAME,
@@ -150,8 +151,13 @@ def export_model(
     cpu_batching: BatchingOptions = CPU_DEFAULTS,
     gpu_batching: BatchingOptions = GPU_DEFAULTS,
     parity_images_n: int = PARITY_IMAGES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ExportResult:
-    """Build, export, verify and write ``<repository>/<model_name>/``; return its card."""
+    """Build, export, verify and write ``<repository>/<model_name>/``; return its card.
+
+    ``max_pixels``: the pixel limit the ``preprocess`` model enforces (the gateway and the
+    indexer send bytes to the ensemble only when it equals their IMGSEARCH_MAX_PIXELS).
+    """
     if precision not in PARITY_MIN_COSINE:
         raise ValueError(f"precision must be fp32 or fp16, not {precision}")
     net, head, class_names, tag, sha, arch = _resolve_weights(weights, arch, labels, dropout)
@@ -199,7 +205,8 @@ def export_model(
         (out_dir / "configs" / "cpu.pbtxt").write_text(cpu_config(card, cpu_batching))
         (out_dir / "configs" / "gpu.pbtxt").write_text(gpu_python_config(card))
         write_decode_models(Path(repository), card, cpu_batching.max_batch_size,
-                            min(gpu_batching.max_batch_size, GPU_PYTHON_DEFAULTS.max_batch_size))
+                            min(gpu_batching.max_batch_size, GPU_PYTHON_DEFAULTS.max_batch_size),
+                            max_pixels=max_pixels)
         (out_dir / LABELS_FILE).write_text("".join(f"{n}\n" for n in class_names) if num_classes else "")
         (out_dir / CARD_FILE).write_text(card.to_json())
     finally:
@@ -222,7 +229,8 @@ def _save_serving_weights(reference: torch.nn.Module, arch: str, embedding: str,
 
 
 def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, gpu_max_batch: int,
-                        ensemble_name: str = ENSEMBLE_NAME, preprocess_name: str = PREPROCESS_NAME) -> None:
+                        ensemble_name: str = ENSEMBLE_NAME, preprocess_name: str = PREPROCESS_NAME,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """``preprocess/`` (file bytes -> pixels in Triton) and the ``image_search`` ensemble into ``card``'s encoder.
 
     Each has ``configs/cpu.pbtxt``, ``configs/gpu.pbtxt`` and a default ``config.pbtxt`` (= gpu).
@@ -234,12 +242,12 @@ def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, g
     shutil.copyfile(PREPROCESS_TEMPLATE, pre / "1" / "model.py")
     size = card.input_size
     pre_gpu = preprocess_config(size, PREPROCESS_GPU, instance_kind="KIND_GPU", decoder="torchvision",
-                                name=preprocess_name, output_name=card.input_name)
+                                max_pixels=max_pixels, name=preprocess_name, output_name=card.input_name)
     (pre / "config.pbtxt").write_text(pre_gpu)
     (pre / "configs" / "gpu.pbtxt").write_text(pre_gpu)
     (pre / "configs" / "cpu.pbtxt").write_text(
-        preprocess_config(size, PREPROCESS_CPU, instance_kind="KIND_CPU", decoder="pillow", name=preprocess_name,
-                          output_name=card.input_name))
+        preprocess_config(size, PREPROCESS_CPU, instance_kind="KIND_CPU", decoder="pillow", max_pixels=max_pixels,
+                          name=preprocess_name, output_name=card.input_name))
     ens = Path(repository) / ensemble_name
     (ens / "1").mkdir(parents=True, exist_ok=True)  # an ensemble has no files, but Triton wants a version
     (ens / "configs").mkdir(exist_ok=True)

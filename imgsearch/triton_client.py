@@ -160,6 +160,45 @@ class TritonEncoder:
         except Exception:  # noqa: BLE001
             return False
 
+    async def model_config(self, name: str) -> dict:
+        """The model's config as Triton serves it (JSON field names as in config.pbtxt)."""
+        client = self._get_client()
+        try:
+            if self.protocol == "grpc":
+                cfg = (await client.get_model_config(name, as_json=True, client_timeout=5.0))["config"]
+            else:
+                cfg = await asyncio.wait_for(client.get_model_config(name), 5.0)
+        except Exception as e:  # noqa: BLE001 - the boundary
+            raise map_triton_error(e) from None
+        return cfg
+
+    async def bytes_path_problem(self, max_pixels: int) -> str | None:
+        """Why ``encode_bytes`` cannot stand in for ``decode_image`` + ``encode`` here; None when it can.
+
+        The ensemble must be ready, end in this encoder's model, and its first step (the
+        ``preprocess`` model) must enforce the caller's pixel limit (its ``max_pixels``
+        parameter): with another limit a large file or a bomb would be answered
+        differently by the two paths.
+        """
+        if not await self.has_ensemble():
+            return f"Triton has no ready ensemble {self.ensemble_name!r}"
+        try:
+            steps = (await self.model_config(self.ensemble_name)).get("ensemble_scheduling", {}).get("step", [])
+            if not steps:
+                return f"{self.ensemble_name!r} is not an ensemble"
+            if steps[-1].get("model_name") != self.model_name:
+                return (f"ensemble {self.ensemble_name!r} ends in model {steps[-1].get('model_name')!r}, "
+                        f"not {self.model_name!r}")
+            first = steps[0].get("model_name", "")
+            params = (await self.model_config(first)).get("parameters", {})
+        except TritonError as e:
+            return f"cannot read the ensemble's config: {e}"
+        served = params.get("max_pixels", {}).get("string_value", "")
+        if served != str(max_pixels):
+            return (f"its step {first!r} enforces max_pixels {served or 'unset'}, this process {max_pixels} "
+                    "(IMGSEARCH_MAX_PIXELS): re-export with the same IMGSEARCH_MAX_PIXELS, or set it to match")
+        return None
+
     # --- inference ------------------------------------------------------------------
     async def encode(self, pixels: np.ndarray, timeout_s: float | None = None) -> Encoded:
         """``pixels``: uint8 [N, H, W, 3] RGB. Returns unit-norm embeddings (+ probs)."""
