@@ -71,13 +71,16 @@ def create_app(settings: Settings) -> FastAPI:
         if not await encoder.is_ready():
             log.warning("Triton model %r not ready at %s; /readyz stays 503 until it is",
                         settings.model_name, settings.triton_url)
-        elif card.has_probs and not await encoder.has_probs():
-            log.warning("model card promises 'probs' but Triton's model has no such output")
+        else:
+            if card.has_probs and not await encoder.has_probs():
+                log.warning("model card promises 'probs' but Triton's model has no such output")
+            await rt.decide_input()  # bytes mode and no usable ensemble: warns, decodes here
         app.state.runtime = rt
         app.state.index_html = page.render_index(card.name, card.arch, card.untrained, settings.max_upload_bytes)
-        log.info("gateway ready: model %s (%s, %d-d%s), Triton %s, Milvus %s/%s, image root %s",
+        mode = {True: "file bytes", False: "pixels", None: "bytes once Triton is ready"}[rt.use_bytes]
+        log.info("gateway ready: model %s (%s, %d-d%s), Triton %s (input: %s), Milvus %s/%s, image root %s",
                  card.name, card.arch, card.embedding_dim, ", untrained" if card.untrained else "",
-                 settings.triton_url, settings.milvus_uri, settings.collection, rt.image_root)
+                 settings.triton_url, mode, settings.milvus_uri, settings.collection, rt.image_root)
         try:
             yield
         finally:

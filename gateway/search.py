@@ -1,7 +1,9 @@
 """The search pipeline: decode (thread pool) -> Triton -> Milvus top-k -> breed guess.
 
 Each stage is timed for the response (``timings_ms``) and for Prometheus
-(``imgsearch_stage_duration_seconds``).
+(``imgsearch_stage_duration_seconds``). In bytes mode (IMGSEARCH_TRITON_INPUT=bytes and
+the ``image_search`` ensemble in Triton) there is no decode here: the file goes to Triton
+as it came, ``decode`` is 0 and ``infer`` includes Triton's decoding.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from imgsearch.errors import ModelRepositoryError
-from imgsearch.imaging import decode_image
+from imgsearch.imaging import check_format, decode_image
 from imgsearch.store import Hit
 from imgsearch.triton_client import Encoded
 
@@ -47,12 +49,22 @@ def breed_guess(hits: list[Hit], probs: np.ndarray | None, labels: list[str]) ->
 
 
 async def encode_upload(rt: Runtime, data: bytes) -> tuple[Encoded, float, float]:
-    """Decode + embed one image; returns (encoded, decode seconds, infer seconds)."""
+    """Decode + embed one image; returns (encoded, decode seconds, infer seconds).
+
+    Bytes mode: only the format is checked here (a quick 415 / 422 without a Triton round
+    trip); Triton's ``preprocess`` decodes and raises the same typed errors as decode_image.
+    The decode time is then 0 and no decode stage is observed.
+    """
     t0 = time.perf_counter()
-    pixels = await rt.in_decode_pool(decode_image, data, rt.settings.image_size, rt.settings.max_pixels)
-    t1 = time.perf_counter()
-    rt.metrics.observe_stage("decode", t1 - t0)
-    encoded = await rt.encoder.encode(pixels[None])
+    if await rt.decide_input():
+        check_format(data)
+        t1 = t0  # no decode here: the format check (microseconds) counts as infer
+        encoded = await rt.encoder.encode_bytes([data])
+    else:
+        pixels = await rt.in_decode_pool(decode_image, data, rt.settings.image_size, rt.settings.max_pixels)
+        t1 = time.perf_counter()
+        rt.metrics.observe_stage("decode", t1 - t0)
+        encoded = await rt.encoder.encode(pixels[None])
     if encoded.embeddings.shape[1] != rt.card.embedding_dim:
         # another model behind that URL (another repository, another Triton on the port)
         raise ModelRepositoryError(

@@ -5,6 +5,10 @@ Blocking work never runs on the event loop: decoding goes to a pool of
 ``IMGSEARCH_STORE_THREADS``. The collection is opened (created or checked against the
 model card) at startup; when Milvus is down then, or fails later, the next request opens
 it again, so a Milvus that comes back needs no gateway restart.
+
+With ``IMGSEARCH_TRITON_INPUT=bytes`` uploads go to Triton undecoded (the ``image_search``
+ensemble decodes them) once :meth:`Runtime.decide_input` has found the ensemble usable;
+otherwise, or until then, the gateway decodes with Pillow as in ``pixels`` mode.
 """
 
 from __future__ import annotations
@@ -43,10 +47,33 @@ class Runtime:
         self.thumbs = ThumbCache(settings.thumb_cache_items)
         self._store_open = False
         self._open_lock = asyncio.Lock()
+        # bytes mode: None = not decided yet (Triton was not ready to be asked)
+        self.use_bytes: bool | None = False if settings.triton_input == "pixels" else None
+        self._input_lock = asyncio.Lock()
 
     @property
     def model_info(self) -> dict[str, Any]:
         return {"name": self.card.name, "arch": self.card.arch, "untrained": self.card.untrained}
+
+    async def decide_input(self) -> bool:
+        """Send file bytes to the ensemble? Asked once Triton is ready; pixels until then.
+
+        Bytes were asked for but the ensemble is missing (or enforces another pixel limit):
+        a warning, and the gateway decodes itself for the rest of its life.
+        """
+        if self.use_bytes is not None:
+            return self.use_bytes
+        async with self._input_lock:
+            if self.use_bytes is None and await self.encoder.is_ready():
+                problem = await self.encoder.bytes_path_problem(self.settings.max_pixels)
+                self.use_bytes = problem is None
+                if problem:
+                    log.warning("IMGSEARCH_TRITON_INPUT=bytes but %s: decoding uploads here (pixels) instead",
+                                problem)
+                else:
+                    log.info("Triton input: file bytes to the %r ensemble (decoded in Triton)",
+                             self.encoder.ensemble_name)
+        return bool(self.use_bytes)
 
     async def in_decode_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, partial(fn, *args, **kwargs))
@@ -80,6 +107,9 @@ class Runtime:
         checks["triton"] = await self.encoder.is_ready()
         if not checks["triton"]:
             detail["triton"] = f"model {self.encoder.model_name!r} not ready at {self.encoder.url}"
+        elif await self.decide_input() and not await self.encoder.has_ensemble():
+            checks["triton"] = False  # uploads go to the ensemble: it must be there too
+            detail["triton"] = f"ensemble {self.encoder.ensemble_name!r} not ready at {self.encoder.url}"
         try:
             await asyncio.wait_for(self.open_store(), 10.0)
             checks["milvus"] = await asyncio.wait_for(self._in_store_pool(self.store.is_ready), 5.0)
