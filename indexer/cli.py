@@ -21,7 +21,9 @@ examples:
 
 settings (environment): IMGSEARCH_TRITON_URL (unset = start the local tritonserver from
 IMGSEARCH_MODEL_REPOSITORY), IMGSEARCH_MILVUS_URI (default ./data/milvus.db, Milvus Lite;
-http://host:19530 for a Milvus server), IMGSEARCH_COLLECTION, IMGSEARCH_MODEL_NAME.
+http://host:19530 for a Milvus server), IMGSEARCH_COLLECTION, IMGSEARCH_MODEL_NAME,
+IMGSEARCH_TRITON_INPUT=bytes (send the files undecoded to Triton's image_search ensemble,
+which decodes them, nvJPEG on a GPU; falls back to decoding here when Triton lacks it).
 The model card (<repository>/<model>/model_card.json) gives the embedding size and the
 model sha that the collection is tied to: a collection built by another model is an
 error that tells you to use --recreate or another --collection.
@@ -127,9 +129,11 @@ def run(args: argparse.Namespace) -> int:
         opts = IndexOptions(batch_size=args.batch_size, workers=workers, in_flight=args.in_flight,
                             retries=settings.triton_retries, unavailable_timeout_s=args.retry_for,
                             image_size=card.input_size, max_pixels=settings.max_pixels,
+                            triton_input=settings.triton_input,
                             sync=args.sync, progress=not args.no_progress)
         with triton_endpoint(settings) as url:
-            encoder = TritonEncoder(url, settings.model_name, settings.triton_protocol, settings.triton_timeout_s)
+            encoder = TritonEncoder(url, settings.model_name, settings.triton_protocol, settings.triton_timeout_s,
+                                    ensemble_name=settings.ensemble_name)
             report = run_index(store, encoder, card.embedding_dim, found, opts, pool)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # no-op after a run; frees workers after an error

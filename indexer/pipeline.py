@@ -11,6 +11,10 @@
   itself is the checkpoint, there is no side file to get out of step with it.
 * Unchanged files (content already in this collection, which the guard ties to one model
   card) are hashed but neither decoded nor encoded.
+* Bytes mode (``IMGSEARCH_TRITON_INPUT=bytes`` and the ``image_search`` ensemble in Triton,
+  checked before the first batch): the workers only read and hash, the files go to Triton
+  as they are and are decoded there. One bad file fails a request of several, so such a
+  batch is sent again one file at a time and each bad file is reported under its own code.
 * Bad files are reported by reason and skipped. Triton overloaded -> retried with backoff;
   Triton gone -> retried until ``unavailable_timeout_s``, then the run stops; Milvus gone
   -> the run stops. Rows already encoded are still upserted before stopping.
@@ -30,13 +34,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from imgsearch.errors import StoreError, TritonError, TritonInvalidInput, TritonOverloaded, TritonUnavailable
+from imgsearch.errors import (
+    ImageError,
+    StoreError,
+    TritonError,
+    TritonInvalidInput,
+    TritonOverloaded,
+    TritonUnavailable,
+)
 from imgsearch.store import Row, VectorStore
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
 from .report import IndexReport
 from .scan import ImageFile, ScanResult, label_for
-from .work import READ_ERROR, Decoded, Hashed, decode_files, hash_files, init_worker, warm_up
+from .work import READ_ERROR, Decoded, Hashed, Read, decode_files, hash_files, init_worker, read_files, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +81,7 @@ class IndexOptions:
     unavailable_timeout_s: float = 30.0  # keep retrying an unreachable Triton this long
     image_size: int = 224
     max_pixels: int = 50_000_000
+    triton_input: str = "pixels"  # "bytes": files to the image_search ensemble when Triton has it
     sync: bool = False
     progress: bool = True
 
@@ -93,6 +105,7 @@ class Indexer:
         self._store_dead = False
         self._triton_lock = asyncio.Lock()
         self._triton_ok = False
+        self.use_bytes = False  # decided with the first Triton check (bytes asked + ensemble usable)
         self.report: IndexReport | None = None
         self._bar = None
 
@@ -167,7 +180,17 @@ class Indexer:
         async with self._triton_lock:
             if not self._triton_ok:
                 await self._wait_for_triton()
+                if self.opt.triton_input == "bytes":
+                    await self._choose_input()
                 self._triton_ok = True
+
+    async def _choose_input(self) -> None:
+        problem = await self.encoder.bytes_path_problem(self.opt.max_pixels)
+        self.use_bytes = problem is None
+        self.report.settings["triton_input"] = "bytes" if self.use_bytes else "pixels"
+        if problem:
+            self.report.settings["triton_input_fallback"] = problem
+            log.warning("IMGSEARCH_TRITON_INPUT=bytes but %s: decoding here (pixels) instead", problem)
 
     async def _wait_for_triton(self) -> None:
         deadline = time.monotonic() + self.opt.unavailable_timeout_s
@@ -271,8 +294,13 @@ class Indexer:
         self.store.upsert(rows)
 
     async def _submit(self, loop, pool: ProcessPoolExecutor, items: list[tuple[ImageFile, int]]) -> None:
+        if self.opt.triton_input == "bytes":
+            await self._ensure_triton()  # what the workers do (read, or read + decode) depends on Triton
         paths = [str(f.path) for f, _ in items]
-        fut = loop.run_in_executor(pool, decode_files, paths, self.opt.image_size, self.opt.max_pixels)
+        if self.use_bytes:
+            fut = loop.run_in_executor(pool, read_files, paths)
+        else:
+            fut = loop.run_in_executor(pool, decode_files, paths, self.opt.image_size, self.opt.max_pixels)
         await self._decode_q.put((fut, items))
 
     # --- stage 3: Triton --------------------------------------------------------------
@@ -287,7 +315,7 @@ class Indexer:
                 fut.cancel()
                 continue
             try:
-                dec: Decoded = await fut
+                dec: Decoded | Read = await fut
             except BrokenProcessPool as e:
                 self._abort(f"a decode worker process died ({e}); re-run to resume")
                 continue
@@ -307,7 +335,12 @@ class Indexer:
             t = time.perf_counter()
             self._busy(+1, t)
             try:
-                enc = await self._encode(dec.pixels)
+                if isinstance(dec, Read):
+                    kept, enc, requests = await self._encode_files(dec, items)
+                else:
+                    pixels = dec.pixels
+                    kept, requests = list(range(len(dec.positions))), 1
+                    enc = await self._encode(lambda: self.encoder.encode(pixels))
             except _Stop:
                 continue
             except TritonError as e:
@@ -316,16 +349,18 @@ class Indexer:
             finally:
                 self._busy(-1, time.perf_counter())
             r.stages_s["infer"] += time.perf_counter() - t
-            r.batches += 1
+            r.batches += requests
+            if not kept:
+                continue
             if enc.shape[1] != self.dim:
                 self._abort(f"Triton at {self.encoder.url} returns {enc.shape[1]}-d embeddings but the model card "
                             f"says {self.dim}: IMGSEARCH_TRITON_URL serves another model than "
                             "IMGSEARCH_MODEL_REPOSITORY describes")
                 continue
             rows = []
-            for k, pos in enumerate(dec.positions):
-                f = items[pos][0]
-                rows.append(Row(dec.ids[k], f.rel, f.label, enc[k]))
+            for j, k in enumerate(kept):
+                f = items[dec.positions[k]][0]
+                rows.append(Row(dec.ids[k], f.rel, f.label, enc[j]))
             await self._upsert_q.put(rows)
 
     def _busy(self, delta: int, now: float) -> None:
@@ -336,8 +371,40 @@ class Indexer:
         if self._inflight == 0:
             self._idle_since = now
 
-    async def _encode(self, pixels: np.ndarray) -> np.ndarray:
-        """Overloaded: backoff (``with_backoff``). Unavailable: retry until the deadline."""
+    async def _encode_files(self, read: Read, items: list[tuple[ImageFile, int]]) -> tuple[list[int], np.ndarray, int]:
+        """Bytes mode: (indices into ``read`` that were encoded, their embeddings, requests that succeeded).
+
+        Triton fails a request of several files as a whole when one is bad, so such a batch
+        is sent again one file per request (concurrently: Triton batches them again) and
+        each bad file is reported under its error code, as decode failures are in pixels mode.
+        """
+        blobs = read.blobs
+        try:
+            return list(range(len(blobs))), await self._encode(lambda: self.encoder.encode_bytes(blobs)), 1
+        except ImageError as e:
+            if len(blobs) == 1:
+                self._fail(items[read.positions[0]][0], e.code, str(e))
+                return [], np.zeros((0, self.dim), np.float32), 0
+            self.report.split_batches += 1
+            log.info("a batch of %d files was refused (%s); sending them one by one", len(blobs), str(e)[:200])
+        results = await asyncio.gather(
+            *[self._encode(lambda b=b: self.encoder.encode_bytes([b])) for b in blobs], return_exceptions=True)
+        for res in results:  # Triton gone, queue full for too long, run stopped: as for any batch
+            if isinstance(res, BaseException) and not isinstance(res, ImageError):
+                raise res
+        kept, embeddings = [], []
+        for k, res in enumerate(results):
+            if isinstance(res, ImageError):
+                self._fail(items[read.positions[k]][0], res.code, str(res))
+            else:
+                kept.append(k)
+                embeddings.append(res[0])
+        enc = np.stack(embeddings) if embeddings else np.zeros((0, self.dim), np.float32)
+        return kept, enc, len(kept)
+
+    async def _encode(self, call) -> np.ndarray:
+        """``await call()`` -> embeddings. Overloaded: backoff (``with_backoff``). Unavailable:
+        retry until the deadline. A bad file (ImageError, bytes mode) is raised at once."""
         opt = self.opt
         deadline = None
         attempt = 0
@@ -345,7 +412,7 @@ class Indexer:
             if self._stop.is_set():
                 raise _Stop
             try:
-                res = await with_backoff(lambda: self.encoder.encode(pixels), retries=opt.retries)
+                res = await with_backoff(call, retries=opt.retries)
                 return res.embeddings
             except TritonUnavailable as e:
                 now = time.monotonic()

@@ -26,6 +26,7 @@ class IndexReport:
     deleted: int = 0  # --sync: entries whose content is no longer under the root
     repointed: int = 0  # --sync: entries whose path changed to another copy of the content
     batches: int = 0  # Triton requests that succeeded
+    split_batches: int = 0  # bytes mode: requests a bad file failed, re-sent one file per request
     elapsed_s: float = 0.0
     triton_idle_s: float = 0.0  # no Triton request in flight (start-up fill, starvation) before the last one
     cpu_s: dict[str, float] = field(default_factory=lambda: {"workers": 0.0, "main": 0.0})  # CPU seconds used
@@ -81,6 +82,9 @@ class IndexReport:
             lines += [f"  {p}: {m}" for p, m in items[:examples]]
             if len(items) > examples:
                 lines.append(f"  ... and {len(items) - examples} more (--json FILE lists them all)")
+        if self.split_batches:
+            lines.append(f"bytes mode: {self.split_batches} batch(es) held a bad file and were re-sent one file "
+                         "per request")
         if self.ignored:
             lines.append("ignored: " + ", ".join(f"{n} {r}" for r, n in sorted(self.ignored.items())))
         st = self.stages_s
@@ -90,7 +94,13 @@ class IndexReport:
             + " | share: " + ", ".join(f"{s} {sh[s]:.0%}" for s in SHARE_STAGES)
             + (f" | Triton idle {self.triton_idle_s:.1f}s" if self.batches else "")
         )
-        lines.append(f"cpu: decode workers {self.cpu_s['workers']:.1f}s, indexer process {self.cpu_s['main']:.1f}s")
+        if self.settings.get("triton_input") == "bytes":  # decoded in Triton: the workers only read and hash
+            lines.append(f"cpu: read workers {self.cpu_s['workers']:.1f}s, indexer process {self.cpu_s['main']:.1f}s "
+                         "(files sent undecoded to Triton's ensemble)")
+        else:
+            lines.append(f"cpu: decode workers {self.cpu_s['workers']:.1f}s, indexer process {self.cpu_s['main']:.1f}s")
+        if self.settings.get("triton_input_fallback"):
+            lines.append(f"IMGSEARCH_TRITON_INPUT=bytes not used: {self.settings['triton_input_fallback']}")
         not_done = self.scanned - self.done
         if self.aborted:
             lines.append(f"STOPPED: {self.aborted}")

@@ -1,4 +1,4 @@
-"""What the decode worker processes run: read, hash, decode.
+"""What the decode worker processes run: read, hash, decode (or only read, in bytes mode).
 
 These functions run in a ``ProcessPoolExecutor`` (spawned, so no gRPC state is forked),
 which keeps JPEG decoding off the core that feeds Triton. They never raise for a bad
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imgsearch.errors import ImageError
-from imgsearch.imaging import decode_image
+from imgsearch.imaging import check_format, decode_image
 from imgsearch.store import content_id
 
 READ_ERROR = "unreadable_file"
@@ -82,6 +82,44 @@ def decode_files(paths: list[str], size: int, max_pixels: int) -> Decoded:
         arrays.append(arr)
     pixels = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return Decoded(positions, ids, pixels, errors, time.perf_counter() - t0, time.process_time() - c0)
+
+
+@dataclass
+class Read:
+    """Bytes mode: the files as they are, for the ``image_search`` ensemble to decode in Triton."""
+
+    positions: list[int]  # positions in the task's item list that could be read
+    ids: list[int]
+    blobs: list[bytes]
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (position, code, message)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+def read_files(paths: list[str]) -> Read:
+    """Read ``paths`` without decoding; the id is recomputed from the bytes actually sent.
+
+    Empty and non-image files are refused here by content (as decode_image would): no
+    Triton request for them, and no batch failed by them.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = Read([], [], [])
+    for i, p in enumerate(paths):
+        try:
+            data = _read(p)
+        except OSError as e:
+            out.errors.append((i, READ_ERROR, f"{type(e).__name__}: {e.strerror or e}"))
+            continue
+        try:
+            check_format(data)
+        except ImageError as e:
+            out.errors.append((i, e.code, str(e)))
+            continue
+        out.positions.append(i)
+        out.ids.append(content_id(data))
+        out.blobs.append(data)
+    out.seconds, out.cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return out
 
 
 def warm_up() -> int:

@@ -148,3 +148,74 @@ def test_triton_needed_only_when_something_must_be_encoded(images):
     assert rep.aborted is None and rep.unchanged == 24  # nothing new: a down Triton does not matter
     rep = run(FakeStore(), FakeEncoder(ready=False), images, unavailable_timeout_s=0.3)
     assert "has no ready model 'resnet152'" in rep.aborted and rep.indexed == 0
+
+
+# --- bytes mode (IMGSEARCH_TRITON_INPUT=bytes): files to the ensemble, undecoded ----------------
+
+
+class FakeBytesEncoder(FakeEncoder):
+    """A Triton with the ensemble: a file without a JPEG end marker fails its whole request."""
+
+    ensemble_name = "image_search"
+
+    def __init__(self, problem=None, gone_after_split=False, **kw):
+        super().__init__(**kw)
+        self.problem = problem
+        self.gone_after_split = gone_after_split
+        self.requests: list[int] = []  # files per encode_bytes call
+
+    async def bytes_path_problem(self, max_pixels: int):
+        return self.problem
+
+    async def encode_bytes(self, blobs):
+        from imgsearch.errors import CorruptImage
+
+        self.requests.append(len(blobs))
+        await asyncio.sleep(0)
+        if self.gone_after_split and len(blobs) == 1:
+            raise TritonUnavailable("connection refused")
+        bad = [i for i, b in enumerate(blobs) if not b.endswith(b"\xff\xd9")]
+        if bad:
+            raise CorruptImage(f"image {bad[0] + 1} of {len(blobs)}: truncated")
+        v = np.stack([np.frombuffer(b[-DIM - 2:-2], np.uint8) for b in blobs]).astype(np.float32) + 1
+        return Encoded(v / np.linalg.norm(v, axis=1, keepdims=True), None)
+
+
+@pytest.fixture
+def with_bad(tmp_path):
+    from helpers import truncated_jpeg
+
+    make_dataset(tmp_path, classes=2, per_class=3)
+    (tmp_path / "n00000000-class_0" / "img_0001b.jpg").write_bytes(truncated_jpeg())
+    (tmp_path / "n00000001-class_1" / "notes.jpg").write_bytes(b"plain text")
+    return scan(tmp_path)
+
+
+def test_bytes_mode_retries_a_refused_batch_one_file_at_a_time(with_bad):
+    enc, store = FakeBytesEncoder(), FakeStore()
+    rep = run(store, enc, with_bad, triton_input="bytes")
+    assert rep.aborted is None and rep.indexed == 6 == len(store.rows)
+    assert enc.calls == 0  # nothing decoded here, nothing sent as pixels
+    assert rep.settings["triton_input"] == "bytes"
+    assert {c: [p for p, _ in v] for c, v in rep.failed.items()} == {
+        "undecodable_image": ["n00000000-class_0/img_0001b.jpg"],  # found by "Triton"
+        "unsupported_media_type": ["n00000001-class_1/notes.jpg"],  # refused by content in the worker
+    }
+    # [img_0000, img_0001, img_0001b, img_0002] refused, then 4 single requests; [img_0000.., ] fine
+    assert rep.split_batches == 1 and enc.requests.count(1) == 4 and enc.requests.count(4) == 1
+    assert rep.batches == 3 + 1  # the singles that went through + the clean batch of 3
+
+
+def test_bytes_mode_triton_gone_during_the_retry_stops_the_run(with_bad):
+    enc = FakeBytesEncoder(gone_after_split=True)
+    rep = run(FakeStore(), enc, with_bad, triton_input="bytes", unavailable_timeout_s=0.3)
+    assert "still failing after retrying" in rep.aborted
+    assert "undecodable_image" not in rep.failed  # no file blamed for Triton being gone
+
+
+def test_bytes_mode_without_a_usable_ensemble_decodes_here(with_bad):
+    enc = FakeBytesEncoder(problem="Triton has no ready ensemble 'image_search'")
+    rep = run(FakeStore(), enc, with_bad, triton_input="bytes")
+    assert rep.indexed == 6 and enc.requests == [] and enc.calls > 0
+    assert rep.settings["triton_input"] == "pixels"
+    assert rep.settings["triton_input_fallback"] == "Triton has no ready ensemble 'image_search'"
