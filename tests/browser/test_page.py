@@ -112,8 +112,12 @@ def test_upload_shows_grid_guess_and_timings(browser, page_stack, tmp_path):
 
     # "more like this" on the second card runs a similar-search
     cards[1].find_element(By.TAG_NAME, "button").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .card")
-               and d.find_element(By.CSS_SELECTOR, "#results .card img").get_attribute("src") != src)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # the grid is re-rendered while we look: an element found may be replaced before it is read
+    WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#results .card")
+        and d.find_element(By.CSS_SELECTOR, "#results .card img").get_attribute("src") != src)
 
 
 def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
