@@ -37,7 +37,7 @@ def make_repository(src: Path, model: str, dest: Path) -> tuple[str, str]:
     """dest/<model> (as exported) and dest/<model>_nobatch; large files symlinked."""
     nobatch = f"{model}_nobatch"
     for name in (model, nobatch):
-        shutil.copytree(src / model, dest / name, copy_function=os.symlink)
+        shutil.copytree((src / model).resolve(), dest / name, copy_function=os.symlink)
         cfg = dest / name / "configs" / "cpu.pbtxt"
         text = cfg.read_text()
         cfg.unlink()  # a symlink to the original: replace, never write through it
