@@ -81,3 +81,33 @@ def test_resnet152_fp32_export_passes_parity(tmp_path):
     assert card.parity["max_abs_diff"] < 1e-3
     saved = json.loads((tmp_path / "resnet152" / "model_card.json").read_text())
     assert saved["parity"] == card.parity and saved["arch"] == "resnet152"
+
+
+def test_fp16_export_passes_its_own_threshold(tmp_path):
+    card = export_model(arch="resnet18", precision="fp16", repository=tmp_path, model_name="m").card
+    assert card.precision == "fp16" and card.parity["threshold"] == 0.999
+    assert card.parity["min_cosine"] >= 0.999
+
+
+def test_parity_gate_refuses_a_diverging_graph_and_writes_nothing(tmp_path, monkeypatch):
+    """Export a graph whose weights differ from the reference: ONNX Runtime then really
+    disagrees with PyTorch, and nothing may land in the repository."""
+    import copy
+
+    from export import onnx_export
+    from export.onnx_export import ParityError
+
+    real = onnx_export._onnx_export
+
+    def diverging(model, path, has_probs):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in other.backbone.layer4.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        real(other, path, has_probs)
+
+    monkeypatch.setattr(onnx_export, "_onnx_export", diverging)
+    with pytest.raises(ParityError, match="model not written"):
+        export_model(arch="resnet18", repository=tmp_path, model_name="m")
+    assert not (tmp_path / "m" / "1" / "model.onnx").exists()
+    assert not (tmp_path / "m" / "model_card.json").exists()
