@@ -16,30 +16,66 @@ from pathlib import Path
 import pytest
 
 from imgsearch.triton_server import LocalTriton
-from loadtest.flood import flood, metric, scrape, shape_jpeg, triton_queue
+from loadtest.flood import (
+    flood,
+    gateway_env,
+    index_images,
+    metric,
+    scrape,
+    shape_jpeg,
+    start_gateway,
+    triton_queue,
+)
 
 pytestmark = pytest.mark.integration
 
 MODEL = "resnet152"
-MAX_INFLIGHT = 4  # main_gw's IMGSEARCH_MAX_INFLIGHT
+MAX_INFLIGHT = 4  # IMGSEARCH_MAX_INFLIGHT of main_gw and flood_gw
 RSS_BOUND_MIB = 64
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def p99_bound_s(single_s: float, max_inflight: int) -> float:
     """Generous: an accepted request waits behind at most max_inflight - 1 others, each about
-    one single-request time; x3, and +2.5 s because latency counts from the *scheduled* send
-    time and the open-loop client shares the 2 cores: on an idle machine capacity (so the
-    offered rate) is highest and the client itself falls behind (seen: p99 1.38 s, 20 ms p50)."""
-    return 3.0 * max_inflight * single_s + 2.5
+    one single-request time; x3 and +1 s for a 2-core machine shared with other work."""
+    return 3.0 * max_inflight * single_s + 1.0
 
 
-def test_flood_at_10x_capacity_sheds_with_retry_after_and_recovers(main_gw):
+@pytest.fixture(scope="module")
+def flood_gw(rel_data, tmp_path_factory):
+    """A gateway whose capacity is set by a slow backend, not by this machine's last free cycle.
+
+    With resnet18 on an idle 2-core box capacity is ~60 searches/s, and 10x that (600 uploads/s)
+    is more than one Python client plus the gateway can even send and parse on the core Triton
+    leaves them: the flood then measures the load generator. ResNet-152 with one ONNX Runtime
+    thread serves ~9/s on one core, leaving the other to the gateway and the
+    client, so a 10x flood (~90/s) is something this box can really offer.
+    """
+    from export.onnx_export import export_model
+    from export.triton_config import CPU_DEFAULTS, cpu_config
+    from imgsearch.model_card import read_card
+
+    repo = tmp_path_factory.mktemp("slow152")
+    export_model(arch="resnet152", repository=repo, model_name=MODEL, parity_images_n=2)
+    cfg = cpu_config(read_card(repo, MODEL), CPU_DEFAULTS, intra_op_threads=1)
+    (repo / MODEL / "configs" / "cpu.pbtxt").write_text(cfg)
+    with LocalTriton(repo, "cpu", exit_timeout_s=2) as server:
+        db = rel_data.base / "flood152.db"
+        index_images(rel_data.images, str(db), server.grpc_url, repo)
+        gw = start_gateway(gateway_env(repo, server.grpc_url, db, rel_data.images, max_inflight=MAX_INFLIGHT),
+                           log_path=rel_data.base / "flood152.log")
+        try:
+            yield gw
+        finally:
+            gw.stop()
+
+
+def test_flood_at_10x_capacity_sheds_with_retry_after_and_recovers(flood_gw):
     query = shape_jpeg(2, 777)
-    before = asyncio.run(scrape(main_gw.url))
-    res = asyncio.run(flood(main_gw.url, query, main_gw.gw.pid, factor=10.0, probe_s=2.0, capacity_s=3.0,
+    before = asyncio.run(scrape(flood_gw.url))
+    res = asyncio.run(flood(flood_gw.url, query, flood_gw.pid, factor=10.0, probe_s=2.0, capacity_s=3.0,
                             flood_s=4.0))
-    after = asyncio.run(scrape(main_gw.url))
+    after = asyncio.run(scrape(flood_gw.url))
     shown = {k: v for k, v in res.items() if k != "replies"}
     print("\n" + "\n".join(f"  {k:26s} {v}" for k, v in shown.items()))
     replies = res["replies"]
