@@ -4,7 +4,6 @@ uvicorn on a free loopback port, configured by IMGSEARCH_* variables as in produ
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -15,15 +14,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from helpers import make_dataset
 
-from imgsearch.imaging import decode_image
-from imgsearch.model_card import read_card
-from imgsearch.store import Row, VectorStore, content_id
-from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_server import free_port
+from loadtest.flood import index_images
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 MODEL = "resnet152"
@@ -42,35 +37,8 @@ class Stack:
 
 
 def index(root: Path, db: Path, triton_grpc: str, repo: Path) -> int:
-    card = read_card(repo, MODEL)
-    files = sorted(root.rglob("*.jpg"))
-    blobs = [p.read_bytes() for p in files]
-    pixels = np.stack([decode_image(b) for b in blobs])
-
-    async def encode() -> np.ndarray:
-        enc = TritonEncoder(triton_grpc, MODEL)
-        try:
-            return np.concatenate([(await enc.encode(pixels[i:i + 16])).embeddings
-                                   for i in range(0, len(pixels), 16)])
-        finally:
-            await enc.close()
-
-    emb = asyncio.run(encode())
-    rows = [Row(content_id(b), p.relative_to(root).as_posix(), p.parent.name.split("-", 1)[-1], e)
-            for p, b, e in zip(files, blobs, emb)]
-    store = VectorStore(str(db), COLLECTION)
-    try:
-        store.open(card.embedding_dim, card.model_sha, card.name)
-        store.upsert(rows)
-        assert store.count() == len(rows)
-    finally:
-        store.close()
-        # Milvus Lite runs inside this process and keeps the file until released:
-        # the gateway process must be able to open it
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(str(db))
-    return len(rows)
+    """Fill the Milvus Lite dir through Triton (the harness the reliability tests use too)."""
+    return len(index_images(root, str(db), triton_grpc, repo, MODEL, COLLECTION))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90.0) -> None:
