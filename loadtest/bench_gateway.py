@@ -30,12 +30,9 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +42,7 @@ import numpy as np
 from imgsearch.imaging import decode_image, sniff_format
 from imgsearch.settings import get_settings
 from imgsearch.triton_client import TritonEncoder
+from loadtest.stack import gateway_env, start_gateway
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -178,12 +176,6 @@ def print_table(res: dict) -> None:
 
 # --- self-contained stack ----------------------------------------------------------------
 
-def _free_port() -> int:
-    from imgsearch.triton_server import free_port
-
-    return free_port()
-
-
 def index_into(db: Path, images_root: Path, triton_url: str, repository: Path, model: str, limit: int) -> None:
     """A temporary collection of the bench images (a few lines; the indexer is the real tool)."""
     from imgsearch.model_card import read_card
@@ -229,38 +221,14 @@ def started_stack(args: argparse.Namespace):
     with LocalTriton(args.repository, "cpu", exit_timeout_s=5) as triton:
         db = tmp / "bench.db"
         index_into(db, args.images, triton.grpc_url, args.repository, args.model_name, args.limit)
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
-        env.update({"IMGSEARCH_TRITON_URL": triton.grpc_url, "IMGSEARCH_MODEL_REPOSITORY": str(args.repository),
-                    "IMGSEARCH_MODEL_NAME": args.model_name, "IMGSEARCH_MILVUS_URI": str(db),
-                    "IMGSEARCH_COLLECTION": "bench", "IMGSEARCH_IMAGE_ROOT": str(args.images),
-                    "IMGSEARCH_MAX_INFLIGHT": str(max(64, args.concurrency * 2)),
-                    "IMGSEARCH_DECODE_THREADS": str(args.decode_threads)})
-        log = open(tmp / "gateway.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
-                                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                                 "--no-access-log"], env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        env = gateway_env(args.repository, triton.grpc_url, db, args.images, collection="bench",
+                          model_name=args.model_name, max_inflight=max(64, args.concurrency * 2),
+                          decode_threads=args.decode_threads)
+        gw = start_gateway(env, log_level="warning", log_path=tmp / "gateway.log")
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"gateway did not start: {(tmp / 'gateway.log').read_text()[-3000:]}")
-                time.sleep(0.3)
-            yield url, triton.grpc_url
+            yield gw.url, triton.grpc_url
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            gw.stop(20)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,22 +35,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import platform
-import random
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -59,9 +53,19 @@ from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL = "resnet152"  # the served name (the script exports a resnet18 under it)
-COLLECTION = "images"
+from loadtest.stack import (
+    GatewayProc,
+    LockHolder,
+    MilvusServer,
+    copy_db,
+    export_repo,
+    gateway_env,
+    index_images,
+    make_images,
+    shape_jpeg,
+    start_gateway,
+)
+
 SCENARIOS = ("flood", "triton_queue", "triton_kill", "milvus_down", "milvus_locked", "shutdown")
 
 
@@ -497,273 +501,6 @@ def _wait_exit(proc: subprocess.Popen, limit_s: float) -> int | None:
         return proc.wait(limit_s)
     except subprocess.TimeoutExpired:
         return None
-
-
-# --- a stack on loopback ports ------------------------------------------------------------
-
-COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200)]
-
-
-def shape_jpeg(cls: int, seed: int, size: int = 160) -> bytes:
-    """A noisy background with one coloured disc or square: the class is the colour."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    im = Image.new("RGB", (size, size), tuple(rng.randint(90, 170) for _ in range(3)))
-    d = ImageDraw.Draw(im)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    (d.ellipse if cls % 2 else d.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[cls % len(COLOURS)])
-    arr = np.asarray(im).astype(np.int16) + np.random.default_rng(seed).integers(-12, 13, (size, size, 3))
-    buf = io.BytesIO()
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def make_images(root: Path, classes: int = 4, per_class: int = 8) -> list[Path]:
-    files = []
-    for c in range(classes):
-        d = root / f"n{c:08d}-class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            p = d / f"img_{i:04d}.jpg"
-            p.write_bytes(shape_jpeg(c, 1000 * c + i))
-            files.append(p)
-    return files
-
-
-def release_lite(path: str | Path) -> None:
-    """Milvus Lite runs inside the process that opened it and keeps its lock until released."""
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(str(path))
-
-
-def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, model: str = MODEL,
-                 collection: str = COLLECTION) -> dict[str, int]:
-    """Encode every .jpg under ``root`` through Triton and upsert it; rel path -> id."""
-    import numpy as np
-
-    from imgsearch.imaging import decode_image
-    from imgsearch.model_card import read_card
-    from imgsearch.store import Row, VectorStore, content_id, is_lite
-    from imgsearch.triton_client import TritonEncoder
-
-    card = read_card(repo, model)
-    files = sorted(p for p in root.rglob("*.jpg") if p.is_file() and not p.is_symlink())
-    blobs = [p.read_bytes() for p in files]
-    pixels = np.stack([decode_image(b) for b in blobs])
-
-    async def encode() -> np.ndarray:
-        enc = TritonEncoder(triton_grpc, model)
-        try:
-            return np.concatenate([(await enc.encode(pixels[i:i + 16])).embeddings
-                                   for i in range(0, len(pixels), 16)])
-        finally:
-            await enc.close()
-
-    emb = asyncio.run(encode())
-    rows = [Row(content_id(b), p.relative_to(root).as_posix(), p.parent.name.split("-", 1)[-1], e)
-            for p, b, e in zip(files, blobs, emb)]
-    store = VectorStore(str(milvus_uri), collection)
-    try:
-        store.open(card.embedding_dim, card.model_sha, card.name)
-        store.upsert(rows)
-    finally:
-        store.close()
-        if is_lite(str(milvus_uri)):
-            release_lite(milvus_uri)
-    return {r.path: r.id for r in rows}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-        return True
-    return False
-
-
-def gateway_env(repo: Path, triton_grpc: str, milvus_uri: str | Path, image_root: Path,
-                **extra: object) -> dict[str, str]:
-    env = {
-        "IMGSEARCH_TRITON_URL": triton_grpc,
-        "IMGSEARCH_MODEL_REPOSITORY": str(repo),
-        "IMGSEARCH_MODEL_NAME": MODEL,
-        "IMGSEARCH_MILVUS_URI": str(milvus_uri),
-        "IMGSEARCH_COLLECTION": COLLECTION,
-        "IMGSEARCH_IMAGE_ROOT": str(image_root),
-        "IMGSEARCH_DECODE_THREADS": "2",
-        "IMGSEARCH_TRITON_TIMEOUT_S": "10",
-    }
-    env.update({f"IMGSEARCH_{k.upper()}": str(v) for k, v in extra.items()})
-    return env
-
-
-@dataclass
-class GatewayProc:
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_bytes(self) -> bytes:
-        try:
-            return self.log_path.read_bytes()
-        except OSError:
-            return b""
-
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: str = "info",
-                  log_path: Path | None = None, startup_timeout_s: float = 120.0,
-                  extra_env: dict[str, str] | None = None) -> GatewayProc:
-    """The gateway as in production, on a free loopback port; returns once /healthz answers.
-
-    ``serve_cli``: through ``imgsearch serve`` (its uvicorn settings: graceful shutdown
-    timeout), else ``uvicorn gateway.app:app_from_env --factory``. stdout and stderr go
-    to ``log_path``. The caller's IMGSEARCH_* variables are dropped first.
-    """
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
-    clean.update(env)
-    clean.update(extra_env or {})
-    clean.setdefault("PYTHONUNBUFFERED", "1")
-    if serve_cli:
-        cmd = [sys.executable, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", log_level]
-    else:
-        cmd = [sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", log_level]
-    if log_path is None:
-        log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean, stdout=logf, stderr=subprocess.STDOUT)
-    gw = GatewayProc(f"http://127.0.0.1:{port}", port, proc, log_path)
-    deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(gw.url + "/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return gw
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    gw.stop()
-    raise RuntimeError(f"gateway not up after {startup_timeout_s}s:\n{gw.log_text()[-4000:]}")
-
-
-class MilvusServer:
-    """Milvus Lite's gRPC server in its own process: a Milvus "server URI" that can die and return."""
-
-    def __init__(self, data_dir: Path, port: int | None = None, log_path: Path | None = None) -> None:
-        self.data_dir = Path(data_dir)
-        self.port = port or free_port()
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="milvus-", suffix=".log")[1])
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> "MilvusServer":
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port)], stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"milvus-lite server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-            if port_open(self.port):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"milvus-lite server not listening on {self.port} after {timeout_s}s")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-class LockHolder:
-    """Another process holding the Milvus Lite data dir's flock, as a running indexer does."""
-
-    CODE = ("import fcntl, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(3600)\n")
-
-    def __init__(self, db_dir: Path) -> None:
-        self.lock_file = Path(db_dir) / "LOCK"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "LockHolder":
-        self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.lock_file)],
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if line.strip() != "locked":
-            self.release()
-            raise RuntimeError(f"the lock holder did not lock {self.lock_file}")
-        return self
-
-    def release(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def export_repo(dest: Path, *extra: str) -> Path:
-    """``imgsearch export --arch resnet18`` (random weights) into ``dest``, with extra CLI flags."""
-    cmd = [sys.executable, "-m", "imgsearch.cli", "export", "--arch", "resnet18", "--repository", str(dest),
-           "--model-name", MODEL, *extra]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"export failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-    return dest
-
-
-def copy_db(template: Path, dest: Path) -> Path:
-    """Milvus Lite allows one process per .db: each gateway gets its own copy."""
-    shutil.copytree(template, dest)
-    with contextlib.suppress(FileNotFoundError):
-        (dest / "LOCK").unlink()
-    return dest
 
 
 # --- the command ------------------------------------------------------------------------

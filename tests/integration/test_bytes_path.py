@@ -177,7 +177,7 @@ def test_gateway_falls_back_to_pixels_without_the_ensemble(tmp_path, triton, rep
         assert r.status_code == 200, r.text
         assert r.json()["timings_ms"]["decode"] > 0
         assert (preprocess_stats(triton) - before).requests == 0
-        log = gw.log()
+        log = gw.log_text()
         assert "IMGSEARCH_TRITON_INPUT=bytes but Triton has no ready ensemble 'no_such_ensemble'" in log, log
         assert httpx.get(gw.url + "/readyz", timeout=30).status_code == 200  # pixels need no ensemble
     finally:

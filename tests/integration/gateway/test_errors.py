@@ -230,5 +230,5 @@ def test_logs_never_hold_upload_bytes(gw, client):
     upload(client, NOT_IMAGES["text"], "MARKER-name.jpg")
     upload(client, b"\xff\xd8\xff" + b"MARKER-7f3a9" * 10)
     time.sleep(0.2)
-    log = gw.gw.log()
+    log = gw.gw.log_text()
     assert "MARKER-7f3a9" not in log

@@ -4,10 +4,7 @@ uvicorn on a free loopback port, configured by IMGSEARCH_* variables as in produ
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,8 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import make_dataset
 
-from imgsearch.triton_server import free_port
-from loadtest.flood import index_images
+from loadtest.stack import gateway_env, index_images, start_gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 MODEL = "resnet152"
@@ -68,28 +64,10 @@ def stack(repo18, triton, tmp_path_factory):
     db = root / "milvus.db"
     n = index(images, db, triton.grpc_url, repo18)
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
-    env.update({
-        "IMGSEARCH_TRITON_URL": triton.grpc_url, "IMGSEARCH_MODEL_REPOSITORY": str(repo18),
-        "IMGSEARCH_MODEL_NAME": MODEL, "IMGSEARCH_MILVUS_URI": str(db), "IMGSEARCH_COLLECTION": COLLECTION,
-        "IMGSEARCH_IMAGE_ROOT": str(images), "IMGSEARCH_MAX_INFLIGHT": str(MAX_INFLIGHT),
-        "IMGSEARCH_DECODE_THREADS": "2", "PYTHONUNBUFFERED": "1",
-    })
-    log_path = root / "gateway.log"
-    with log_path.open("wb") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
-            cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    env = gateway_env(repo18, triton.grpc_url, db, images, max_inflight=MAX_INFLIGHT)
+    gw = start_gateway(env, log_level="warning", log_path=root / "gateway.log", startup_timeout_s=90.0)
     try:
-        wait_ready(url, proc, log_path)
-        yield Stack(url, triton.metrics_url, images, queries, n, log_path)
+        wait_ready(gw.url, gw.proc, gw.log_path)  # /readyz: Triton and Milvus answered, not only the process
+        yield Stack(gw.url, triton.metrics_url, images, queries, n, gw.log_path)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        gw.stop(20)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.flood import (
+from loadtest.stack import (
     COLLECTION,
     GatewayProc,
     copy_db,

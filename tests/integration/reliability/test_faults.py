@@ -24,17 +24,13 @@ import pytest
 
 from imgsearch.triton_server import LocalTriton
 from loadtest.flood import (
-    LockHolder,
-    MilvusServer,
-    copy_db,
-    free_port,
     graceful_shutdown,
     locked_then_released,
     make_client,
     outage,
     search_once,
-    shape_jpeg,
 )
+from loadtest.stack import LockHolder, MilvusServer, copy_db, free_port, shape_jpeg
 
 pytestmark = pytest.mark.integration
 

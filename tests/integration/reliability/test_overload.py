@@ -16,16 +16,8 @@ from pathlib import Path
 import pytest
 
 from imgsearch.triton_server import LocalTriton
-from loadtest.flood import (
-    flood,
-    gateway_env,
-    index_images,
-    metric,
-    scrape,
-    shape_jpeg,
-    start_gateway,
-    triton_queue,
-)
+from loadtest.flood import flood, metric, scrape, triton_queue
+from loadtest.stack import gateway_env, index_images, shape_jpeg, start_gateway
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from loadtest.flood import shape_jpeg
+from loadtest.stack import shape_jpeg
 
 pytestmark = pytest.mark.integration
 
