@@ -15,6 +15,7 @@ examples:
   imgsearch export --weights imagenet                # torchvision download (needs internet)
   imgsearch export --weights resnet152_dogs.pth      # the original Kaggle checkpoint
   imgsearch export --weights ckpt.pt --embedding head  # output of imgsearch finetune, 256-d
+  imgsearch export --no-onnx                         # GPU box without onnx: torch engine only
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=None, help="Triton queue bound before REJECT")
     p.add_argument("--max-batch-size", type=int, default=None, help="CPU config max batch size")
     p.add_argument("--queue-delay-us", type=int, default=None, help="CPU config dynamic batching window")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="write only weights.pt for configs/gpu.pbtxt's torch engine (a GPU box without "
+                        "onnx/onnxruntime); serve it with --model-config-name gpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         labels = [ln.strip() for ln in args.labels.read_text().splitlines() if ln.strip()]
     res = export_model(weights=args.weights, arch=args.arch, embedding=args.embedding, precision=args.precision,
                        repository=args.repository, model_name=args.model_name, labels=labels,
-                       cpu_batching=cpu, gpu_batching=gpu, max_pixels=get_settings().max_pixels)
+                       cpu_batching=cpu, gpu_batching=gpu, max_pixels=get_settings().max_pixels,
+                       onnx=args.onnx)
     c = res.card
     print(f"exported {c.arch} ({c.weights}, {c.embedding} {c.embedding_dim}-d"
           f"{', probs over %d classes' % c.num_classes if c.num_classes else ''}) to {res.model_dir}")

@@ -152,11 +152,18 @@ def export_model(
     gpu_batching: BatchingOptions = GPU_DEFAULTS,
     parity_images_n: int = PARITY_IMAGES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    onnx: bool = True,
 ) -> ExportResult:
     """Build, export, verify and write ``<repository>/<model_name>/``; return its card.
 
     ``max_pixels``: the pixel limit the ``preprocess`` model enforces (the gateway and the
     indexer send bytes to the ensemble only when it equals their IMGSEARCH_MAX_PIXELS).
+
+    ``onnx=False`` writes only what ``configs/gpu.pbtxt``'s torch engine serves
+    (``weights.pt``), for a GPU box whose Python has no onnx/onnxruntime: no ``model.onnx``,
+    no ``config.pbtxt`` or ``configs/cpu.pbtxt`` (both serve the ONNX graph). The engine then
+    checks itself against fp32 torch at start-up; the ONNX-vs-torch parity is what the
+    default export proves.
     """
     if precision not in PARITY_MIN_COSINE:
         raise ValueError(f"precision must be fp32 or fp16, not {precision}")
@@ -179,9 +186,12 @@ def export_model(
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=Path(repository).parent if Path(repository).parent.exists() else None))
     try:
         onnx_path = tmp / "model.onnx"
-        _onnx_export(served, onnx_path, head_kind != "none")
-        parity = check_parity(reference, onnx_path, precision, parity_images_n)
-        if parity["min_cosine"] < parity["threshold"]:
+        if onnx:
+            _onnx_export(served, onnx_path, head_kind != "none")
+            parity = check_parity(reference, onnx_path, precision, parity_images_n)
+        else:
+            parity = {"skipped": "exported without ONNX (torch engine only): parity is checked by the engine at start-up"}
+        if onnx and parity["min_cosine"] < parity["threshold"]:
             raise ParityError(
                 f"ONNX Runtime disagrees with PyTorch: min cosine {parity['min_cosine']:.6f} < "
                 f"{parity['threshold']} (max abs diff {parity['max_abs_diff']:.2e}); model not written"
@@ -198,11 +208,16 @@ def export_model(
         weights_path = tmp / "weights.pt"
         _save_serving_weights(reference, arch, embedding, num_classes, weights_path)
         # model.onnx is replaced atomically: a running Triton never sees half a file
-        os.replace(onnx_path, out_dir / "1" / "model.onnx")
+        if onnx:
+            os.replace(onnx_path, out_dir / "1" / "model.onnx")
+        else:  # a stale graph or config from an earlier export would no longer match weights.pt
+            for stale in (out_dir / "1" / "model.onnx", out_dir / "config.pbtxt", out_dir / "configs" / "cpu.pbtxt"):
+                stale.unlink(missing_ok=True)
         os.replace(weights_path, out_dir / "1" / "weights.pt")
         shutil.copyfile(TEMPLATE, out_dir / "1" / "model.py")
-        (out_dir / "config.pbtxt").write_text(gpu_config(card, gpu_batching))
-        (out_dir / "configs" / "cpu.pbtxt").write_text(cpu_config(card, cpu_batching))
+        if onnx:
+            (out_dir / "config.pbtxt").write_text(gpu_config(card, gpu_batching))
+            (out_dir / "configs" / "cpu.pbtxt").write_text(cpu_config(card, cpu_batching))
         (out_dir / "configs" / "gpu.pbtxt").write_text(gpu_python_config(card))
         write_decode_models(Path(repository), card, cpu_batching.max_batch_size,
                             min(gpu_batching.max_batch_size, GPU_PYTHON_DEFAULTS.max_batch_size),

@@ -383,7 +383,7 @@ class TritonPythonModel:
             kind = "GPU"
         engine = params.get("engine", "onnxruntime")
         if engine == "auto":
-            engine = self._pick_engine(kind)
+            engine = self._pick_engine(kind, onnx_path)
         self.engine_name = engine
         if engine == "torch":
             self._init_torch(params, kind, device_id, version_dir, onnx_path)
@@ -392,8 +392,9 @@ class TritonPythonModel:
         else:
             raise RuntimeError(f"unknown engine {engine!r} (auto, torch, onnxruntime, onnxruntime-gpu)")
 
-    def _pick_engine(self, kind):
-        if kind == "GPU" and ort_has_gpu():
+    def _pick_engine(self, kind, onnx_path):
+        # an export without ONNX (imgsearch export --no-onnx) leaves the torch engine only
+        if kind == "GPU" and os.path.exists(onnx_path) and ort_has_gpu():
             return "onnxruntime-gpu"
         try:
             import torch

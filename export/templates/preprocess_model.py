@@ -38,7 +38,7 @@ except ImportError:  # imported as a library (tests of the decoding helpers)
     pb_utils = None
 
 try:
-    from imgsearch.errors import CorruptImage, ImageError, ImageTooLarge
+    from imgsearch.errors import CorruptImage, ImageError
     from imgsearch.imaging import DEFAULT_MAX_PIXELS, decode_image, sniff_format
 except ImportError as e:  # pragma: no cover - a deployment error, said plainly
     raise ImportError(

@@ -143,3 +143,34 @@ def test_pieces_cover_the_batch_in_order():
     pieces = mod.TorchEncoder._pieces(parts, 8)
     assert [sum(len(p) for p in piece) for piece in pieces] == [8, 8, 1]
     assert torch.equal(torch.cat([p for piece in pieces for p in piece]), torch.cat(parts))
+
+
+def test_export_without_onnx_is_served_by_the_torch_engine(tmp_path, repo18):
+    """`imgsearch export --no-onnx` (a GPU box whose Python lacks onnx): weights.pt only, and the
+    engine checks itself against fp32 torch at start-up instead of ONNX Runtime."""
+    repo = tmp_path / "repo"
+    shutil.copytree(repo18, repo)  # over a full export: its graph and ORT configs must go
+    res = export_model(arch="resnet18", weights="random", repository=repo, model_name=MODEL, onnx=False)
+    d = repo / MODEL
+    assert (d / "1" / "weights.pt").exists() and (d / "configs" / "gpu.pbtxt").exists()
+    for stale in (d / "1" / "model.onnx", d / "config.pbtxt", d / "configs" / "cpu.pbtxt"):
+        assert not stale.exists(), stale
+    assert "skipped" in res.card.parity and read_card(repo, MODEL).parity == res.card.parity
+
+    served = torch_cpu_repo(tmp_path / "served", repo)
+    pixels = random_pixels(3, seed=9)
+    with LocalTriton(served, "torchcpu", exit_timeout_s=2) as server:
+        log = server.log_text()
+
+        async def go():
+            enc = TritonEncoder(server.grpc_url, MODEL)
+            try:
+                return await enc.encode(pixels)
+            finally:
+                await enc.close()
+
+        got = asyncio.run(go()).embeddings
+    m = re.search(r"parity vs torch-fp32-cpu: min cosine ([\d.]+)", log)
+    assert m and float(m.group(1)) >= 0.9999, log[-2000:]
+    # the same random weights (seed 0) as repo18's ONNX graph: the served rows match it
+    np.testing.assert_allclose(got, direct(repo18, pixels), atol=1e-4)
