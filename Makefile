@@ -16,6 +16,7 @@ help:
 	@echo "make demo      setup, export, build demo images, index, serve on :$(PORT)"
 	@echo "               WEIGHTS=random|imagenet|/path/ckpt.pth  DATA=demo|stanford-dogs|/path/folder"
 	@echo "make loadtest  30 s Locust smoke against the stack 'make demo' started"
+	@echo "make gpu-prepare | gpu-dry | gpu-sim   the GPU device check: carry, CPU dry run, rehearsal (docs/gpu.md)"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml
@@ -78,3 +79,15 @@ RELIABILITY_ARGS ?=
 .PHONY: reliability
 reliability: setup
 	$(BIN)/python -m loadtest.flood --out loadtest/out/flood.json $(RELIABILITY_ARGS)
+
+# --- the GPU device check (issue 7): see docs/gpu.md -------------------------------------
+# gpu-prepare  build .carry/ for the device call: run(command="bash loadtest/gpu_check.sh", carry=[".carry"])
+# gpu-dry      the check end to end on this CPU (resnet18, short; figures meaningless)
+# gpu-sim      the check down its device path (carry, stub env) in a stand-in of the GPU image
+.PHONY: gpu-prepare gpu-dry gpu-sim
+gpu-prepare: setup
+	bash loadtest/gpu_prepare.sh
+gpu-dry: setup
+	GPU_CHECK_DRY=1 OUT=loadtest/out/gpu-dry bash loadtest/gpu_check.sh
+gpu-sim: setup
+	bash loadtest/gpu_sim.sh

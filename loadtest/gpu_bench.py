@@ -16,6 +16,8 @@ Phases (each timed; one that fails is recorded and the next still runs):
 3. triton: the wheel's tritonserver with ``--model-config-name gpu``.
 4. sweep: single-image gRPC requests at several concurrencies, dynamic batching vs none,
    plus 32-image requests; Triton's own metrics give batch size and queue vs compute time.
+   Then a probe: ``preprocess`` (nvJPEG) pixels vs ``decode_image`` and the ensemble's
+   embeddings vs the pixels path on the same JPEGs; bytes go to Triton below only if they agree.
 5. indexer: JPEG files on disk -> ``imgsearch index`` (the real CLI, into a Milvus Lite
    server) and the bytes path (files -> ``encode_bytes`` -> ensemble -> Milvus upsert).
 6. search: ``imgsearch serve`` with several uvicorn workers (bytes to the ensemble when
@@ -182,8 +184,13 @@ def export() -> Path:
 
     repo = WORK / "repo"
     shutil.rmtree(repo, ignore_errors=True)
+    import importlib.util
+
+    # the GPU image has neither onnx nor onnxruntime (and they do not fit the carry): the torch
+    # engine serves weights.pt and checks itself against fp32 torch at start-up
+    with_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
     t = time.monotonic()
-    export_model(arch=PLAN.arch, weights="random", repository=repo, model_name=MODEL)
+    export_model(arch=PLAN.arch, weights="random", repository=repo, model_name=MODEL, onnx=with_onnx)
     R["export_s"] = round(time.monotonic() - t, 1)
     card = read_card(repo, MODEL)
     b = GPU_PYTHON_DEFAULTS
@@ -207,7 +214,7 @@ def export() -> Path:
     cfg = re.sub(r"dynamic_batching \{.*?\n\}\n", "", cfg, flags=re.S)
     assert "dynamic_batching" not in cfg
     (nb / "configs" / "gpu.pbtxt").write_text(cfg)
-    R["model"] = {"arch": card.arch, "embedding_dim": card.embedding_dim, "onnx_parity": card.parity}
+    R["model"] = {"arch": card.arch, "embedding_dim": card.embedding_dim, "onnx": with_onnx, "onnx_parity": card.parity}
     return repo
 
 
@@ -271,7 +278,7 @@ def raw(repo: Path) -> None:
         log(json.dumps(rows[-1]))
     R["raw_table"] = rows
     R["raw_model_img_s"] = max(r["img_s"] for r in rows if r["mode"].startswith("device"))
-    del enc
+    enc = None  # free the graphs' memory before Triton's instances load the same engine
     if on_cuda:
         torch.cuda.empty_cache()
 
@@ -357,7 +364,7 @@ def triton_level(pool, server, model: str, conc: int, batch: int) -> dict:
     from imgsearch.triton_metrics import fetch_model_stats
 
     shares = split(conc, PLAN.client_procs)
-    start_at = time.time() + (1.0 if not DRY else 8.0)
+    start_at = time.time() + (1.0 if not DRY else 5.0)
     before = fetch_model_stats(server.metrics_url, model)
     t = time.time()
     parts = pool.starmap(_triton_worker, [(server.grpc_url, model, c, PLAN.secs, batch, i, start_at)
@@ -404,12 +411,67 @@ def sweep(pool, server) -> None:
         R["dyn_vs_nobatch_at_concurrency"] = c
 
 
+# --- 4b. bytes path probe ----------------------------------------------------------------------
+
+PROBE_MIN_COSINE = 0.99  # ensemble vs pixels path, per image (the CPU tests hold 0.999 with Pillow)
+PROBE_MAX_MEAN_DIFF = 2.0  # preprocess pixels vs decode_image, mean |diff| in uint8 levels
+
+
+async def _probe(url: str, blobs: list[bytes]):
+    import tritonclient.grpc.aio as grpcclient
+
+    from imgsearch.imaging import decode_image
+    from imgsearch.triton_client import TritonEncoder
+
+    ref = np.stack([decode_image(b) for b in blobs])
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        arr = np.empty((len(blobs), 1), dtype=np.object_)
+        for i, b in enumerate(blobs):
+            arr[i, 0] = b
+        inp = grpcclient.InferInput("image_bytes", list(arr.shape), "BYTES")
+        inp.set_data_from_numpy(arr)
+        res = await client.infer("preprocess", [inp], outputs=[grpcclient.InferRequestedOutput("images")])
+        pixels = res.as_numpy("images")
+    finally:
+        await client.close()
+    enc = TritonEncoder(url, MODEL, timeout_s=60)
+    try:
+        via_bytes = (await enc.encode_bytes(blobs)).embeddings
+        via_pixels = (await enc.encode(ref)).embeddings
+    finally:
+        await enc.close()
+    return ref, pixels, via_bytes, via_pixels
+
+
+@phase("bytes_probe", 15)
+def bytes_probe(server) -> None:
+    """Triton's ``preprocess`` (nvJPEG on a GPU) against ``decode_image`` (Pillow) on the same JPEGs.
+
+    The indexer CLI and the gateway send bytes only when the two agree; otherwise pixels, noted.
+    """
+    R["triton_input"] = "pixels"
+    blobs = [jpeg_bytes(1000 + k) for k in range(8)]
+    ref, pixels, via_bytes, via_pixels = asyncio.run(_probe(server.grpc_url, blobs))
+    diff = np.abs(pixels.astype(np.int16) - ref.astype(np.int16))
+    cos = (via_bytes * via_pixels).sum(1)
+    probe = {"images": len(blobs), "pixel_mean_abs_diff": round(float(diff.mean()), 3),
+             "pixel_max_abs_diff": int(diff.max()), "embedding_min_cosine": round(float(cos.min()), 6),
+             "gates": {"min_cosine": PROBE_MIN_COSINE, "max_mean_diff": PROBE_MAX_MEAN_DIFF}}
+    R["bytes_probe"] = probe
+    log(f"bytes probe: {json.dumps(probe)}")
+    if probe["embedding_min_cosine"] >= PROBE_MIN_COSINE and probe["pixel_mean_abs_diff"] <= PROBE_MAX_MEAN_DIFF:
+        R["triton_input"] = "bytes"
+    else:
+        R["notes"].append("the ensemble's decode disagrees with decode_image beyond the gates: the indexer CLI "
+                          "and the gateway were run with IMGSEARCH_TRITON_INPUT=pixels")
+
+
 # --- 5. indexer -------------------------------------------------------------------------------
 
 
-def _make_jpegs(args) -> int:
-    """Base image k, written ``copies`` times with a distinct COM segment: distinct content ids."""
-    k, copies, root = args
+def jpeg_bytes(k: int) -> bytes:
+    """A Stanford-Dogs-sized JPEG (360-640 x 280-480): gradient, noise and a few discs."""
     from PIL import Image, ImageDraw, ImageFilter
 
     rng = np.random.default_rng(k)
@@ -426,7 +488,13 @@ def _make_jpegs(args) -> int:
     im = im.filter(ImageFilter.GaussianBlur(1))
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=88)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def _make_jpegs(args) -> int:
+    """Base image k, written ``copies`` times with a distinct COM segment: distinct content ids."""
+    k, copies, root = args
+    data = jpeg_bytes(k)
     label = Path(root) / f"n{k % 12:08d}-breed_{k % 12}"
     label.mkdir(parents=True, exist_ok=True)
     for i in range(copies):
@@ -551,7 +619,8 @@ async def _bytes_pipeline(url: str, files: list[Path], uri: str | None, dim: int
 def run_index_cli(root: Path, repo: Path, triton_url: str, milvus_uri: str) -> dict:
     report = WORK / "index_report.json"
     env = dict(os.environ, IMGSEARCH_TRITON_URL=triton_url, IMGSEARCH_MILVUS_URI=milvus_uri,
-               IMGSEARCH_MODEL_REPOSITORY=str(repo), IMGSEARCH_MODEL_NAME=MODEL, IMGSEARCH_TRITON_INPUT="bytes",
+               IMGSEARCH_MODEL_REPOSITORY=str(repo), IMGSEARCH_MODEL_NAME=MODEL,
+               IMGSEARCH_TRITON_INPUT=R.get("triton_input", "pixels"),
                IMGSEARCH_COLLECTION="indexer_cli", IMGSEARCH_IMAGE_ROOT=str(root))
     cmd = [sys.executable, "-m", "imgsearch.cli", "index", str(root), "--collection", "indexer_cli", "--recreate",
            "--batch-size", str(PLAN.index_batch), "--workers", str(PLAN.index_workers), "--in-flight", str(PLAN.index_in_flight), "--no-progress",
@@ -566,7 +635,7 @@ def run_index_cli(root: Path, repo: Path, triton_url: str, milvus_uri: str) -> d
            "img_s": rep.get("images_per_s"), "wall_s_with_startup": round(wall, 1),
            "stages_s": rep.get("stages_s"), "triton_idle_s": rep.get("triton_idle_s"),
            "failed": rep.get("failed_count"), "aborted": rep.get("aborted"),
-           "triton_input": "bytes" if "bytes" in json.dumps(rep.get("settings", {})) else "pixels (as run)"}
+           "triton_input": R.get("triton_input", "pixels")}
     return out
 
 
@@ -658,7 +727,8 @@ def start_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path,
     port = free_port()
     env = dict(os.environ, IMGSEARCH_TRITON_URL=triton_url, IMGSEARCH_MILVUS_URI=milvus_uri,
                IMGSEARCH_MODEL_REPOSITORY=str(repo), IMGSEARCH_MODEL_NAME=MODEL, IMGSEARCH_COLLECTION=collection,
-               IMGSEARCH_IMAGE_ROOT=str(images), IMGSEARCH_TRITON_INPUT="bytes", IMGSEARCH_MAX_INFLIGHT="1024",
+               IMGSEARCH_IMAGE_ROOT=str(images), IMGSEARCH_TRITON_INPUT=R.get("triton_input", "pixels"),
+               IMGSEARCH_MAX_INFLIGHT="1024",
                IMGSEARCH_DECODE_THREADS="4", IMGSEARCH_STORE_THREADS="16")
     logf = open(WORK / "gateway.log", "wb")
     p = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -715,7 +785,7 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
                 R["notes"].append(f"search sweep cut short by the time budget before c={conc}")
                 break
             shares = split(conc, PLAN.client_procs)
-            start_at = time.time() + (1.0 if not DRY else 8.0)
+            start_at = time.time() + (1.0 if not DRY else 5.0)
             parts = pool.starmap(_search_worker, [(url, c, PLAN.secs, files, start_at, i) for i, c in enumerate(shares)])
             wall = max(p[3] for p in parts) - start_at
             lat = [x for p in parts for x in p[0]]
@@ -732,7 +802,7 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
             save()
     finally:
         stop(gw)
-    R["search_gateway"] = {"workers": PLAN.gateway_workers, "triton_input_env": "bytes",
+    R["search_gateway"] = {"workers": PLAN.gateway_workers, "triton_input_env": R.get("triton_input", "pixels"),
                            "milvus": "milvus-lite server (python -m milvus_lite server), gRPC"}
     ok = [r for r in rows if r["p99_ms"] <= 50 and sum(v for k, v in r["status"].items() if k != "200")
           <= 0.01 * max(1, r["req_s"] * PLAN.secs)]
@@ -786,6 +856,8 @@ def table() -> str:
                      f"p50 {r['p50_ms']:8.1f} p99 {r['p99_ms']:8.1f} ms  batch {r['avg_batch']:6.1f} "
                      f"queue {r['queue_ms_per_req']:7.2f} ms/req  compute {r['compute_ms_per_exec']:7.2f} ms/exec"
                      + (f"  errors {r['errors']}" if r["errors"] else ""))
+    if "bytes_probe" in R:
+        lines.append(f"  bytes probe (preprocess vs decode_image): {R['bytes_probe']} -> {R.get('triton_input')}")
     lines.append("  indexer:")
     for r in R.get("indexer_table", []):
         lines.append(f"    {r['path'][:52]:52s} " + (f"{r.get('img_s')} img/s" if r.get("img_s") else str(r.get("error"))[:300]))
@@ -817,6 +889,7 @@ def main() -> int:
         if server is not None:
             pool = mp.get_context("spawn").Pool(PLAN.client_procs)
             sweep(pool, server)
+            bytes_probe(server)
             milvus_uri = None
             try:
                 milvus, milvus_uri = start_milvus()

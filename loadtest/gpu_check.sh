@@ -26,24 +26,26 @@ T=${GPU_CHECK_TMP:-/tmp/gc}
 rm -rf "$T" && mkdir -p "$T"
 export GPU_CHECK_WORK=$T/work
 
-if [ "${GPU_CHECK_DRY:-}" = 1 ]; then
+CARRY=${GPU_CHECK_CARRY_DIR:-.carry}
+if [ "${GPU_CHECK_DRY:-}" = 1 ] && [ "${GPU_CHECK_USE_CARRY:-}" != 1 ]; then
   PY=${PY:-$REPO/.venv/bin/python}
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 else
+  # the device path; loadtest/gpu_sim.sh also takes it on a CPU (GPU_CHECK_DRY=1 GPU_CHECK_USE_CARRY=1)
   PY=${PY:-python3}
-  BUDGET=${GPU_CHECK_BUDGET_S:-345}
+  if [ "${GPU_CHECK_DRY:-}" = 1 ]; then BUDGET=${GPU_CHECK_BUDGET_S:-900}; else BUDGET=${GPU_CHECK_BUDGET_S:-345}; fi
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /dev/shm | tail -1
     "$PY" -c "import sys,torch,torchvision,numpy;print(sys.version.split()[0],torch.__version__,torchvision.__version__,numpy.__version__,torch.cuda.get_device_name())"
   } > "$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
   for f in tritonbin site stubnumpy; do
-    [ -s ".carry/$f.tar.xz" ] || { echo "missing .carry/$f.tar.xz: run loadtest/gpu_prepare.sh and carry .carry" >&2; exit 2; }
+    [ -s "$CARRY/$f.tar.xz" ] || { echo "missing $CARRY/$f.tar.xz: run loadtest/gpu_prepare.sh and carry $CARRY" >&2; exit 2; }
   done
-  "$PY" - "$T" <<'EOF' || exit 2
+  "$PY" - "$T" "$CARRY" <<'EOF' || exit 2
 import sys, tarfile
-t = sys.argv[1]
+t, carry = sys.argv[1], sys.argv[2]
 for name, dest in (("tritonbin", "tb"), ("site", "site"), ("stubnumpy", "stubnumpy")):
-    with tarfile.open(f".carry/{name}.tar.xz") as tf:
+    with tarfile.open(f"{carry}/{name}.tar.xz") as tf:
         tf.extractall(f"{t}/{dest}")
 EOF
   # the launcher (and uvicorn, milvus-lite, clients) import the carried packages first; the

@@ -12,14 +12,16 @@
 # ~2x), under the device tool's 64 MiB limit for the whole working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CARRY=.carry
+CARRY=${CARRY:-.carry}
 PY=${PY:-.venv/bin/python}
+# the device's Python; another minor only for loadtest/gpu_sim.sh (a CPU stand-in for the device image)
+PYVER=${PYVER:-3.12}
 LIMIT_MB=${LIMIT_MB:-60}
 mkdir -p "$CARRY"
 grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
 
 # the device is Python 3.12 on x86-64 (glibc 2.35+)
-PLAT=(--python-version 3.12 --implementation cp --only-binary=:all: --no-deps
+PLAT=(--python-version "$PYVER" --implementation cp --only-binary=:all: --no-deps
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
       --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform any)
@@ -55,7 +57,8 @@ pack() {  # pack NAME PKG... : download wheels, unpack, strip tests and caches, 
 
 if [ ! -s "$CARRY/tritonbin.tar.xz" ]; then
   # tritonserver 2.51 + libraries + the Python backend with the 3.12 stub (about 27 MB)
-  /work/shared/tools/pack-tritonserver "$CARRY/tritonbin.tar.xz" 3.12
+  PACK=${PACK_TRITONSERVER:-/work/shared/tools/pack-tritonserver}
+  "$PACK" "$CARRY/tritonbin.tar.xz" "$PYVER"
 fi
 pack site "${SITE_PKGS[@]}"
 pack stubnumpy "${STUB_PKGS[@]}"
