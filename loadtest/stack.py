@@ -286,9 +286,28 @@ def export_repo(dest: Path, *extra: str) -> Path:
     """``imgsearch export --arch resnet18`` (random weights) into ``dest``, with extra CLI flags."""
     cmd = [sys.executable, "-m", "imgsearch.cli", "export", "--arch", "resnet18", "--repository", str(dest),
            "--model-name", MODEL, *extra]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"export failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return dest
+
+
+def backend_bound_repo(dest: Path) -> Path:
+    """ResNet-152 (random weights) served by one ONNX Runtime thread: the flood's backend.
+
+    With resnet18 on an idle 2-core box capacity is ~60 searches/s, and 10x that (600
+    uploads/s) is more than one Python client plus the gateway can send and parse on the core
+    Triton leaves them: a flood then measures the load generator. This model serves ~9/s on
+    one core, leaving the other to the gateway and the client, so a 10x flood (~90/s) is a
+    load this box can really offer.
+    """
+    from export.onnx_export import export_model
+    from export.triton_config import CPU_DEFAULTS, cpu_config
+    from imgsearch.model_card import read_card
+
+    export_model(arch="resnet152", repository=dest, model_name=MODEL, parity_images_n=2)
+    cfg = cpu_config(read_card(dest, MODEL), CPU_DEFAULTS, intra_op_threads=1)
+    (dest / MODEL / "configs" / "cpu.pbtxt").write_text(cfg)
     return dest
 
 

@@ -17,7 +17,13 @@ import pytest
 
 from imgsearch.triton_server import LocalTriton
 from loadtest.flood import flood, metric, scrape, triton_queue
-from loadtest.stack import gateway_env, index_images, shape_jpeg, start_gateway
+from loadtest.stack import (
+    backend_bound_repo,
+    gateway_env,
+    index_images,
+    shape_jpeg,
+    start_gateway,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,22 +41,9 @@ def p99_bound_s(single_s: float, max_inflight: int) -> float:
 
 @pytest.fixture(scope="module")
 def flood_gw(rel_data, tmp_path_factory):
-    """A gateway whose capacity is set by a slow backend, not by this machine's last free cycle.
-
-    With resnet18 on an idle 2-core box capacity is ~60 searches/s, and 10x that (600 uploads/s)
-    is more than one Python client plus the gateway can even send and parse on the core Triton
-    leaves them: the flood then measures the load generator. ResNet-152 with one ONNX Runtime
-    thread serves ~9/s on one core, leaving the other to the gateway and the
-    client, so a 10x flood (~90/s) is something this box can really offer.
-    """
-    from export.onnx_export import export_model
-    from export.triton_config import CPU_DEFAULTS, cpu_config
-    from imgsearch.model_card import read_card
-
-    repo = tmp_path_factory.mktemp("slow152")
-    export_model(arch="resnet152", repository=repo, model_name=MODEL, parity_images_n=2)
-    cfg = cpu_config(read_card(repo, MODEL), CPU_DEFAULTS, intra_op_threads=1)
-    (repo / MODEL / "configs" / "cpu.pbtxt").write_text(cfg)
+    """A gateway whose capacity is set by a slow backend, not by this machine's last free cycle
+    (see loadtest.stack.backend_bound_repo; python -m loadtest.flood floods the same)."""
+    repo = backend_bound_repo(tmp_path_factory.mktemp("slow152"))
     with LocalTriton(repo, "cpu", exit_timeout_s=2) as server:
         db = rel_data.base / "flood152.db"
         index_images(rel_data.images, str(db), server.grpc_url, repo)
