@@ -795,7 +795,8 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
                 stages.update(p[2])
             n = max(1, stages.pop("n", 0))
             row = {"concurrency": conc, "req_s": round(len(lat) / wall, 1), "p50_ms": pct(lat, 50),
-                   "p99_ms": pct(lat, 99), "status": dict(codes),
+                   "p99_ms": pct(lat, 99), "mean_ms": round(float(np.mean(lat)) * 1000, 2) if lat else None,
+                   "status": dict(codes),
                    "server_timings_ms_avg": {k: round(v / n, 2) for k, v in stages.items()}}
             rows.append(row)
             log(json.dumps(row))

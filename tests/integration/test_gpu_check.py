@@ -55,3 +55,13 @@ def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     assert res["search_table"] and all(set(row["status"]) == {"200"} for row in res["search_table"]), res["search_table"]
     # the server logs come back next to the result file, as they would from the device
     assert (out / "tritonserver.log").stat().st_size > 0 and (out / "gpu_check.log").exists()
+
+    # the markdown a session pastes into its note and docs/deploy.md reads the same file
+    from loadtest.gpu_summary import _fmt, markdown
+
+    md = markdown(res)
+    assert md.count("n/a (dry run)") == 4, md
+    assert f"raw engine {_fmt(res['raw_model_img_s'])} img/s" in md
+    assert f"`/v1/search` {_fmt(res['search_req_s'])} req/s at p99 {_fmt(res['search_p99_ms'])} ms" in md
+    search_rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "{'200'" in ln]
+    assert len(search_rows) == len(res["search_table"]) and all("—" not in ln for ln in search_rows), search_rows
