@@ -296,7 +296,10 @@ def start_triton(repo: Path):
         log_file=WORK / "tritonserver.log", stub_python=STUB_PYTHON,
         # a 128-image batch is 19 MB of uint8: let each stub's shared memory start big enough
         extra_args=[f"--backend-config=python,shm-default-byte-size={shm}",
-                    f"--backend-config=python,shm-growth-byte-size={shm}"],
+                    f"--backend-config=python,shm-growth-byte-size={shm}"]
+        # GPU tensors between the ensemble's steps come from this pool (default 64 MB, i.e. three
+        # 128-image batches); when it runs dry Triton falls back to pinned host memory, slower
+        + ([] if DRY else ["--cuda-memory-pool-byte-size=0:1073741824"]),
     )
     t = time.monotonic()
     try:
