@@ -79,5 +79,9 @@ rc=${PIPESTATUS[0]}
 for f in tritonserver.log gateway.log milvus.log index_report.json; do
   [ -f "$GPU_CHECK_WORK/$f" ] && tail -c 4000000 "$GPU_CHECK_WORK/$f" > "$OUT/$f"
 done
+# the markdown for the issue note, from the result file alone (loadtest/gpu_summary.py)
+for f in "$OUT"/gpu-*.json; do
+  [ -f "$f" ] && "$PY" -m loadtest.gpu_summary "$f" > "$OUT/summary.md" 2>&1
+done
 echo "gpu_check: rc=$rc in $(($(date +%s) - START))s; files in $OUT"
 exit "$rc"

@@ -60,6 +60,7 @@ def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     from loadtest.gpu_summary import _fmt, markdown
 
     md = markdown(res)
+    assert (out / "summary.md").read_text().strip() == md.strip()  # what the device call brings back
     assert md.count("n/a (dry run)") == 4, md
     assert f"raw engine {_fmt(res['raw_model_img_s'])} img/s" in md
     assert f"`/v1/search` {_fmt(res['search_req_s'])} req/s at p99 {_fmt(res['search_p99_ms'])} ms" in md
