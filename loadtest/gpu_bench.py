@@ -40,8 +40,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -135,12 +133,6 @@ def phase(name: str, need_s: float):
         return run
 
     return wrap
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values, q) -> float:
@@ -519,45 +511,13 @@ def make_images(n: int) -> Path:
     return root
 
 
-def start_milvus() -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_milvus():
+    """Milvus Lite as a server process (the harness's), so that gateway workers can share it."""
+    from loadtest.stack import MilvusServer
+
     data = WORK / "milvus"
     shutil.rmtree(data, ignore_errors=True)
-    logf = open(WORK / "milvus.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data), "--host",
-                          "127.0.0.1", "--port", str(port)], stdout=logf, stderr=subprocess.STDOUT,
-                         start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    from imgsearch.store import VectorStore
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(f"milvus-lite server exited: {(WORK / 'milvus.log').read_text()[-1500:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
-            s = VectorStore(uri, "probe")
-            s.exists()
-            s.close()
-            return p, uri
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    p.kill()
-    raise RuntimeError("milvus-lite server not answering in 60s")
-
-
-def stop(p: subprocess.Popen | None, timeout: float = 15) -> None:
-    if p is None or p.poll() is not None:
-        return
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(timeout)
-    except Exception:  # noqa: BLE001
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return MilvusServer(data, log_path=WORK / "milvus.log").start()
 
 
 async def _bytes_pipeline(url: str, files: list[Path], uri: str | None, dim: int, sha: str,
@@ -725,32 +685,25 @@ async def _search_clients(url, conc, secs, files, start_at, seed):
     return lat, {str(k): v for k, v in codes.items()}, dict(stages), time.time()
 
 
-def start_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path,
-                  collection: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, IMGSEARCH_TRITON_URL=triton_url, IMGSEARCH_MILVUS_URI=milvus_uri,
-               IMGSEARCH_MODEL_REPOSITORY=str(repo), IMGSEARCH_MODEL_NAME=MODEL, IMGSEARCH_COLLECTION=collection,
-               IMGSEARCH_IMAGE_ROOT=str(images), IMGSEARCH_TRITON_INPUT=R.get("triton_input", "pixels"),
-               IMGSEARCH_MAX_INFLIGHT="1024",
-               IMGSEARCH_DECODE_THREADS="4", IMGSEARCH_STORE_THREADS="16")
-    logf = open(WORK / "gateway.log", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                          "--workers", str(PLAN.gateway_workers), "--log-level", "warning"],
-                         env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+def start_search_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path, collection: str):
+    """``imgsearch serve --workers N`` through the harness; returns once /readyz says Triton and Milvus are up."""
+    from loadtest.stack import gateway_env, start_gateway
+
+    env = gateway_env(repo, triton_url, milvus_uri, images, collection=collection,
+                      triton_input=R.get("triton_input", "pixels"), workers=PLAN.gateway_workers,
+                      max_inflight=1024, decode_threads=4, store_threads=16)
+    gw = start_gateway(env, serve_cli=True, log_level="warning", log_path=WORK / "gateway.log", startup_timeout_s=90)
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise RuntimeError(f"gateway exited {p.returncode}: {(WORK / 'gateway.log').read_text()[-1500:]}")
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(f"{gw.url}/readyz", timeout=2) as r:
                 if r.status == 200:
-                    return p, url
-        except Exception:  # noqa: BLE001 - not up yet
+                    return gw
+        except OSError:  # 503 (HTTPError) or not answering yet
             pass
         time.sleep(0.5)
-    stop(p)
-    raise RuntimeError(f"gateway not ready in 90s: {(WORK / 'gateway.log').read_text()[-1500:]}")
+    gw.stop()
+    raise RuntimeError(f"gateway not ready in 60s: {gw.log_text()[-1500:]}")
 
 
 @phase("search", 35)
@@ -763,8 +716,9 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
         raise RuntimeError(f"the gateway is not importable here: {type(e).__name__}: {e}") from None
     from imgsearch.store import VectorStore
 
-    if milvus is not None and milvus.poll() is not None:
-        raise RuntimeError(f"the milvus-lite server exited ({milvus.returncode}): {(WORK / 'milvus.log').read_text()[-800:]}")
+    if milvus is not None and milvus.proc is not None and milvus.proc.poll() is not None:
+        raise RuntimeError(f"the milvus-lite server exited ({milvus.proc.returncode}): "
+                           f"{milvus.log_path.read_text(errors='replace')[-800:]}")
     collection = None
     for name in ("indexer_cli", "bytes_path"):  # what the indexer phase filled
         store = VectorStore(milvus_uri, name)
@@ -779,7 +733,8 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
         raise RuntimeError("no filled collection (the indexer phase did not fill one)")
     images = WORK / "images"
     files = [str(p) for p in sorted(images.rglob("*.jpg"))[:: max(1, PLAN.n_images // 200)]]
-    gw, url = start_gateway(repo, server.grpc_url, milvus_uri, images, collection)
+    gw = start_search_gateway(repo, server.grpc_url, milvus_uri, images, collection)
+    url = gw.url
     rows = []
     R["search_table"] = rows
     try:
@@ -805,7 +760,7 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
             log(json.dumps(row))
             save()
     finally:
-        stop(gw)
+        gw.stop()
     R["search_gateway"] = {"workers": PLAN.gateway_workers, "triton_input_env": R.get("triton_input", "pixels"),
                            "milvus": "milvus-lite server (python -m milvus_lite server), gRPC"}
     ok = [r for r in rows if r["p99_ms"] <= 50 and sum(v for k, v in r["status"].items() if k != "200")
@@ -896,7 +851,8 @@ def main() -> int:
             bytes_probe(server)
             milvus_uri = None
             try:
-                milvus, milvus_uri = start_milvus()
+                milvus = start_milvus()
+                milvus_uri = milvus.uri
             except Exception as e:  # noqa: BLE001 - measure what can be measured without it
                 R["notes"].append(f"Milvus Lite server did not start ({type(e).__name__}: {str(e)[:300]}): "
                                   "indexer measured without upserts, search not measured")
@@ -905,7 +861,8 @@ def main() -> int:
     finally:
         if pool is not None:
             pool.terminate()
-        stop(milvus)
+        if milvus is not None:
+            milvus.stop()
         if server is not None:
             server.stop(timeout=20)
         verdict()
