@@ -30,7 +30,11 @@ def forbidden(msg: str) -> ApiError:
 
 
 def resolve_under(root: Path, rel: str) -> Path:
-    """The real file ``rel`` names under ``root``, or ApiError 403/404."""
+    """The real file ``rel`` names under ``root``, or ApiError 403/404.
+
+    ``root`` is the already resolved image root (``Runtime.image_root``, resolved once at
+    startup), so a request resolves only the stored path.
+    """
     if not rel or "\x00" in rel:
         raise forbidden("empty or invalid stored path")
     pure = PurePosixPath(rel.replace("\\", "/"))
@@ -38,20 +42,19 @@ def resolve_under(root: Path, rel: str) -> Path:
         raise forbidden("the indexed path is absolute; only paths under the image root are served")
     if ".." in pure.parts:
         raise forbidden("the indexed path contains '..'; only paths under the image root are served")
-    real_root = root.resolve()
     try:
-        target = (real_root / pure).resolve(strict=True)
+        target = (root / pure).resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError):
         raise ApiError(404, "not_found", "the indexed file is gone from the image root") from None
     except (OSError, RuntimeError):  # symlink loop, permission
         raise forbidden("the indexed path cannot be resolved") from None
-    if not target.is_relative_to(real_root):
+    if not target.is_relative_to(root):
         raise forbidden("the indexed path leads outside the image root (symlink?)")
     return target
 
 
 def read_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> bytes:
-    """Read the file checked by :func:`resolve_under` (blocking: call from a thread)."""
+    """Read the file checked by :func:`resolve_under` (``root`` resolved; blocking: call from a thread)."""
     target = resolve_under(root, rel)
     try:
         fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -64,7 +67,7 @@ def read_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise forbidden("the indexed path is not a regular file")
         proc = f"/proc/self/fd/{fd}"
-        if os.path.exists(proc) and not Path(os.readlink(proc)).is_relative_to(root.resolve()):
+        if os.path.exists(proc) and not Path(os.readlink(proc)).is_relative_to(root):
             raise forbidden("the indexed path leads outside the image root")
         if st.st_size > max_bytes:
             raise ApiError(404, "not_found", "the indexed file is too large to serve")

@@ -223,14 +223,15 @@ async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     label = clean_label(upload.fields["label"])
     encoded, _, _ = await encode_upload(rt, data)  # validates the image too
     id_ = content_id(data)
-    fmt = sniff_format(data) or "JPEG"
-    rel = f"{_slug(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
     existing = await rt.store_call(rt.store.existing, [id_])
-    if id_ in existing:
-        rel = existing[id_]  # same content: keep its file, update the label
+    created = id_ not in existing
     wrote = False
-    if id_ not in existing:
+    if created:
+        fmt = sniff_format(data) or "JPEG"
+        rel = f"{_slug(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
         wrote = await rt.in_decode_pool(_store_file, rt.image_root, rel, data)
+    else:
+        rel = existing[id_]  # same content: keep its file, update the label
     try:
         await rt.store_call(rt.store.upsert, [Row(id_, rel, label, encoded.embeddings[0])])
     except BaseException:
@@ -240,8 +241,8 @@ async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     rt.thumbs.drop(id_)
     log.info("added image %d (%s) as %s", id_, label, rel)
     body = {"id": str(id_), "label": label, "path": rel, "url": f"/v1/images/{id_}",
-            "thumb_url": f"/v1/images/{id_}/thumb", "created": id_ not in existing}
-    return JSONResponse(body, status_code=201 if body["created"] else 200)
+            "thumb_url": f"/v1/images/{id_}/thumb", "created": created}
+    return JSONResponse(body, status_code=201 if created else 200)
 
 
 @router.delete(

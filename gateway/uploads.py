@@ -31,7 +31,6 @@ OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small fields
 @dataclass
 class Upload:
     data: bytes | None = None
-    filename: str | None = None
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -90,8 +89,6 @@ class _Collector:
         if self._is_file:
             if self.out.data is not None:
                 raise _malformed("more than one 'file' part")
-            # kept for logs only, truncated; never used as a path
-            self.out.filename = params.get(b"filename", b"").decode("utf-8", "replace")[:200] or None
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         self._buf += data[start:end]

@@ -18,7 +18,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import shutil
 import sys
@@ -28,6 +27,8 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from imgsearch.model_card import sha256_file
 
 CHUNK = 1 << 20
 
@@ -144,14 +145,6 @@ def _bar(total: int | None, done: int, name: str, enabled: bool):
                 disable=not enabled)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- unpack ---------------------------------------------------------------------------
 def check_member(m: tarfile.TarInfo) -> None:
     p = PurePosixPath(m.name)
@@ -190,10 +183,10 @@ def fetch(name: str, dest: Path, url: str | None = None, sha256: str | None = No
     if stamp.exists() and stamp.read_text().strip() == expected and (dest / ds.extracts_to).is_dir():
         print(f"{dest / ds.extracts_to} is already there (archive sha256 {expected[:16]}...)")
         return dest / ds.extracts_to
-    if not (archive.exists() and sha256_of(archive) == expected):
+    if not (archive.exists() and sha256_file(archive) == expected):
         part = archive.with_name(archive.name + ".part")
         download(url or ds.url, part, timeout, progress)
-        actual = sha256_of(part)
+        actual = sha256_file(part)
         if actual != expected:
             raise FetchError(
                 f"sha256 mismatch for {part}: expected {expected}, got {actual}. The file is kept; "

@@ -19,7 +19,6 @@ from imgsearch.labels import IMAGE_SUFFIXES
 from imgsearch.labels import folder_label as strip_synset
 
 
-
 @dataclass(frozen=True)
 class ImageFile:
     path: Path  # absolute
@@ -39,14 +38,6 @@ class ScanResult:
 def label_for(rel: str) -> str:
     parts = rel.split("/")
     return strip_synset(parts[0]) if len(parts) > 1 else ""
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 def scan(root: str | Path, limit: int | None = None) -> ScanResult:
@@ -83,7 +74,7 @@ def scan(root: str | Path, limit: int | None = None) -> ScanResult:
                 continue
             if p.is_symlink():
                 target = p.resolve()
-                if not _inside(target, root):
+                if not target.is_relative_to(root):
                     ignored["symlink out of the image root"] += 1
                     continue
                 if not target.is_file():
