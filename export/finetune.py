@@ -356,6 +356,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         loader_kw["multiprocessing_context"] = "fork" if os.name == "posix" else None
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, **loader_kw) if len(val_ds) else None
 
+    keep = set(resume_keys(model))
+
     def state(epoch: int) -> dict:
         return _plain({
             "format": FINETUNE_FORMAT,
@@ -372,7 +374,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                        if k not in ("resume", "force", "progress")},
             "resume": {
-                "model": _cpu({k: v for k, v in model.state_dict().items() if k in set(resume_keys(model))}),
+                "model": _cpu({k: v for k, v in model.state_dict().items() if k in keep}),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if amp else {},

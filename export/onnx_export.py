@@ -33,6 +33,7 @@ from imgsearch.model_card import (
 
 from . import checkpoint as ckpts
 from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel
+from .templates.encoder_model import WEIGHTS_FORMAT, parity_images
 from .triton_config import (
     CPU_DEFAULTS,
     ENSEMBLE_NAME,
@@ -53,10 +54,12 @@ log = logging.getLogger(__name__)
 
 PARITY_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
 PARITY_IMAGES = 8
+PARITY_SEED = 1234
 OPSET = 17
+# copied to 1/model.py; imported here too (numpy only outside Triton) for its parity images
+# and the weights.pt format its torch engine reads, so the two sides cannot drift apart
 TEMPLATE = Path(__file__).parent / "templates" / "encoder_model.py"
 PREPROCESS_TEMPLATE = Path(__file__).parent / "templates" / "preprocess_model.py"
-WEIGHTS_FORMAT = "imgsearch-serving/1"  # read by templates/encoder_model.py (torch engine)
 
 
 class ParityError(CheckpointError):
@@ -67,19 +70,6 @@ class ParityError(CheckpointError):
 class ExportResult:
     card: ModelCard
     model_dir: Path
-
-
-def parity_images(n: int = PARITY_IMAGES, size: int = 224, seed: int = 1234) -> np.ndarray:
-    """Half noise, half smooth gradients with blobs: both ends of what cameras produce."""
-    rng = np.random.default_rng(seed)
-    imgs = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for i in range(n // 2, n):
-        c = rng.uniform(0, 1, (3, 3))
-        smooth = np.stack([c[k, 0] * xx + c[k, 1] * yy + c[k, 2] * np.sin(6 * xx * (k + 1)) for k in range(3)], -1)
-        smooth = (smooth - smooth.min()) / (np.ptp(smooth) + 1e-9)
-        imgs[i] = (smooth * 255).astype(np.uint8)
-    return imgs
 
 
 def _resolve_weights(weights: str, arch: str | None, labels: list[str] | None, dropout: float):
@@ -119,7 +109,7 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, precision: str, n: int
     """Run the same images through PyTorch (fp32 reference) and ONNX Runtime."""
     import onnxruntime as ort
 
-    imgs = parity_images(n)
+    imgs = parity_images(n, seed=PARITY_SEED)
     with torch.no_grad():
         ref = [t.float().numpy() for t in model(torch.from_numpy(imgs))]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

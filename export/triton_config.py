@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imgsearch.model_card import EMBEDDING_NAME, INPUT_NAME, PROBS_NAME, ModelCard
+from imgsearch.model_card import (
+    BYTES_INPUT,
+    EMBEDDING_NAME,
+    INPUT_NAME,
+    PROBS_NAME,
+    ModelCard,
+)
 
 
 @dataclass
@@ -109,7 +115,6 @@ GPU_PYTHON_DEFAULTS = BatchingOptions(max_batch_size=128, preferred=(32, 64, 128
                                       max_queue_size=1024, instances=2)
 PREPROCESS_NAME = "preprocess"
 ENSEMBLE_NAME = "image_search"
-BYTES_INPUT = "image_bytes"
 PREPROCESS_CPU = BatchingOptions(max_batch_size=64, preferred=(8, 16, 32), queue_delay_us=2000,
                                  max_queue_size=256, instances=2)
 PREPROCESS_GPU = BatchingOptions(max_batch_size=128, preferred=(32, 64, 128), queue_delay_us=2000,

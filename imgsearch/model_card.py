@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import ModelRepositoryError
 
 INPUT_NAME = "images"
+BYTES_INPUT = "image_bytes"  # the image_search ensemble's input: encoded files, BYTES [N, 1]
 EMBEDDING_NAME = "embedding"
 PROBS_NAME = "probs"
 CARD_FILE = "model_card.json"

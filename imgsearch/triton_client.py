@@ -28,11 +28,9 @@ from .errors import (
     TritonUnavailable,
     UnsupportedImage,
 )
-from .model_card import EMBEDDING_NAME, INPUT_NAME, PROBS_NAME
+from .model_card import BYTES_INPUT, EMBEDDING_NAME, INPUT_NAME, PROBS_NAME
 
 log = logging.getLogger(__name__)
-
-BYTES_INPUT = "image_bytes"
 
 
 @dataclass
@@ -148,17 +146,17 @@ class TritonEncoder:
         return PROBS_NAME in await self._model_outputs()
 
     # --- health ---------------------------------------------------------------------
-    async def is_ready(self) -> bool:
+    async def _model_ready(self, name: str) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._get_client().is_model_ready(self.model_name), 2.0))
+            return bool(await asyncio.wait_for(self._get_client().is_model_ready(name), 2.0))
         except Exception:  # noqa: BLE001 - not ready is the answer, whatever the cause
             return False
 
+    async def is_ready(self) -> bool:
+        return await self._model_ready(self.model_name)
+
     async def has_ensemble(self) -> bool:
-        try:
-            return bool(await asyncio.wait_for(self._get_client().is_model_ready(self.ensemble_name), 2.0))
-        except Exception:  # noqa: BLE001
-            return False
+        return await self._model_ready(self.ensemble_name)
 
     async def model_config(self, name: str) -> dict:
         """The model's config as Triton serves it (JSON field names as in config.pbtxt)."""

@@ -40,13 +40,13 @@ except ImportError:  # imported as a library (tests of the decoding helpers)
 try:
     from imgsearch.errors import CorruptImage, ImageError
     from imgsearch.imaging import DEFAULT_MAX_PIXELS, decode_image, sniff_format
+    from imgsearch.model_card import BYTES_INPUT as INPUT
 except ImportError as e:  # pragma: no cover - a deployment error, said plainly
     raise ImportError(
         f"the preprocess model needs the imgsearch package in the Triton stub's Python ({e}); "
         "pip install the project into the environment whose python3 is first on tritonserver's PATH"
     ) from None
 
-INPUT = "image_bytes"
 OUTPUT = "images"
 # baseline and extended-sequential Huffman JPEGs: what nvJPEG's batched decode takes
 FAST_SOF = (0xC0, 0xC1)
