@@ -42,9 +42,8 @@ import numpy as np
 from imgsearch.imaging import decode_image, sniff_format
 from imgsearch.settings import get_settings
 from imgsearch.triton_client import TritonEncoder
-from loadtest.stack import gateway_env, start_gateway
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+from loadtest.scenario import image_files
+from loadtest.stack import gateway_env, index_images, start_gateway
 
 
 @dataclass
@@ -68,9 +67,8 @@ class Summary:
 
 
 def load_images(root: Path, limit: int) -> list[bytes]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     out = []
-    for p in files:
+    for p in image_files(root):
         data = p.read_bytes()
         if sniff_format(data):
             out.append(data)
@@ -176,43 +174,6 @@ def print_table(res: dict) -> None:
 
 # --- self-contained stack ----------------------------------------------------------------
 
-def index_into(db: Path, images_root: Path, triton_url: str, repository: Path, model: str, limit: int) -> None:
-    """A temporary collection of the bench images (a few lines; the indexer is the real tool)."""
-    from imgsearch.model_card import read_card
-    from imgsearch.store import Row, VectorStore, content_id
-
-    card = read_card(repository, model)
-    files = sorted(p for p in images_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
-
-    async def encode_all() -> list[Row]:
-        enc = TritonEncoder(triton_url, model)
-        rows = []
-        try:
-            for i in range(0, len(files), 16):
-                chunk = [(p, p.read_bytes()) for p in files[i:i + 16]]
-                chunk = [(p, b) for p, b in chunk if sniff_format(b)]
-                if not chunk:
-                    continue
-                out = await enc.encode(np.stack([decode_image(b) for _, b in chunk]))
-                rows += [Row(content_id(b), p.relative_to(images_root).as_posix(),
-                             p.parent.name, e) for (p, b), e in zip(chunk, out.embeddings)]
-        finally:
-            await enc.close()
-        return rows
-
-    rows = asyncio.run(encode_all())
-    store = VectorStore(str(db), "bench")
-    try:
-        store.open(card.embedding_dim, card.model_sha, card.name)
-        store.upsert(rows)
-    finally:
-        store.close()
-        with contextlib.suppress(Exception):  # Milvus Lite runs in-process: hand the file to the gateway
-            from milvus_lite.server_manager import server_manager_instance
-
-            server_manager_instance.release_server(str(db))
-
-
 @contextlib.contextmanager
 def started_stack(args: argparse.Namespace):
     from imgsearch.triton_server import LocalTriton
@@ -220,7 +181,9 @@ def started_stack(args: argparse.Namespace):
     tmp = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     with LocalTriton(args.repository, "cpu", exit_timeout_s=5) as triton:
         db = tmp / "bench.db"
-        index_into(db, args.images, triton.grpc_url, args.repository, args.model_name, args.limit)
+        # a temporary collection of the bench images (the indexer is the real tool)
+        index_images(args.images, str(db), triton.grpc_url, args.repository, args.model_name, "bench",
+                     limit=args.limit)
         env = gateway_env(args.repository, triton.grpc_url, db, args.images, collection="bench",
                           model_name=args.model_name, max_inflight=max(64, args.concurrency * 2),
                           decode_threads=args.decode_threads)

@@ -44,14 +44,13 @@ import numpy as np
 
 from imgsearch.errors import ImageError
 from imgsearch.imaging import decode_image
+from imgsearch.labels import IMAGE_SUFFIXES
 from imgsearch.settings import Settings
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
-SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp"}
-
 
 def list_images(root: Path, limit: int | None) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     return files[:limit] if limit else files
 

@@ -43,6 +43,8 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .scenario import step_count
+
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
 SHAPES = HERE / "shapes.py"
@@ -120,7 +122,7 @@ def locust_command(args: argparse.Namespace, out: Path) -> list[str]:
     top = args.users or int(conf_defaults().get("users", 0) or 0)
     if args.shape == "step" and run_time is None and top:
         # the shape ends by itself after its last step; locust.conf's run-time must not cut it short
-        run_time = f"{math.ceil(-(-top // args.step_users) * args.step_time) + 1}s"
+        run_time = f"{math.ceil(step_count(args.step_users, top) * args.step_time) + 1}s"
     for flag, value in (("--users", args.users), ("--spawn-rate", args.spawn_rate), ("--run-time", run_time)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -245,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     scraper = Scraper({"triton": args.triton_metrics, "gateway": gateway_metrics}, out / "metrics.jsonl")
     scraper.start()
     if args.shape == "step":
-        steps = -(-record["users"] // args.step_users) if record["users"] else "?"
+        steps = step_count(args.step_users, record["users"]) if record["users"] else "?"
         print(f"step load: +{args.step_users} users every {args.step_time:g} s up to {record['users']} "
               f"({steps} steps)", flush=True)
     if args.ui:
@@ -277,7 +279,7 @@ def _timeout(args: argparse.Namespace, record: dict) -> float | None:
         return None
     run_s = _timespan_s(record["run_time"])
     if args.shape == "step" and record["users"]:
-        shape_s = -(-record["users"] // args.step_users) * args.step_time
+        shape_s = step_count(args.step_users, record["users"]) * args.step_time
         run_s = min(run_s, shape_s) if run_s else shape_s
     return (run_s or 3600) + 120
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import httpx
 
+from loadtest.scenario import multipart_body
 from loadtest.stack import (
     GatewayProc,
     LockHolder,
@@ -419,16 +420,10 @@ async def locked_then_released(url: str, data: bytes, release: Callable[[], obje
     }
 
 
-def multipart(data: bytes, boundary: str = "imgsearchflood", filename: str = "q.jpg") -> tuple[bytes, str]:
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 async def _half_sent_search(host: str, port: int, data: bytes, sent: asyncio.Event, go: asyncio.Event,
                             timeout_s: float) -> Reply:
     """Headers and half the body now, the rest once ``go`` is set; then read the whole answer."""
-    body, ctype = multipart(data)
+    body, ctype = multipart_body("q.jpg", data, "image/jpeg")
     head = (f"POST /v1/search?top_k=3 HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     t0 = time.monotonic()

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .scenario import SHED_PREFIX
+
 REQUEST_LOG = "requests.csv"
 METRICS = "metrics.jsonl"
 RUN = "run.json"
@@ -124,8 +126,8 @@ def read_request_log(path: str | Path) -> RequestLog:
         for r in csv.DictReader(f):
             try:
                 name = r["name"]
-                if name.startswith("shed:"):
-                    name = name[len("shed:"):]
+                if name.startswith(SHED_PREFIX):
+                    name = name[len(SHED_PREFIX):]
                 rows.append((float(r["end"]), float(r["ms"]), int(r["users"]), f"{r['method']} {name}",
                              r["outcome"], int(r["status"] or 0), r.get("error") or "", r.get("state") or ""))
             except (KeyError, ValueError):
@@ -444,6 +446,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     pts = [(r["t"], r[key]) for r in rows if r.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -471,9 +479,7 @@ def plot_latency(summary: dict, path: Path, slo: dict) -> None:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
     ax.set_title("Latency percentiles over time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_throughput(summary: dict, path: Path) -> None:
@@ -511,9 +517,7 @@ def plot_throughput(summary: dict, path: Path) -> None:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, ncol=2)
     ax.set_title("Throughput vs users")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_outcomes(summary: dict, path: Path) -> None:
@@ -548,9 +552,7 @@ def plot_outcomes(summary: dict, path: Path) -> None:
         axb.set_xticks([])
         axb.set_yticks([])
     axb.set_title("Error and shed mix", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_triton(summary: dict, path: Path) -> None:
@@ -578,9 +580,7 @@ def plot_triton(summary: dict, path: Path) -> None:
     axq.set_ylabel("ms")
     for a in (ax, axq):
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_stages(summary: dict, path: Path) -> None:
@@ -612,9 +612,7 @@ def plot_stages(summary: dict, path: Path) -> None:
     ax.set_ylabel("ms")
     ax.grid(alpha=0.3)
     axb.set_title("whole run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_plots(summary: dict, out_dir: Path) -> dict[str, str]:

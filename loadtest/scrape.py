@@ -39,8 +39,6 @@ KEEP_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 DROP_SUFFIXES = ("_bucket", "_created")
 
-Sample = tuple[str, frozenset, float]
-
 
 def select_samples(text: str, prefixes: Iterable[str]) -> list[list]:
     """``[[name, {labels}, value], ...]`` for the metric families the report uses."""

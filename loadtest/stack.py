@@ -25,7 +25,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+
+from imgsearch.triton_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "resnet152"  # the served name (tests export a resnet18 under it)
@@ -71,9 +74,9 @@ def release_lite(path: str | Path) -> None:
 
 
 def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, model: str = MODEL,
-                 collection: str = COLLECTION, extra: Sequence = ()) -> dict[str, int]:
-    """Encode every .jpg image under ``root`` through Triton and upsert it (plus ``extra``
-    ready-made rows); rel path -> id. Labels follow the indexer's folder rule."""
+                 collection: str = COLLECTION, extra: Sequence = (), limit: int | None = None) -> dict[str, int]:
+    """Encode every .jpg image under ``root`` (the first ``limit``) through Triton and upsert it
+    (plus ``extra`` ready-made rows); rel path -> id. Labels follow the indexer's folder rule."""
     import numpy as np
 
     from imgsearch.imaging import decode_image, sniff_format
@@ -83,9 +86,10 @@ def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, mode
     from imgsearch.triton_client import TritonEncoder
 
     card = read_card(repo, model)
-    files = sorted(p for p in root.rglob("*.jpg")
-                   if p.is_file() and not p.is_symlink() and sniff_format(p.read_bytes()[:16]))
-    blobs = [p.read_bytes() for p in files]
+    paths = sorted(p for p in root.rglob("*.jpg") if p.is_file() and not p.is_symlink())
+    read = ((p, p.read_bytes()) for p in paths)  # each file read once; past ``limit``, never
+    picked = list(islice(((p, b) for p, b in read if sniff_format(b)), limit))
+    files, blobs = [p for p, _ in picked], [b for _, b in picked]
     pixels = np.stack([decode_image(b) for b in blobs])
 
     async def encode() -> np.ndarray:
@@ -109,12 +113,6 @@ def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, mode
         if is_lite(str(milvus_uri)):
             release_lite(milvus_uri)
     return {r.path: r.id for r in rows}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
