@@ -6,9 +6,12 @@ import re
 import urllib.request
 from dataclasses import dataclass
 
-# labels are optional (a gauge like ``imgsearch_inflight_requests 3.0`` has none); a trailing
+# labels are optional (a gauge like ``imgsearch_inflight_requests 3.0`` has none); a label
+# value may hold "}" (the gateway's route="/v1/images/{id}") or escaped quotes; a trailing
 # timestamp is allowed; the value may be NaN or +Inf
-_LINE = re.compile(r'^(\w+)(?:\{([^}]*)\})?\s+(\S+)(?:\s+-?\d+)?$')
+_VALUE = r'"(?:[^"\\]|\\.)*"'
+_LINE = re.compile(r'^([a-zA-Z_:][\w:]*)(?:\{((?:[^"}]|' + _VALUE + r')*)\})?\s+(\S+)(?:\s+-?\d+)?$')
+_LABEL = re.compile(r'(\w+)=(' + _VALUE + ')')
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:
@@ -20,10 +23,15 @@ def parse_prometheus(text: str) -> dict[tuple[str, frozenset], float]:
                 value = float(m.group(3))
             except ValueError:
                 continue
-            labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'\w+="[^"]*"', m.group(2) or ""))
-            labels = frozenset((k, v.strip('"')) for k, v in labels)
+            labels = frozenset((k, v[1:-1]) for k, v in _LABEL.findall(m.group(2) or ""))
             out[(m.group(1), labels)] = value
     return out
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+    return sum(v for (n, have), v in parse_prometheus(text).items()
+               if n == name and all(dict(have).get(k) == want for k, want in labels.items()))
 
 
 @dataclass
