@@ -83,3 +83,47 @@ def truncated_jpeg(seed: int = 1) -> bytes:
 
 def random_pixels(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+
+
+def image_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    """``im`` saved as ``fmt`` with Pillow's save options ``kw`` (quality, exif, save_all, ...)."""
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def load_module(path: Path, name: str):
+    """Import a Python file that is not on sys.path (a Triton model.py template, a test module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_tiny_queue_repo(src: Path, dest: Path, model: str = "resnet152") -> Path:
+    """A copy of ``src``'s model whose CPU config batches one request and queues at most 2:
+    a handful of concurrent requests overflows Triton's queue."""
+    import dataclasses
+    import shutil
+
+    from export.triton_config import CPU_DEFAULTS, cpu_config
+    from imgsearch.model_card import read_card
+
+    shutil.copytree(src / model, dest / model)
+    opts = dataclasses.replace(CPU_DEFAULTS, max_batch_size=1, preferred=(1,), max_queue_size=2, queue_delay_us=0)
+    (dest / model / "configs" / "cpu.pbtxt").write_text(cpu_config(read_card(dest, model), opts))
+    return dest
+
+
+def check_decode_or_typed_error(data: bytes) -> None:
+    """The decoder's contract for any bytes: a 224x224x3 uint8 image, or one of the typed image errors."""
+    from imgsearch.errors import ImageError
+    from imgsearch.imaging import decode_image
+
+    try:
+        out = decode_image(data, max_pixels=4_000_000)
+    except ImageError:
+        return
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8

@@ -10,12 +10,12 @@ Triton's documented list (a CPU server does not export them).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+from helpers import load_module
 
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats
@@ -26,10 +26,7 @@ _UNIT = Path(__file__).resolve().parents[1] / "unit" / "test_deploy.py"
 
 def _deploy_checks():
     """The dashboard parsing helpers of the unit test module (one parser, not two)."""
-    spec = importlib.util.spec_from_file_location("deploy_checks", _UNIT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(_UNIT, "deploy_checks")
 
 
 def exported(metrics_url: str) -> dict[str, set[str]]:

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import bomb_png, jpeg_bytes, png_bytes, shape_image, truncated_jpeg
+from helpers import (
+    bomb_png,
+    image_bytes,
+    jpeg_bytes,
+    load_module,
+    png_bytes,
+    shape_image,
+    truncated_jpeg,
+)
 from PIL import Image
 
 from export.triton_config import PREPROCESS_CPU, preprocess_config
@@ -35,15 +41,11 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "export" / "templates" / "prepr
 def exif_jpeg(im: Image.Image, orientation: int) -> bytes:
     ex = Image.Exif()
     ex[0x0112] = orientation
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90, exif=ex.tobytes())
-    return buf.getvalue()
+    return image_bytes(im, "JPEG", quality=90, exif=ex.tobytes())
 
 
 def progressive_jpeg(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90, progressive=True)
-    return buf.getvalue()
+    return image_bytes(im, "JPEG", quality=90, progressive=True)
 
 
 def sample_files() -> dict[str, bytes]:
@@ -164,10 +166,7 @@ def test_torchvision_decoder_agrees_with_pillow_within_tolerance(tv_triton, repo
 
 
 def load_preprocess_module():
-    spec = importlib.util.spec_from_file_location("preprocess_model", TEMPLATE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(TEMPLATE, "preprocess_model")
 
 
 def test_torchvision_decoder_pixels_match_pillow_and_orientation():

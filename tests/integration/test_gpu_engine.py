@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from helpers import random_pixels
+from helpers import load_module, random_pixels
 
 from export.model import mlp_head
 from export.onnx_export import export_model
@@ -104,10 +103,7 @@ def test_parity_gate_refuses_weights_that_disagree_with_the_onnx(tmp_path, repo1
 
 
 def load_engine_module(model_dir: Path):
-    spec = importlib.util.spec_from_file_location("encoder_model", model_dir / "1" / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(model_dir / "1" / "model.py", "encoder_model")
 
 
 def test_torch_engine_rebuilds_heads_and_embedding_kinds(tmp_path):
@@ -135,10 +131,8 @@ def test_torch_engine_rebuilds_heads_and_embedding_kinds(tmp_path):
 
 
 def test_pieces_cover_the_batch_in_order():
-    spec = importlib.util.spec_from_file_location(
-        "encoder_template", Path(__file__).resolve().parents[2] / "export" / "templates" / "encoder_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_module(Path(__file__).resolve().parents[2] / "export" / "templates" / "encoder_model.py",
+                      "encoder_template")
     parts = [torch.arange(n) + 100 * i for i, n in enumerate([3, 9, 1, 4])]
     pieces = mod.TorchEncoder._pieces(parts, 8)
     assert [sum(len(p) for p in piece) for piece in pieces] == [8, 8, 1]

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import random_pixels
+from helpers import make_tiny_queue_repo, random_pixels
 
 from imgsearch.errors import LauncherError, TritonInvalidInput, TritonOverloaded, TritonUnavailable
 from imgsearch.triton_client import TritonEncoder
@@ -97,16 +97,7 @@ def test_unreachable_triton_is_unavailable():
 @pytest.fixture(scope="module")
 def tiny_queue_repo(tmp_path_factory, repo18):
     """Same model, but a queue of 2 and one request per batch: easy to overflow."""
-    import dataclasses
-
-    from export.triton_config import CPU_DEFAULTS, cpu_config
-    from imgsearch.model_card import read_card
-
-    repo = tmp_path_factory.mktemp("tinyq")
-    shutil.copytree(repo18 / MODEL, repo / MODEL)
-    opts = dataclasses.replace(CPU_DEFAULTS, max_batch_size=1, preferred=(1,), max_queue_size=2, queue_delay_us=0)
-    (repo / MODEL / "configs" / "cpu.pbtxt").write_text(cpu_config(read_card(repo, MODEL), opts))
-    return repo
+    return make_tiny_queue_repo(repo18, tmp_path_factory.mktemp("tinyq"), MODEL)
 
 
 def test_flood_past_max_queue_size_is_rejected_and_server_stays_ready(tiny_queue_repo):

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, shape_image
+from helpers import jpeg_bytes, make_tiny_queue_repo, shape_image
 from stack import gateway_env, start_gateway
 
 from imgsearch.triton_server import LocalTriton, free_port
@@ -61,18 +61,9 @@ def test_triton_down_gives_503_and_recovers_without_gateway_restart(tmp_path, re
 
 def test_triton_queue_full_is_503_overloaded_and_counted(tmp_path, repo18):
     """A model config with a queue of 2 and batch size 1: a burst overflows Triton's queue."""
-    import dataclasses
-    import shutil
     from concurrent.futures import ThreadPoolExecutor
 
-    from export.triton_config import CPU_DEFAULTS, cpu_config
-
-    from imgsearch.model_card import read_card
-
-    repo = tmp_path / "repo"
-    shutil.copytree(repo18 / "resnet152", repo / "resnet152")
-    opts = dataclasses.replace(CPU_DEFAULTS, max_batch_size=1, preferred=(1,), max_queue_size=2, queue_delay_us=0)
-    (repo / "resnet152" / "configs" / "cpu.pbtxt").write_text(cpu_config(read_card(repo, "resnet152"), opts))
+    repo = make_tiny_queue_repo(repo18, tmp_path / "repo")
     root = tmp_path / "images"
     root.mkdir()
     with LocalTriton(repo, "cpu", exit_timeout_s=2) as triton:

@@ -34,6 +34,7 @@ import pytest
 from fastapi import Request
 
 from imgsearch.imaging import decode_image
+from imgsearch.triton_metrics import metric_sum
 from loadtest.stack import (
     REPO_ROOT,
     MilvusServer,
@@ -79,9 +80,7 @@ def _triton_conns(proc: psutil.Process, triton_port: int) -> list[tuple[str, int
 
 
 def _search_count(metrics_text: str) -> int:
-    m = re.search(r'^imgsearch_requests_total\{route="/v1/search",status="200"\} ([0-9.e+]+)$',
-                  metrics_text, re.M)
-    return int(float(m.group(1))) if m else 0
+    return int(metric_sum(metrics_text, "imgsearch_requests_total", route="/v1/search", status="200"))
 
 
 async def _burst(url: str, n: int, start: int) -> list[httpx.Response]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from imgsearch.store import VectorStore, content_id
+from loadtest.stack import release_lite
 
 
 def subprocess_index(root: Path, env: dict[str, str], *options: str, cwd: Path) -> subprocess.Popen:
@@ -15,13 +16,6 @@ def subprocess_index(root: Path, env: dict[str, str], *options: str, cwd: Path) 
     return subprocess.Popen(
         [sys.executable, "-m", "imgsearch.cli", "index", str(root), "--no-progress", *options],
         env=full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def release_lite(uri: str) -> None:
-    """Stop this process's Milvus Lite server for ``uri`` so another process may open the file."""
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(uri)
 
 
 def open_store(uri: str, collection: str = "images") -> VectorStore:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from helpers import image_bytes, jpeg_bytes, png_bytes, shape_image
 from idx_support import entries_and_check, open_store, release_lite
-from helpers import jpeg_bytes, png_bytes, shape_image
 from PIL import Image
 
 from imgsearch.imaging import decode_image
@@ -186,14 +186,6 @@ def test_unreachable_triton_fails_fast_with_a_clear_message(dataset, env, index_
 
 
 # --- formats ----------------------------------------------------------------------------
-def _save(im: Image.Image, fmt: str, **kw) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def test_unusual_formats_are_indexed(env, index_cli, tmp_path):
     root = tmp_path / "formats"
     base = shape_image(3, 7, 120)
@@ -204,14 +196,14 @@ def test_unusual_formats_are_indexed(env, index_cli, tmp_path):
     rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (120, 1))))
     frames = [shape_image(c, 1, 80).convert("P") for c in (1, 2, 3)]
     files = {
-        "cmyk.jpg": _save(base.convert("CMYK"), "JPEG", quality=90),
-        "grey16.png": _save(Image.fromarray(a16), "PNG"),
+        "cmyk.jpg": image_bytes(base.convert("CMYK"), "JPEG", quality=90),
+        "grey16.png": image_bytes(Image.fromarray(a16), "PNG"),
         "rgba.png": png_bytes(rgba),
-        "palette.gif": _save(base.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),
-        "animated.gif": _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50),
-        "photo.webp": _save(base, "WEBP", quality=85),
-        "exif_rotated.jpg": _save(base, "JPEG", quality=90, exif=exif.tobytes()),
-        "bitmap.bmp": _save(base, "BMP"),
+        "palette.gif": image_bytes(base.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),
+        "animated.gif": image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50),
+        "photo.webp": image_bytes(base, "WEBP", quality=85),
+        "exif_rotated.jpg": image_bytes(base, "JPEG", quality=90, exif=exif.tobytes()),
+        "bitmap.bmp": image_bytes(base, "BMP"),
         "plain.jpg": jpeg_bytes(base),
     }
     (root / "odd").mkdir(parents=True)

@@ -16,9 +16,6 @@ from helpers import make_dataset
 
 from loadtest.stack import gateway_env, index_images, start_gateway
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-MODEL = "resnet152"
-COLLECTION = "images"
 MAX_INFLIGHT = 3  # low on purpose: the runs below go past it, so the gateway sheds for real
 
 
@@ -30,11 +27,6 @@ class Stack:
     queries: Path  # query images (not indexed: other seeds)
     indexed: int
     log_path: Path
-
-
-def index(root: Path, db: Path, triton_grpc: str, repo: Path) -> int:
-    """Fill the Milvus Lite dir through Triton (the harness the reliability tests use too)."""
-    return len(index_images(root, str(db), triton_grpc, repo, MODEL, COLLECTION))
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90.0) -> None:
@@ -62,7 +54,7 @@ def stack(repo18, triton, tmp_path_factory):
     make_dataset(images, classes=6, per_class=6, seed=0)
     make_dataset(queries, classes=6, per_class=2, seed=1)
     db = root / "milvus.db"
-    n = index(images, db, triton.grpc_url, repo18)
+    n = len(index_images(images, str(db), triton.grpc_url, repo18))  # the harness the reliability tests use too
 
     env = gateway_env(repo18, triton.grpc_url, db, images, max_inflight=MAX_INFLIGHT)
     gw = start_gateway(env, log_level="warning", log_path=root / "gateway.log", startup_timeout_s=90.0)

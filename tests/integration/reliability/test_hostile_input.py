@@ -9,7 +9,6 @@ tEXt chunk), so "the log never holds image bytes" can be checked for raw, hex an
 from __future__ import annotations
 
 import base64
-import io
 import os
 import select
 import socket
@@ -22,10 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import bomb_png, shape_image
+from helpers import bomb_png, image_bytes, shape_image
 from PIL import Image, PngImagePlugin
 
-from loadtest.flood import RssSampler, metric
+from imgsearch.triton_metrics import metric_sum
+from loadtest.flood import RssSampler
 
 pytestmark = pytest.mark.integration
 
@@ -41,23 +41,13 @@ ESCAPE_NAME = f"rel-escape-{uuid.uuid4().hex[:12]}.jpg"
 # --- the corpus ---------------------------------------------------------------------------
 
 def jpeg(im: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90, comment=MARK, **kw)
-    return buf.getvalue()
+    return image_bytes(im, "JPEG", quality=90, comment=MARK, **kw)
 
 
 def png(im: Image.Image) -> bytes:
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", MARK.decode())
-    buf = io.BytesIO()
-    im.save(buf, "PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def save(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
+    return image_bytes(im, "PNG", pnginfo=info)
 
 
 def flip_crc(data: bytes, chunk: bytes) -> bytes:
@@ -84,9 +74,7 @@ def exif_rotated() -> bytes:
 
 def animated_gif() -> bytes:
     frames = [shape_image(c, 40 + c, 96).convert("P") for c in range(3)]
-    buf = io.BytesIO()
-    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0, comment=MARK)
-    return buf.getvalue()
+    return image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0, comment=MARK)
 
 
 @dataclass
@@ -120,19 +108,20 @@ def corpus() -> list[Case]:
              "q.svg", "image/svg+xml"),
         Case("PDF", b"%PDF-1.4\n% " + MARK + b"\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF",
              415, "unsupported_media_type", "q.pdf", "application/pdf"),
-        Case("TIFF", save(base, "TIFF", description=MARK.decode()), 415, "unsupported_media_type", "q.tif", "image/tiff"),
+        Case("TIFF", image_bytes(base, "TIFF", description=MARK.decode()), 415, "unsupported_media_type", "q.tif",
+             "image/tiff"),
         Case("JPEG sent as text/plain", good_jpeg, 200, None, "notes.txt", "text/plain"),
         Case("filename with ../", good_jpeg, 200, None, f"../../../../../tmp/{ESCAPE_NAME}"),
         Case("1x1 px", png(Image.new("RGB", (1, 1), (200, 10, 10))), 200, None, "q.png", "image/png"),
         # valid but unusual: all accepted
         Case("CMYK JPEG", jpeg(base.convert("CMYK")), 200),
-        Case("16-bit PNG", save(Image.fromarray(np.asarray(shape_image(4, 3, 96).convert("L"), np.uint16) * 257),
-                                "PNG"), 200, None, "q.png", "image/png"),
+        Case("16-bit PNG", image_bytes(Image.fromarray(np.asarray(shape_image(4, 3, 96).convert("L"), np.uint16) * 257),
+                                       "PNG"), 200, None, "q.png", "image/png"),
         Case("RGBA PNG", png(base.convert("RGBA")), 200, None, "q.png", "image/png"),
         Case("palette PNG", png(base.convert("P")), 200, None, "q.png", "image/png"),
-        Case("palette GIF", save(base.convert("P"), "GIF", comment=MARK), 200, None, "q.gif", "image/gif"),
+        Case("palette GIF", image_bytes(base.convert("P"), "GIF", comment=MARK), 200, None, "q.gif", "image/gif"),
         Case("animated GIF", animated_gif(), 200, None, "q.gif", "image/gif"),
-        Case("WebP", save(base, "WEBP", quality=80), 200, None, "q.webp", "image/webp"),
+        Case("WebP", image_bytes(base, "WEBP", quality=80), 200, None, "q.webp", "image/webp"),
         Case("EXIF-rotated JPEG", exif_rotated(), 200),
     ]
 
@@ -228,7 +217,7 @@ def mark_forms() -> list[bytes]:
 
 
 def server_errors(metrics_text: str) -> float:
-    return sum(metric(metrics_text, "imgsearch_requests_total", status=str(s)) for s in range(500, 600))
+    return sum(metric_sum(metrics_text, "imgsearch_requests_total", status=str(s)) for s in range(500, 600))
 
 
 # --- the test -----------------------------------------------------------------------------
@@ -275,7 +264,7 @@ def test_hostile_corpus_documented_answers_bounded_memory_nothing_stored_nothing
         assert c.post("/v1/search", files={"file": ("q.jpg", good, "image/jpeg")}).status_code == 200
 
     assert server_errors(m_after) - server_errors(m_before) == 0
-    assert metric(m_after, "imgsearch_errors_total", code="internal") == 0
+    assert metric_sum(m_after, "imgsearch_errors_total", code="internal") == 0
     print(f"\nRSS baseline {rss.baseline / 2**20:.1f} MiB, peak {rss.peak / 2**20:.1f} MiB "
           f"(+{rss.growth_mib:.1f} MiB, bound {RSS_BOUND_MIB}), {rss.samples} samples; "
           f"64 MiB bodies sent before the 413: {huge}")

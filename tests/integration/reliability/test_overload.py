@@ -8,16 +8,17 @@ same code) and assert bounds on what they measured.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
-import shutil
-from pathlib import Path
 
 import pytest
+from helpers import make_tiny_queue_repo
 
+from imgsearch.triton_metrics import metric_sum
 from imgsearch.triton_server import LocalTriton
-from loadtest.flood import flood, metric, scrape, triton_queue
+from loadtest.flood import flood, scrape, triton_queue
 from loadtest.stack import (
+    MODEL,
+    REPO_ROOT,
     backend_bound_repo,
     gateway_env,
     index_images,
@@ -27,10 +28,8 @@ from loadtest.stack import (
 
 pytestmark = pytest.mark.integration
 
-MODEL = "resnet152"
 MAX_INFLIGHT = 4  # IMGSEARCH_MAX_INFLIGHT of main_gw and flood_gw
 RSS_BOUND_MIB = 64
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def p99_bound_s(single_s: float, max_inflight: int) -> float:
@@ -70,8 +69,8 @@ def test_flood_at_10x_capacity_sheds_with_retry_after_and_recovers(flood_gw):
     assert res["503_without_retry_after"] == 0
     assert {r.code for r in replies if r.status == 503} == {"overloaded"}
     # every shed is counted, under its reason
-    shed = sum(metric(after, "imgsearch_shed_total", reason=r) - metric(before, "imgsearch_shed_total", reason=r)
-               for r in ("inflight", "triton_overloaded"))
+    shed = sum(metric_sum(after, "imgsearch_shed_total", reason=r)
+               - metric_sum(before, "imgsearch_shed_total", reason=r) for r in ("inflight", "triton_overloaded"))
     assert shed == res["by_status"]["503"]
 
     bound = p99_bound_s(res["single_p50_ms"] / 1000.0, MAX_INFLIGHT)
@@ -83,13 +82,7 @@ def test_flood_at_10x_capacity_sheds_with_retry_after_and_recovers(flood_gw):
 @pytest.fixture(scope="module")
 def tiny_queue_triton(tmp_path_factory, repo18):
     """The test model, one request per batch and a queue of 2: easy to overflow."""
-    from export.triton_config import CPU_DEFAULTS, cpu_config
-    from imgsearch.model_card import read_card
-
-    repo = tmp_path_factory.mktemp("tinyq")
-    shutil.copytree(repo18 / MODEL, repo / MODEL)
-    opts = dataclasses.replace(CPU_DEFAULTS, max_batch_size=1, preferred=(1,), max_queue_size=2, queue_delay_us=0)
-    (repo / MODEL / "configs" / "cpu.pbtxt").write_text(cpu_config(read_card(repo, MODEL), opts))
+    repo = make_tiny_queue_repo(repo18, tmp_path_factory.mktemp("tinyq"), MODEL)
     with LocalTriton(repo, "cpu", exit_timeout_s=2) as server:
         yield server
 
