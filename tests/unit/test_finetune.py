@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import urllib.request
 
 import pytest
 import torch
@@ -103,6 +104,9 @@ def test_imagenet_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # urlopen caches one opener, proxies and all, for the whole process: without this the dead
+    # proxy outlives the test and later loopback requests (loadtest's /healthz check) are refused
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(CheckpointError, match="could not download torchvision's resnet18 ImageNet weights.*--weights random"):
         build_model("imagenet", "resnet18", 3, 0.2, seed=0)
 
