@@ -58,8 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
         labels = read_labels(settings.model_repository, settings.model_name) if card.has_probs else []
         encoder = TritonEncoder(settings.triton_url, settings.model_name, settings.triton_protocol,
                                 timeout_s=settings.triton_timeout_s, ensemble_name=settings.ensemble_name)
-        token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-        store = VectorStore(settings.milvus_uri, settings.collection, token=token)
+        store = VectorStore.from_settings(settings)
         rt = Runtime(settings, card, labels, encoder, store, metrics)
         try:
             await rt.open_store()

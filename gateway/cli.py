@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 s.model_repository, s.model_config_name, http_port=s.local_triton_http_port,
                 grpc_port=s.local_triton_grpc_port, metrics_port=s.local_triton_metrics_port,
                 exit_timeout_s=s.triton_exit_timeout_s))
-            triton_url = triton.grpc_url if s.triton_protocol == "grpc" else f"127.0.0.1:{triton.http_port}"
+            triton_url = triton.client_url(s.triton_protocol)
             log.info("triton ready: grpc %s  http %s  metrics %s  (log %s)",
                      triton.grpc_url, triton.http_url, triton.metrics_url, triton.log_path)
         # the factory (and every worker) reads its settings from the environment

@@ -15,9 +15,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from imgsearch.settings import Settings
 
 from .errors import CollectionMismatch, NotFound, StoreError, StoreUnavailable
 
@@ -84,6 +87,12 @@ class VectorStore:
         self.timeout_s = timeout_s
         self._client = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, collection: str | None = None) -> VectorStore:
+        """The store ``IMGSEARCH_MILVUS_URI`` / ``_TOKEN`` / ``_COLLECTION`` name."""
+        token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+        return cls(settings.milvus_uri, collection or settings.collection, token=token)
 
     # --- the boundary ---------------------------------------------------------------
     def _connect(self):

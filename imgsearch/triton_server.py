@@ -171,6 +171,10 @@ class LocalTriton:
     def http_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    def client_url(self, protocol: str) -> str:
+        """host:port for ``TritonEncoder`` (``IMGSEARCH_TRITON_URL``) over ``grpc`` or ``http``."""
+        return self.grpc_url if protocol == "grpc" else f"{self.host}:{self.http_port}"
+
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"

@@ -73,7 +73,7 @@ def triton_endpoint(settings) -> Iterator[str]:
           f"{settings.model_repository} (config {settings.model_config_name})...", file=sys.stderr)
     with LocalTriton(settings.model_repository, settings.model_config_name,
                      exit_timeout_s=settings.triton_exit_timeout_s) as server:
-        yield server.grpc_url if settings.triton_protocol == "grpc" else f"{server.host}:{server.http_port}"
+        yield server.client_url(settings.triton_protocol)
 
 
 def quiet_libraries() -> None:
@@ -117,8 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"imgsearch index: {e}", file=sys.stderr)
         return 2
     card = read_card(settings.model_repository, settings.model_name)
-    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-    store = VectorStore(settings.milvus_uri, args.collection or settings.collection, token=token)
+    store = VectorStore.from_settings(settings, args.collection)
     workers = args.workers or default_workers()
     pool = start_workers(workers)  # spawning while Milvus and Triton start
     try:

@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = Settings()
     quiet_libraries()
-    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-    store = VectorStore(settings.milvus_uri, args.collection or settings.collection, token=token)
+    store = VectorStore.from_settings(settings, args.collection)
     try:
         if not store.exists():
             print(f"no collection {store.collection!r} at {store.uri}", file=sys.stderr)

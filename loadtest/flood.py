@@ -55,7 +55,7 @@ from typing import Any
 
 import httpx
 
-from imgsearch.triton_metrics import metric_sum as metric  # noqa: F401 - the tests read it from here
+from imgsearch.triton_metrics import metric_sum
 from loadtest.scenario import multipart_body
 from loadtest.stack import (
     GatewayProc,
@@ -302,7 +302,7 @@ async def triton_queue(url: str, data: bytes, n: int = 40) -> dict[str, Any]:
     after = await scrape(url)
 
     def delta(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     return {**summarize(replies),
             "shed_triton_overloaded": delta("imgsearch_shed_total", reason="triton_overloaded"),
@@ -449,7 +449,7 @@ async def graceful_shutdown(gw: "GatewayProc", data: bytes, n: int = 8, hold_s: 
 
     async def all_inside() -> bool:
         nonlocal inflight
-        inflight = metric(await scrape(gw.url), "imgsearch_inflight_requests")
+        inflight = metric_sum(await scrape(gw.url), "imgsearch_inflight_requests")
         return inflight >= n
 
     await until(all_inside, 10.0)
