@@ -25,6 +25,7 @@ from imgsearch.imaging import DEFAULT_MAX_PIXELS
 from imgsearch.model_card import (
     CARD_FILE,
     EMBEDDING_NAME,
+    ENSEMBLE_NAME,
     INPUT_NAME,
     LABELS_FILE,
     PROBS_NAME,
@@ -36,7 +37,6 @@ from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel
 from .templates.encoder_model import WEIGHTS_FORMAT, parity_images
 from .triton_config import (
     CPU_DEFAULTS,
-    ENSEMBLE_NAME,
     GPU_DEFAULTS,
     GPU_PYTHON_DEFAULTS,
     PREPROCESS_CPU,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from imgsearch.model_card import (
     BYTES_INPUT,
     EMBEDDING_NAME,
+    ENSEMBLE_NAME,
     INPUT_NAME,
     PROBS_NAME,
     ModelCard,
@@ -114,7 +115,6 @@ def cpu_config(card: ModelCard, b: BatchingOptions = CPU_DEFAULTS, intra_op_thre
 GPU_PYTHON_DEFAULTS = BatchingOptions(max_batch_size=128, preferred=(32, 64, 128), queue_delay_us=2000,
                                       max_queue_size=1024, instances=2)
 PREPROCESS_NAME = "preprocess"
-ENSEMBLE_NAME = "image_search"
 PREPROCESS_CPU = BatchingOptions(max_batch_size=64, preferred=(8, 16, 32), queue_delay_us=2000,
                                  max_queue_size=256, instances=2)
 PREPROCESS_GPU = BatchingOptions(max_batch_size=128, preferred=(32, 64, 128), queue_delay_us=2000,

@@ -16,6 +16,7 @@ from .errors import ModelRepositoryError
 
 INPUT_NAME = "images"
 BYTES_INPUT = "image_bytes"  # the image_search ensemble's input: encoded files, BYTES [N, 1]
+ENSEMBLE_NAME = "image_search"  # preprocess (decode in Triton) -> the encoder
 EMBEDDING_NAME = "embedding"
 PROBS_NAME = "probs"
 CARD_FILE = "model_card.json"

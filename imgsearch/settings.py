@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .model_card import ENSEMBLE_NAME
+
 
 class Settings(BaseSettings):
     """Settings shared by the gateway, the indexer, the exporter and the load tests.
@@ -34,7 +36,7 @@ class Settings(BaseSettings):
     triton_retries: int = Field(5, description="retries with backoff when Triton's queue is full (indexer)")
     model_repository: Path = Path("model_repository")
     model_name: str = "resnet152"
-    ensemble_name: str = "image_search"
+    ensemble_name: str = ENSEMBLE_NAME
     model_config_name: str = Field("cpu", description="configs/<name>.pbtxt for the local tritonserver")
     local_triton_http_port: int = 8100
     local_triton_grpc_port: int = 8101

@@ -28,7 +28,13 @@ from .errors import (
     TritonUnavailable,
     UnsupportedImage,
 )
-from .model_card import BYTES_INPUT, EMBEDDING_NAME, INPUT_NAME, PROBS_NAME
+from .model_card import (
+    BYTES_INPUT,
+    EMBEDDING_NAME,
+    ENSEMBLE_NAME,
+    INPUT_NAME,
+    PROBS_NAME,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,7 @@ class TritonEncoder:
         model_name: str = "resnet152",
         protocol: str = "grpc",
         timeout_s: float = 30.0,
-        ensemble_name: str = "image_search",
+        ensemble_name: str = ENSEMBLE_NAME,
     ) -> None:
         self.url = url
         self.model_name = model_name
