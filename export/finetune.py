@@ -1,9 +1,11 @@
-"""Fine-tune ``layer4`` + the MLP head of a torchvision ResNet on an ImageFolder dataset.
+"""Fine-tune the last stage(s) + the MLP head of a ResNet or EfficientNet-Lite0 on an ImageFolder dataset.
 
 The original project's recipe: everything frozen except ``layer4`` and a new head
-Linear(F,256) -> ReLU -> Dropout -> Linear(256,C) (:func:`export.model.mlp_head`).
-Frozen means frozen: the frozen stages also keep their BatchNorm statistics (they run
-in eval mode), so only ``layer4.*`` and ``fc.*`` differ from the starting weights.
+Linear(F,256) -> ReLU -> Dropout -> Linear(256,C) (:func:`export.model.mlp_head`). An
+EfficientNet-Lite0 trains its last two block stages, ``conv_head`` and ``bn2`` instead of
+``layer4`` (:data:`TRAINABLE`). Frozen means frozen: the frozen stages also keep their
+BatchNorm statistics (they run in eval mode), so only the trainable modules differ from
+the starting weights.
 
 Train and serve see the same pixels: images are decoded by
 :func:`imgsearch.imaging.decode_image` (the gateway's decoder) and normalised with
@@ -40,13 +42,15 @@ from imgsearch.errors import CheckpointError, ImageError
 from imgsearch.imaging import decode_image
 
 from . import checkpoint as ckpts
+from . import pretrained
 from .checkpoint import FINETUNE_FORMAT
 from .data import DatasetError, LabelledImages, scan_folder, split_per_class
-from .model import ARCHS, build_resnet, feature_dim, mlp_head, pixel_norm
+from .model import ARCHS, build_net, feature_dim, mlp_head, pixel_norm
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = ("layer4", "fc")
+# the last stage (ResNet) or the last two (EfficientNet's seven block stages are small) + the head
+TRAINABLE = {"resnet": ("layer4", "fc"), "efficientnet": ("blocks.5", "blocks.6", "conv_head", "bn2", "fc")}
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 DECODE_MARGIN = 256 / 224  # training decodes a bit larger, then crops
@@ -57,7 +61,7 @@ class FinetuneConfig:
     data: Path
     out: Path = Path("finetune.pt")
     arch: str | None = None  # None: resnet152, or what a --weights checkpoint holds
-    weights: str = "imagenet"  # imagenet | random | PATH
+    weights: str = "auto"  # auto | packaged | imagenet | random | PATH
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -153,10 +157,16 @@ def build_model(weights: str, arch: str | None, num_classes: int, dropout: float
     names where the checkpoint records them); otherwise the head is new.
     """
     torch.manual_seed(seed)
-    if weights == "random":
+    weights, arch = pretrained.resolve(weights, arch)
+    if weights == pretrained.PACKAGED:
+        if arch not in (None, ckpts.PACKAGED_ARCH):
+            raise CheckpointError(f"--weights packaged is an {ckpts.PACKAGED_ARCH}, not a {arch}: leave out --arch")
+        net, _, tag, _ = ckpts.packaged_model()
+        arch = ckpts.PACKAGED_ARCH
+    elif weights == "random":
         arch = arch or "resnet152"
-        return build_resnet(arch, "mlp", num_classes, dropout=dropout), arch, f"random:{seed}"
-    if weights == "imagenet":
+        return build_net(arch, "mlp", num_classes, dropout=dropout), arch, f"random:{seed}"
+    elif weights == "imagenet":
         arch = arch or "resnet152"
         net, _, tag = ckpts.imagenet_model(arch)  # offline: CheckpointError with the fix
     else:
@@ -173,28 +183,38 @@ def build_model(weights: str, arch: str | None, num_classes: int, dropout: float
     return net, arch, tag
 
 
+def trainable_modules(model: nn.Module) -> tuple[str, ...]:
+    """The module paths fine-tuning trains: ``layer4`` + ``fc`` of a ResNet, the last two stages + head of an EfficientNet."""
+    return TRAINABLE["efficientnet" if hasattr(model, "blocks") else "resnet"]
+
+
+def _is_trainable(key: str, modules: tuple[str, ...]) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in modules)
+
+
 def freeze_for_finetune(model: nn.Module) -> tuple[int, int]:
-    """Freeze everything but ``layer4`` and ``fc``; return (trainable, total) parameter counts."""
+    """Freeze everything but :func:`trainable_modules`; return (trainable, total) parameter counts."""
+    modules = trainable_modules(model)
     for name, p in model.named_parameters():
-        p.requires_grad = name.split(".", 1)[0] in TRAINABLE
+        p.requires_grad = _is_trainable(name, modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    expected = sum(p.numel() for m in TRAINABLE for p in getattr(model, m).parameters())
+    expected = sum(p.numel() for m in modules for p in model.get_submodule(m).parameters())
     if trainable != expected or trainable == 0:  # a self-check, kept in optimised runs too
         raise RuntimeError(f"freezing went wrong: {trainable} trainable parameters, expected {expected}")
     return trainable, sum(p.numel() for p in model.parameters())
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """Train mode for layer4 + head only: frozen stages keep their BatchNorm statistics."""
-    model.train()
-    for name, child in model.named_children():
-        if name not in TRAINABLE:
-            child.eval()
+    """Train mode for the trainable modules only: frozen stages keep their BatchNorm statistics."""
+    model.eval()
+    for m in trainable_modules(model):
+        model.get_submodule(m).train()
 
 
 def resume_keys(model: nn.Module) -> list[str]:
     """What changes during fine-tuning: the trainable parameters and the trainable stages' buffers."""
-    return [k for k in model.state_dict() if k.split(".", 1)[0] in TRAINABLE]
+    modules = trainable_modules(model)
+    return [k for k in model.state_dict() if _is_trainable(k, modules)]
 
 
 # --- checkpoint ------------------------------------------------------------------------
@@ -247,10 +267,10 @@ def _device(name: str) -> torch.device:
 
 
 def _run_epoch(model, loader, device, amp: bool, train: bool, opt=None, scaler=None, bar_desc: str = "",
-               progress: bool = True) -> tuple[float, float]:
+               progress: bool = True, arch: str = "resnet152") -> tuple[float, float]:
     from tqdm import tqdm
 
-    mean, std = (t.to(device) for t in pixel_norm())
+    mean, std = (t.to(device) for t in pixel_norm(arch))
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=bar_desc, unit="batch", disable=not progress, leave=train, dynamic_ncols=True)
     for images, labels in bar:
@@ -306,7 +326,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
             raise CheckpointError(f"{out} holds a {arch}, not a {cfg.arch}")
         dropout = float(previous.get("dropout", cfg.dropout))
         weights_tag = str(previous.get("weights", ""))
-        model = build_resnet(arch, "mlp", C, dropout=dropout)
+        model = build_net(arch, "mlp", C, dropout=dropout)
         model.load_state_dict(previous["state_dict"])
         model.load_state_dict({**model.state_dict(), **previous["resume"]["model"]})
     else:
@@ -401,10 +421,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
                             drop_last=len(train_ds) > cfg.batch_size, **loader_kw)
         set_train_mode(model)
         tr_loss, tr_acc = _run_epoch(model, loader, device, amp, True, opt, scaler,
-                                     f"epoch {epoch}/{cfg.epochs}", cfg.progress)
+                                     f"epoch {epoch}/{cfg.epochs}", cfg.progress, arch=arch)
         model.eval()
         if val_loader is not None:
-            va_loss, va_acc = _run_epoch(model, val_loader, device, amp, False, progress=False)
+            va_loss, va_acc = _run_epoch(model, val_loader, device, amp, False, progress=False, arch=arch)
         else:
             va_loss, va_acc = tr_loss, tr_acc  # no validation split: watch the training loss
         sched.step(va_loss)

@@ -1,7 +1,8 @@
-"""Fine-tune layer4 + the classifier head of a ResNet on labelled image folders.
+"""Fine-tune the last stage(s) + the classifier head of a ResNet or EfficientNet-Lite0 on labelled image folders.
 
 The original project's recipe: every layer frozen except layer4 and the head
-Linear(F,256) -> ReLU -> Dropout -> Linear(256,C). AdamW, ReduceLROnPlateau, early
+Linear(F,256) -> ReLU -> Dropout -> Linear(256,C). EfficientNet-Lite0 trains its last two
+block stages and head conv instead of layer4. AdamW, ReduceLROnPlateau, early
 stopping on validation loss, random-resized-crop + flip augmentation; mixed precision on
 CUDA. Images go through the gateway's decoder and the ONNX graph's normalisation, so the
 model trains on the pixels it will be served.
@@ -14,7 +15,8 @@ the state to resume); it loads with torch.load(weights_only=True) and exports wi
 `imgsearch export --weights ckpt.pt`.
 
 examples:
-  imgsearch finetune --data data/stanford-dogs/Images --out dogs.pt           # ResNet-152, ImageNet start
+  imgsearch finetune --data data/stanford-dogs/Images --out dogs.pt           # pretrained start (--weights auto)
+  imgsearch finetune --data data/images --weights packaged --epochs 3 --out demo.pt   # offline, EfficientNet-Lite0
   imgsearch finetune --data Images --out dogs.pt --resume                      # continue after a kill
   imgsearch finetune --data Images --weights resnet152_dogs.pth --epochs 3     # continue the Kaggle model
   imgsearch finetune --data shapes/ --arch resnet18 --weights random --epochs 8 --out tiny.pt
@@ -32,9 +34,12 @@ from .archs import ARCHS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root: DIR/<class>/<image>")
     p.add_argument("--arch", choices=ARCHS, default=None,
-                   help="torchvision ResNet (default: resnet152, or what a --weights checkpoint holds)")
-    p.add_argument("--weights", default="imagenet", metavar="imagenet|random|PATH",
-                   help="starting weights: torchvision ImageNet (download), random, or a checkpoint (default: %(default)s)")
+                   help="network (default: resnet152; efficientnet_lite0 for --weights packaged; "
+                        "what a --weights checkpoint holds)")
+    p.add_argument("--weights", default="auto", metavar="auto|packaged|imagenet|random|PATH",
+                   help="starting weights: auto (torchvision's ImageNet ResNet-152 when cached or downloadable, else "
+                        "the packaged ImageNet EfficientNet-Lite0), packaged, imagenet (download), random, or a "
+                        "checkpoint (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=10, help="last epoch to train (0: save the untrained model) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""Export a ResNet to ONNX for Triton, check it against PyTorch, write the model folder.
+"""Export a ResNet or EfficientNet-Lite0 to ONNX for Triton, check it against PyTorch, write the model folder.
 
 ``export_model`` is the library function; ``imgsearch export`` is a thin CLI over it
 (the timm pattern). Nothing is written unless ONNX Runtime agrees with PyTorch.
@@ -33,7 +33,8 @@ from imgsearch.model_card import (
 )
 
 from . import checkpoint as ckpts
-from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel
+from . import pretrained
+from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel, norm_constants
 from .templates.encoder_model import WEIGHTS_FORMAT, parity_images
 from .triton_config import (
     CPU_DEFAULTS,
@@ -74,6 +75,12 @@ class ExportResult:
 
 def _resolve_weights(weights: str, arch: str | None, labels: list[str] | None, dropout: float):
     """Return (net, head kind, class names, weights tag, sha, arch)."""
+    weights, arch = pretrained.resolve(weights, arch)
+    if weights == pretrained.PACKAGED:
+        if arch not in (None, ckpts.PACKAGED_ARCH):
+            raise CheckpointError(f"--weights packaged is an {ckpts.PACKAGED_ARCH}, not a {arch}: leave out --arch")
+        net, names, tag, sha = ckpts.packaged_model()
+        return net, "linear", names, tag, sha, ckpts.PACKAGED_ARCH
     if weights == "random":
         arch = arch or "resnet152"
         net = ckpts.random_model(arch, RANDOM_SEED)
@@ -159,7 +166,7 @@ def export_model(
         raise ValueError(f"precision must be fp32 or fp16, not {precision}")
     net, head, class_names, tag, sha, arch = _resolve_weights(weights, arch, labels, dropout)
     head_kind: HeadKind = head
-    reference = ServingModel(net, head_kind, embedding, half=False).eval()
+    reference = ServingModel(net, head_kind, embedding, half=False, arch=arch).eval()
     served = reference
     if precision == "fp16":
         import copy
@@ -229,8 +236,10 @@ def _save_serving_weights(reference: torch.nn.Module, arch: str, embedding: str,
     hidden = int(reference.fc[0].out_features) if head == "mlp" else 0
     state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in reference.state_dict().items()}
+    mean, std = norm_constants(arch)
     torch.save({"format": WEIGHTS_FORMAT, "arch": arch, "head": head, "embedding": embedding,
-                "num_classes": num_classes, "hidden": hidden, "state_dict": state}, path)
+                "num_classes": num_classes, "hidden": hidden, "mean": list(mean), "std": list(std),
+                "state_dict": state}, path)
 
 
 def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, gpu_max_batch: int,

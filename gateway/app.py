@@ -75,7 +75,8 @@ def create_app(settings: Settings) -> FastAPI:
                 log.warning("model card promises 'probs' but Triton's model has no such output")
             await rt.decide_input()  # bytes mode and no usable ensemble: warns, decodes here
         app.state.runtime = rt
-        app.state.index_html = page.render_index(card.name, card.arch, card.untrained, settings.max_upload_bytes)
+        app.state.index_html = page.render_index(card.name, card.arch, card.weights_description, card.untrained,
+                                                   settings.max_upload_bytes)
         mode = {True: "file bytes", False: "pixels", None: "bytes once Triton is ready"}[rt.use_bytes]
         log.info("gateway ready: model %s (%s, %d-d%s), Triton %s (input: %s), Milvus %s/%s, image root %s",
                  card.name, card.arch, card.embedding_dim, ", untrained" if card.untrained else "",

@@ -4,9 +4,11 @@
     python -m gateway.demo example-image DIR            # prints one image path under DIR
 
 ``card-matches`` reads the model card the exporter wrote: ``random`` matches random weights
-of that arch, ``imagenet`` torchvision's weights of that arch, a file path matches when the
-card's checkpoint sha256 is the file's. Export takes minutes for ResNet-152 on a CPU, so
-``make demo`` skips it when nothing changed.
+of that arch, ``imagenet`` torchvision's weights of that arch, ``packaged`` the packaged
+EfficientNet-Lite0, ``auto`` either ImageNet model (so a demo exported offline keeps its
+packaged model; ``make demo WEIGHTS=imagenet`` switches), a file path matches when the
+card's checkpoint sha256 is the file's. An empty ARCH matches any arch. Export takes
+minutes for ResNet-152 on a CPU, so ``make demo`` skips it when nothing changed.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ def card_matches(weights: str, arch: str, repository: Path, name: str) -> tuple[
         return False, str(e)
     if not (model_dir(repository, name) / "1" / "model.onnx").exists():
         return False, "model.onnx is missing"
+    same_arch = not arch or card.arch == arch
     if weights == "random":
-        ok = card.weights.startswith("random") and card.arch == arch
-    elif weights == "imagenet":
-        ok = card.weights.startswith("torchvision:") and card.arch == arch
+        ok = card.weights.startswith("random") and card.arch == (arch or "resnet152")
+    elif weights in ("imagenet", "packaged", "auto"):
+        kinds = {"imagenet": ("torchvision:",), "packaged": ("packaged:",), "auto": ("torchvision:", "packaged:")}
+        ok = card.weights.startswith(kinds[weights]) and same_arch
     else:
         path = Path(weights).expanduser()
         if not path.is_file():

@@ -33,9 +33,9 @@ def swagger_dir() -> Path | None:
     return path if (path / "swagger-ui-bundle.js").exists() else None
 
 
-def render_index(model_name: str, arch: str, untrained: bool, max_upload_bytes: int) -> str:
+def render_index(model_name: str, arch: str, weights: str, untrained: bool, max_upload_bytes: int) -> str:
     text = (STATIC / "index.html").read_text()
-    return (text.replace("{{MODEL}}", html.escape(f"{model_name} ({arch})"))
+    return (text.replace("{{MODEL}}", html.escape(f"{model_name} ({arch}, {weights})"))
                 .replace("{{BANNER_HIDDEN}}", "" if untrained else "hidden")
                 .replace("{{UNTRAINED}}", "true" if untrained else "false")
                 .replace("{{MAX_UPLOAD_BYTES}}", str(int(max_upload_bytes))))

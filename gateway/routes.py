@@ -283,10 +283,10 @@ async def healthz() -> Any:
 async def readyz(rt: Rt) -> Any:
     checks, detail = await rt.readiness()
     if all(checks.values()):
-        return {"status": "ready", "checks": checks, "detail": detail}
+        return {"status": "ready", "checks": checks, "detail": detail, "model": rt.model_info}
     msg = "; ".join(f"{k}: {v}" for k, v in detail.items()) or "not ready"
     return JSONResponse(
-        {"status": "not_ready", "checks": checks, "detail": detail,
+        {"status": "not_ready", "checks": checks, "detail": detail, "model": rt.model_info,
          "error": {"code": "not_ready", "message": msg}},
         status_code=503, headers={"Retry-After": str(rt.settings.retry_after_s)})
 

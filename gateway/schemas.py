@@ -44,6 +44,7 @@ class Timings(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     arch: str
+    weights: str = Field(..., description="where the weights come from, e.g. 'ImageNet weights (torchvision)'")
     untrained: bool = Field(..., description="random weights: results show the plumbing, not quality")
 
 
@@ -77,6 +78,7 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     checks: dict[str, bool]
     detail: dict[str, str] = Field(default_factory=dict)
+    model: ModelInfo | None = Field(None, description="the model the gateway serves, from its model card")
 
 
 class NotReady(Readiness):

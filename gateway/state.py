@@ -53,7 +53,8 @@ class Runtime:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        return {"name": self.card.name, "arch": self.card.arch, "untrained": self.card.untrained}
+        return {"name": self.card.name, "arch": self.card.arch, "weights": self.card.weights_description,
+                "untrained": self.card.untrained}
 
     async def decide_input(self) -> bool:
         """Send file bytes to the ensemble? Asked once Triton is ready; pixels until then.

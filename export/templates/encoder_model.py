@@ -82,12 +82,22 @@ def build_serving_module(meta):
     import torchvision
     from torch import nn
 
+    def backbone():
+        """(network returning pooled features, their width): a torchvision ResNet or timm's EfficientNet-Lite0."""
+        if meta["arch"].startswith("efficientnet"):
+            import timm  # the GPU image needs timm for this arch; a ResNet needs torchvision only
+
+            net = timm.create_model("tf_" + meta["arch"], pretrained=False, num_classes=0)
+            return net, net.num_features
+        net = getattr(torchvision.models, meta["arch"])(weights=None)
+        feats = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, feats
+
     class Served(nn.Module):
         def __init__(self):
             super().__init__()
-            net = getattr(torchvision.models, meta["arch"])(weights=None)
-            feats = net.fc.in_features
-            net.fc = nn.Identity()
+            net, feats = backbone()
             self.backbone = net
             head, n = meta["head"], int(meta["num_classes"])
             if head == "none":
@@ -100,8 +110,9 @@ def build_serving_module(meta):
                                         nn.Linear(hidden, n))
             self.head = head
             self.embedding = meta["embedding"]
-            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+            mean, std = meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD)
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
             self.compute_dtype = torch.float32
 
         def forward(self, images):

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from export.checkpoint import FINETUNE_FORMAT, infer_arch, load_into_model, read_checkpoint
-from export.model import build_resnet, mlp_head
+from export.model import build_net, mlp_head
 from imgsearch.errors import CheckpointError
 
 
@@ -32,7 +32,7 @@ def test_kaggle_layout_with_dataparallel_prefix(tmp_path):
 
 
 def test_finetune_output_carries_class_names(tmp_path):
-    m = build_resnet("resnet18", "mlp", 3)
+    m = build_net("resnet18", "mlp", 3)
     p = tmp_path / "ft.pt"
     torch.save({"format": FINETUNE_FORMAT, "arch": "resnet18", "state_dict": m.state_dict(),
                 "class_names": ["a", "b", "c"], "metrics": [{"epoch": 1}]}, p)

@@ -21,7 +21,7 @@ from export.finetune import (
     save_atomic,
     set_train_mode,
 )
-from export.model import ServingModel, build_resnet, mlp_head, pixel_norm
+from export.model import ServingModel, build_net, mlp_head, pixel_norm
 from imgsearch.errors import CheckpointError
 
 ALLOWED = (torch.Tensor, str, int, float, bool, type(None))
@@ -42,7 +42,7 @@ def walk(obj, path="ckpt"):
 
 
 def test_only_layer4_and_head_train():
-    model = build_resnet("resnet18", "mlp", 4)
+    model = build_net("resnet18", "mlp", 4)
     trainable, total = freeze_for_finetune(model)
     by_hand = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layer4.", "fc.")))
     assert trainable == by_hand and 0 < trainable < total
@@ -73,7 +73,7 @@ def test_augment_is_seeded_and_shaped():
 
 def test_training_normalisation_is_the_served_graphs():
     torch.manual_seed(0)
-    net = build_resnet("resnet18", "mlp", 3).eval()
+    net = build_net("resnet18", "mlp", 3).eval()
     imgs = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     mean, std = pixel_norm()
     x = (imgs.permute(0, 3, 1, 2).float() - mean) / std  # what finetune feeds the model
@@ -155,7 +155,7 @@ def test_zero_epochs_save_the_untrained_model(tmp_path):
     obj = torch.load(out, weights_only=True)
     assert obj["epoch"] == 0 and obj["metrics"] == []
     torch.manual_seed(0)
-    fresh = build_resnet("resnet18", "mlp", 3)
+    fresh = build_net("resnet18", "mlp", 3)
     for k, v in fresh.state_dict().items():
         assert torch.equal(obj["state_dict"][k], v), k
 
