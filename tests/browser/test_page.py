@@ -134,3 +134,37 @@ def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
     assert "not an image we can read" in err.text
     assert err.get_attribute("data-code") == "unsupported_media_type"
 
+
+
+@pytest.fixture(scope="module")
+def pretrained_stack(tmp_path_factory):
+    """The packaged ImageNet EfficientNet-Lite0 (what make demo serves offline) over real photos."""
+    from export.copydetect import build
+    from export.onnx_export import export_model
+    from loadtest.bench_quality import MODEL, served_stack
+
+    work = tmp_path_factory.mktemp("pretrained-page")
+    cs = build(work / "set", variants=1, distractors=20, originals=10)
+    export_model(weights="packaged", repository=work / "repo", model_name=MODEL)
+    with served_stack(cs, work / "repo", work) as url:
+        yield url, cs
+
+
+def test_pretrained_demo_finds_the_original_of_an_edited_photo(browser, pretrained_stack):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, cs = pretrained_stack
+    browser.get(url + "/")
+    assert not browser.find_element(By.ID, "banner").is_displayed()  # no "untrained" banner
+    assert "efficientnet_lite0, ImageNet weights" in browser.find_element(By.ID, "model").text
+    query = "crop/chelsea_0.png"  # a cropped copy of the cat photo
+    browser.find_element(By.ID, "file").send_keys(str(cs.root / "queries" / query))
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#results .card")))
+    first = browser.find_elements(By.CSS_SELECTOR, "#results .card")[0]
+    assert first.find_element(By.CSS_SELECTOR, ".label").text == "chelsea"
+    # the model's own guess: an ImageNet cat class, from probs
+    wait.until(lambda d: d.find_element(By.ID, "guess").text.strip() != "")
+    assert "cat" in browser.find_element(By.ID, "guess").text.lower()

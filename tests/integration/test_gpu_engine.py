@@ -168,3 +168,18 @@ def test_export_without_onnx_is_served_by_the_torch_engine(tmp_path, repo18):
     assert m and float(m.group(1)) >= 0.9999, log[-2000:]
     # the same random weights (seed 0) as repo18's ONNX graph: the served rows match it
     np.testing.assert_allclose(got, direct(repo18, pixels), atol=1e-4)
+
+
+def test_torch_engine_rebuilds_the_packaged_efficientnet(tmp_path):
+    """The GPU config's engine builds EfficientNet-Lite0 (timm) with its own normalisation from weights.pt."""
+    res = export_model(weights="packaged", repository=tmp_path, model_name="encoder")
+    d = res.model_dir
+    mod = load_engine_module(d)
+    enc = mod.TorchEncoder(str(d / "1" / "weights.pt"), "cpu", "fp32", cuda_graphs=False, buckets=BUCKETS)
+    x = random_pixels(6, seed=4)
+    emb, probs = enc.run([torch.from_numpy(x)])
+    sess = ort.InferenceSession(str(d / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref_emb, ref_probs = sess.run(["embedding", "probs"], {"images": x})
+    assert emb.shape == (6, 1280) and probs.shape == (6, 1000)
+    np.testing.assert_allclose(emb.numpy(), ref_emb, atol=1e-4)
+    np.testing.assert_allclose(probs.numpy(), ref_probs, atol=1e-5)

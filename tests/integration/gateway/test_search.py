@@ -44,7 +44,8 @@ def test_indexed_images_find_themselves_first(gw, client):
         t = body["timings_ms"]
         assert set(t) == {"decode", "infer", "search", "total"}
         assert all(v >= 0 for v in t.values()) and t["total"] >= t["infer"] > 0
-        assert body["model"] == {"name": "resnet152", "arch": "resnet18", "untrained": True}
+        assert body["model"] == {"name": "resnet152", "arch": "resnet18", "weights": "random weights, untrained",
+                                 "untrained": True}
         g = body["breed_guess"]
         assert g["source"] == "knn" and 0 < g["confidence"] <= 1  # no classifier head: neighbours vote
 
