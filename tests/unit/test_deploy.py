@@ -703,10 +703,6 @@ def k8s_obj(kind: str, name: str) -> dict:
     return found[0]
 
 
-def k8s_docs(name: str) -> list[dict]:
-    return load_docs(K8S / name)
-
-
 def pod_spec(obj: dict) -> dict:
     return obj["spec"]["template"]["spec"]
 
