@@ -105,3 +105,50 @@ def test_recreate_with_shard_is_refused_before_anything_starts(tmp_path, capsys)
     assert main(["index", str(tmp_path), "--shard", "0/2", "--recreate"]) == 2
     err = capsys.readouterr().err
     assert "--recreate cannot be combined with --shard" in err and "imgsearch collection drop" in err
+
+
+class CreatingStore:
+    """A store another shard is creating: the first ``opens`` fail as the race makes them fail."""
+
+    def __init__(self, failures: list[Exception], props: dict | None = None) -> None:
+        self.failures, self.props, self.opened = list(failures), props or {}, 0
+
+    def open(self, dim, sha, description, recreate=False):
+        if self.failures:
+            raise self.failures.pop(0)
+        self.opened += 1
+
+    def exists(self):
+        return True
+
+    def properties(self):
+        return self.props
+
+
+CARD = type("Card", (), {"name": "m", "arch": "resnet18", "weights": "random", "embedding_dim": 4, "model_sha": "s"})
+
+
+def test_a_shard_waits_out_another_shard_creating_the_collection(monkeypatch):
+    from imgsearch.errors import CollectionMismatch, StoreUnavailable
+    from indexer import cli
+
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    # created but not yet labelled with the model, then "already exists" from the create call
+    store = CreatingStore([CollectionMismatch("no sha yet"), StoreUnavailable("collection already exists")])
+    cli.open_store(store, CARD, recreate=False, wait_for_creator=True)
+    assert store.opened == 1 and not store.failures
+
+
+def test_a_real_mismatch_is_not_waited_for(monkeypatch):
+    from imgsearch.errors import CollectionMismatch
+    from imgsearch.store import PROP_SHA
+    from indexer import cli
+
+    monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("waited for a collection of another model"))
+    store = CreatingStore([CollectionMismatch("another model")], {PROP_SHA: "other"})
+    with pytest.raises(CollectionMismatch):
+        cli.open_store(store, CARD, recreate=False, wait_for_creator=True)
+    # without --shard nothing is waited for, whatever the error
+    store = CreatingStore([CollectionMismatch("no sha yet")])
+    with pytest.raises(CollectionMismatch):
+        cli.open_store(store, CARD, recreate=False, wait_for_creator=False)
