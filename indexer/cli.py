@@ -18,6 +18,17 @@ examples:
   imgsearch index data/images --sync               # also remove entries of deleted files
   imgsearch index data/images --recreate           # new model exported: start over
   imgsearch index data/images --json report.json   # full report, every failed file
+  imgsearch index /images --shard 2/8              # this machine's eighth (pods 0..7 share a folder)
+
+sharding: --shard K/N takes the files whose path relative to IMAGE_ROOT hashes into shard
+K of N (K from 0, like a Kubernetes Indexed Job's JOB_COMPLETION_INDEX). N processes on
+any machines, one per K, index disjoint parts of one folder into one Milvus server; their
+union is what a single run gives, ids are content hashes so nothing is stored twice, and
+each shard resumes on its own. The folder must look the same to every shard (same tree
+under the root, any mount point). With --sync a shard deletes only entries whose stored
+path is in its own shard: run --sync after the indexing runs of all shards have finished
+(docs/indexer.md, "Sharding"). --recreate is refused with --shard (one shard would drop
+the others' work): drop the collection once before (imgsearch collection drop).
 
 settings (environment): IMGSEARCH_TRITON_URL (unset = start the local tritonserver from
 IMGSEARCH_MODEL_REPOSITORY), IMGSEARCH_MILVUS_URI (default ./data/milvus.db, Milvus Lite;
@@ -35,10 +46,25 @@ import argparse
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .scan import Shard, parse_shard
+
 log = logging.getLogger(__name__)
+
+# Shards of an Indexed Job start together: all may find the collection missing and create
+# it at once. Until the creator has set the model properties, the others see a collection
+# without them; they wait this long for it before calling it a mismatch.
+CREATE_RACE_WAIT_S = 30.0
+
+
+def shard_arg(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--shard {text!r}: ")) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode processes (default: one per CPU core, at most 8)")
     p.add_argument("--in-flight", type=int, default=2, help="concurrent Triton requests (default: 2)")
     p.add_argument("--limit", type=int, help="index only the first N files (sorted by path)")
+    p.add_argument("--shard", type=shard_arg, metavar="K/N",
+                   help="index only shard K of N (K = 0..N-1) of the files, by a stable hash of their path "
+                        "relative to IMAGE_ROOT; N runs with K = 0..N-1 cover every file once")
     p.add_argument("--recreate", action="store_true",
                    help="drop the collection first (needed after exporting another model)")
     p.add_argument("--sync", action="store_true",
@@ -92,6 +121,28 @@ def quiet_libraries() -> None:
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
+def open_store(store, card, recreate: bool, wait_for_creator: bool) -> None:
+    """Open (or create) the collection; a shard waits out another shard that is creating it."""
+    from imgsearch.errors import CollectionMismatch, StoreError
+    from imgsearch.store import PROP_SHA
+
+    description = f"{card.name} ({card.arch}, {card.weights})"
+    deadline = time.monotonic() + (CREATE_RACE_WAIT_S if wait_for_creator else 0)
+    while True:
+        try:
+            store.open(card.embedding_dim, card.model_sha, description, recreate=recreate)
+            return
+        except CollectionMismatch:
+            # a collection without model properties yet is one another shard is creating
+            if time.monotonic() >= deadline or PROP_SHA in store.properties():
+                raise
+        except StoreError:
+            # lost the race to create it ("already exists"): open the winner's
+            if time.monotonic() >= deadline or not store.exists():
+                raise
+        time.sleep(0.5)
+
+
 def run(args: argparse.Namespace) -> int:
     from imgsearch.model_card import read_card
     from imgsearch.settings import Settings
@@ -106,13 +157,18 @@ def run(args: argparse.Namespace) -> int:
     if args.sync and args.limit:
         print("imgsearch index: --sync needs the whole folder: it cannot be combined with --limit", file=sys.stderr)
         return 2
+    if args.shard and args.recreate:
+        print("imgsearch index: --recreate cannot be combined with --shard: each shard would drop what the "
+              "others wrote. Drop the collection once (imgsearch collection drop --yes), then start the shards.",
+              file=sys.stderr)
+        return 2
     for name in ("batch_size", "in_flight"):
         if getattr(args, name) < 1:
             print(f"imgsearch index: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     root = args.image_root or settings.image_root
     try:
-        found = scan(root, args.limit)
+        found = scan(root, args.limit, args.shard)
     except (NotADirectoryError, OSError) as e:
         print(f"imgsearch index: {e}", file=sys.stderr)
         return 2
@@ -121,9 +177,9 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or default_workers()
     pool = start_workers(workers)  # spawning while Milvus and Triton start
     try:
-        store.open(card.embedding_dim, card.model_sha, f"{card.name} ({card.arch}, {card.weights})",
-                   recreate=args.recreate)
-        print(f"{len(found.files)} image files under {found.root} -> collection {store.collection!r} "
+        open_store(store, card, args.recreate, wait_for_creator=args.shard is not None)
+        part = f" (shard {found.shard}; {found.other_shards} more in the other shards)" if found.shard else ""
+        print(f"{len(found.files)} image files under {found.root}{part} -> collection {store.collection!r} "
               f"at {store.uri} ({card.arch}, {card.embedding_dim}-d, model sha {card.model_sha})", file=sys.stderr)
         opts = IndexOptions(batch_size=args.batch_size, workers=workers, in_flight=args.in_flight,
                             retries=settings.triton_retries, unavailable_timeout_s=args.retry_for,

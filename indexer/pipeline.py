@@ -467,7 +467,9 @@ class Indexer:
         """Delete entries whose content is under the root no more; fix paths of moved copies."""
         r = self.report
         try:
-            entries = await asyncio.to_thread(lambda: list(self.store.iter_entries()))
+            # a shard judges only the entries whose stored path is its own: another shard's
+            # files are not in self.live, and deleting their entries would undo its work
+            entries = await asyncio.to_thread(lambda: [e for e in self.store.iter_entries() if scan.owns(e.path)])
             gone = [e.id for e in entries if e.id not in self.live and e.path not in self.unreadable]
             stale = [(e.id, self.live[e.id][0]) for e in entries
                      if e.id in self.live and e.path not in self.live[e.id]]

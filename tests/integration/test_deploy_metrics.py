@@ -1,5 +1,5 @@
-"""The Grafana dashboard's Triton queries (and the HPA's adapter rule) read metrics a real
-tritonserver exports.
+"""The Grafana dashboard's Triton queries (and the HPA's adapter rule, the Prometheus rules)
+read metrics a real tritonserver exports.
 
 The local server (the nvidia-pytriton wheel's Triton 2.51, the release the compose file's
 24.10 container ships) serves the test model; its /metrics lists the nv_inference_*
@@ -56,11 +56,14 @@ def test_dashboard_triton_inference_metrics_exist_in_a_running_triton(triton):
             "nv_inference_exec_count"} <= used
     missing = used - set(live)
     assert not missing, f"the dashboard reads Triton metrics this Triton does not export: {sorted(missing)}"
-    # the autoscaler's custom metric (deploy/kubernetes/prometheus-adapter-rules.yaml) too
-    rules = d.yaml.safe_load((d.K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
-    for rule in rules:
-        names = set(d._METRIC.findall(rule["seriesQuery"] + rule["metricsQuery"]))
-        assert names and names <= set(live), f"adapter rule reads {sorted(names - set(live))}"
+    # the Triton autoscaler's custom metric (deploy/helm/prometheus-adapter-values.yaml) and the
+    # Prometheus rules too (the gateway's names are checked in tests/unit/test_deploy.py)
+    rules = d.yaml.safe_load(d.ADAPTER_VALUES.read_text())["rules"]["custom"]
+    queries = [r["seriesQuery"] + r["metricsQuery"] for r in rules] + [r["expr"] for r in d.rule_list()]
+    triton_reads = [{n for n in d._METRIC.findall(q) if n.startswith("nv_inference_")} for q in queries]
+    assert any(triton_reads), "no adapter rule or alert reads a Triton inference metric"
+    for names in triton_reads:
+        assert names <= set(live), f"a rule reads {sorted(names - set(live))}"
     for expr, legend in d.dashboard_exprs():
         names = [m for m in d._METRIC.findall(expr) if m.startswith("nv_inference_")]
         if names:

@@ -661,18 +661,368 @@ def test_image_check_would_catch_a_missing_requirement(tmp_path):
     assert "No module named 'fastapi" in res.stderr and "not in the gateway image" in res.stderr, res.stderr[-2000:]
 
 
-# ------------------------------------------------- Kubernetes / Helm excerpts
+# ------------------------------------------------------------ Kubernetes
+#
+# Every manifest under deploy/kubernetes/ is validated offline and strictly (unknown fields
+# are errors) against the Kubernetes JSON schemas that the kubernetes-validate package
+# carries, for the oldest and the newest Kubernetes we support; then checked against
+# Settings, compose, the gateway's routes and metrics, and the CLI's own parser.
 
 K8S = ROOT / "deploy" / "kubernetes"
+HELM = ROOT / "deploy" / "helm"
+ADAPTER_VALUES = HELM / "prometheus-adapter-values.yaml"
+MILVUS_VALUES = HELM / "milvus-values.yaml"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+# 1.29: the oldest release where the indexer Job's backoffLimitPerIndex is on by default (beta)
+OLDEST_K8S = "1.29"
+# The Prometheus operator's custom resources: their schemas live in the operator's CRDs, which
+# kubernetes-validate does not carry. They are checked structurally below instead.
+OPERATOR_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
-def k8s_docs(name: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
+
+def manifest_files() -> list[Path]:
+    """What `kubectl apply -k` applies, then the on-demand Jobs."""
+    return [K8S / r for r in kustomization()["resources"]] + sorted((K8S / "jobs").glob("*.yaml"))
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def k8s_objects() -> list[dict]:
+    return [d for f in manifest_files() for d in load_docs(f)]
+
+
+def k8s_obj(kind: str, name: str) -> dict:
+    found = [d for d in k8s_objects() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} objects"
+    return found[0]
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def workloads() -> list[dict]:
+    return [d for d in k8s_objects() if d["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet")]
+
+
+def container_env(obj: dict, configmaps: dict[str, dict] | None = None) -> dict[str, str | dict]:
+    """name -> value (or the valueFrom dict), envFrom ConfigMaps first, as the kubelet merges them."""
+    c = pod_spec(obj)["containers"][0]
+    env: dict[str, str | dict] = {}
+    for src in c.get("envFrom", []):
+        cm = k8s_obj("ConfigMap", src["configMapRef"]["name"])
+        env.update(cm["data"])
+    for e in c.get("env", []):
+        env[e["name"]] = e["value"] if "value" in e else e["valueFrom"]
+    return env
+
+
+def expand(arg: str, env: dict) -> str:
+    """Kubernetes' $(VAR) expansion in command/args: only variables the container declares."""
+    return re.sub(r"\$\((\w+)\)", lambda m: str(env[m.group(1)]) if m.group(1) in env else m.group(0), arg)
+
+
+def quantity(q: str | int) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "m": 1e-3}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(q))
+    assert m, q
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def secret_refs() -> set[tuple[str, str]]:
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "secretKeyRef" in node:
+                refs.add((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(k8s_objects())
+    return refs
+
+
+# --- the files and the schemas
+
+def test_kustomization_lists_every_stack_manifest():
+    k = kustomization()
+    assert set(k) == {"apiVersion", "kind", "resources"}, "only resources: the checks below read that list"
+    listed = {K8S / r for r in k["resources"]}
+    on_disk = set(K8S.glob("*.yaml")) - {K8S / "kustomization.yaml"}
+    assert listed == on_disk, f"not applied by kustomize: {sorted(map(str, on_disk - listed))}"
+    assert all(f.exists() for f in manifest_files())
+    assert set((K8S / "jobs").glob("*.yaml")) == {K8S / "jobs" / "index.yaml", K8S / "jobs" / "sync.yaml"}
+
+
+def test_kustomize_renders_exactly_the_listed_objects():
+    """With kubectl on PATH (not a test requirement): `kubectl kustomize` gives the same objects."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl is not installed; the stack is the listed files (resources only)")
+    res = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rendered = [d for d in yaml.safe_load_all(res.stdout) if d]
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    ours = [d for f in manifest_files() if f.parent == K8S for d in load_docs(f)]
+    assert sorted(rendered, key=key) == sorted(ours, key=key)
+
+
+@pytest.mark.parametrize("version", [OLDEST_K8S, "latest"])
+def test_every_manifest_is_valid_kubernetes_strictly(version):
+    import kubernetes_validate as kv
+
+    version = kv.latest_version() if version == "latest" else version
+    checked = skipped = 0
+    for obj in k8s_objects():
+        if (obj["apiVersion"], obj["kind"]) in OPERATOR_KINDS:
+            # honest about the gap: no schema offline; if one appears, validate it here instead
+            with pytest.raises(kv.SchemaNotFoundError):
+                kv.validate(obj, version, strict=True)
+            skipped += 1
+            continue
+        kv.validate(obj, version, strict=True)
+        checked += 1
+    assert checked >= 10 and skipped == 2, (checked, skipped)
+
+
+def test_strict_validation_catches_a_misspelt_field_and_a_wrong_type():
+    import copy
+
+    import kubernetes_validate as kv
+
+    good = k8s_obj("Deployment", "gateway")
+    typo = copy.deepcopy(good)
+    c = pod_spec(typo)["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")
+    with pytest.raises(kv.ValidationError, match="readinesProbe"):
+        kv.validate(typo, kv.latest_version(), strict=True)
+    wrong = copy.deepcopy(good)
+    wrong["spec"]["replicas"] = "two"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(wrong, kv.latest_version(), strict=True)
+
+
+def test_no_secret_values_in_files_and_every_secret_is_documented():
+    assert not [d for d in k8s_objects() if d["kind"] == "Secret"], "Secrets are created with kubectl, not kept in git"
+    doc = DEPLOY_DOC.read_text()
+    refs = secret_refs() | {(yaml.safe_load(MILVUS_VALUES.read_text())["minio"]["existingSecret"], key)
+                            for key in ("accesskey", "secretkey")}
+    assert ("imgsearch-api", "api-key") in refs
+    commands = re.findall(r"^(kubectl create secret generic (?:[^\n]*\\\n)*[^\n]*)", doc, re.M)
+    for name, key in sorted(refs):
+        cmd = [c for c in commands if c.split()[4] == name]
+        assert len(cmd) == 1, f"docs/deploy.md: no `kubectl create secret generic {name}`"
+        assert f"--from-literal={key}=" in cmd[0] or f"--from-file={key}=" in cmd[0], (name, key)
+    for obj in workloads():
+        for e in pod_spec(obj)["containers"][0].get("env", []):
+            if re.search(r"KEY|TOKEN|PASSWORD|SECRET", e["name"]):
+                assert "secretKeyRef" in e.get("valueFrom", {}), f"{e['name']} must come from a Secret"
+
+
+# --- pods: security, services, disruption budgets
+
+def test_every_pod_runs_unprivileged():
+    uid = int(re.search(r"useradd [^\n]*--uid (\d+)", DOCKERFILE.read_text()).group(1))
+    for obj in workloads():
+        pod, name = pod_spec(obj), obj["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        if pod["containers"][0]["image"].startswith("imgsearch-gateway"):
+            assert pod["securityContext"]["runAsUser"] == uid, f"{name}: the image's user is {uid}"
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], name
+            if sc.get("readOnlyRootFilesystem"):
+                assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, f"{name}: Python needs a writable /tmp"
+
+
+def test_services_and_budgets_select_their_pods_and_named_ports():
+    deployments = {d["metadata"]["name"]: d for d in k8s_objects() if d["kind"] == "Deployment"}
+    for svc in (d for d in k8s_objects() if d["kind"] == "Service"):
+        dep = deployments[svc["metadata"]["name"]]
+        assert selects({"matchLabels": svc["spec"]["selector"]}, dep["spec"]["template"]["metadata"]["labels"])
+        names = {p["name"] for p in pod_spec(dep)["containers"][0]["ports"]}
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= names, svc["metadata"]["name"]
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in k8s_objects() if h["kind"] == "HorizontalPodAutoscaler"}
+    for name, dep in deployments.items():
+        pdbs = [p for p in k8s_objects() if p["kind"] == "PodDisruptionBudget"
+                and selects(p["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])]
+        assert len(pdbs) == 1, f"{name}: {len(pdbs)} PodDisruptionBudgets"
+        floor = min(hpas[name]["spec"]["minReplicas"], dep["spec"]["replicas"])
+        spec = pdbs[0]["spec"]
+        # a drain must be able to evict one pod at the HPA's floor
+        assert spec.get("minAvailable", 0) < floor and spec.get("maxUnavailable", 1) >= 1, name
+        assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+
+
+def test_every_claimed_volume_is_declared():
+    claims = {d["metadata"]["name"]: d for d in k8s_objects() if d["kind"] == "PersistentVolumeClaim"}
+    for obj in workloads():
+        for v in pod_spec(obj).get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims, obj["metadata"]["name"]
+    # every gateway pod writes POST /v1/images into the one image folder
+    assert "ReadWriteMany" in claims["imgsearch-images"]["spec"]["accessModes"]
+
+
+# --- the gateway
+
+def gateway_settings(settings_env, obj: dict) -> Settings:
+    """Settings as a pod of ``obj`` reads them (secrets stand in with a value)."""
+    for k, v in container_env(obj).items():
+        if k.startswith("IMGSEARCH_"):
+            settings_env.setenv(k, v if isinstance(v, str) else "from-a-secret")
+    return Settings(_env_file=None)
+
+
+def test_shared_config_is_the_compose_settings(compose):
+    cm = k8s_obj("ConfigMap", "imgsearch")["data"]
+    # the same IMGSEARCH_* block as compose's x-imgsearch-env, same values: the cluster's
+    # Services carry the compose service names (triton, milvus) on the same ports
+    assert cm == {k: str(v) for k, v in compose["x-imgsearch-env"].items()}
+    fields = set(Settings.model_fields)
+    for obj in workloads():
+        unknown = [k for k in container_env(obj) if k.startswith("IMGSEARCH_") and k[10:].lower() not in fields]
+        assert not unknown, f"{obj['metadata']['name']}: not Settings fields: {unknown}"
+
+
+def test_gateway_addresses_agree_with_triton_milvus_and_compose(compose, settings_env):
+    s = gateway_settings(settings_env, k8s_obj("Deployment", "gateway"))
+    host, port = s.triton_url.rsplit(":", 1)
+    triton_svc = k8s_obj("Service", "triton")
+    assert host == triton_svc["metadata"]["name"] and s.triton_protocol == "grpc"
+    assert int(port) == {p["name"]: p["port"] for p in triton_svc["spec"]["ports"]}["grpc"]
+    assert int(port) == int(flag(k8s_obj("Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]["args"],
+                                 "--grpc-port"))
+    # Milvus: the proxy Service of the Helm release the values file documents, on Milvus' port
+    release = re.search(r"helm install (\S+) zilliztech/milvus", MILVUS_VALUES.read_text()).group(1)
+    m = re.fullmatch(r"http://([\w-]+):(\d+)", s.milvus_uri)
+    assert m and m.group(1) == release and int(m.group(2)) in published(services(compose)["milvus"])
+    assert s.model_name == Settings.model_fields["model_name"].default
+    assert (ROOT / "model_repository" / s.model_name / "config.pbtxt").exists()
+
+
+def test_gateway_port_probes_and_routes(compose, settings_env):
+    from gateway.routes import router
+
+    dep = k8s_obj("Deployment", "gateway")
+    c = pod_spec(dep)["containers"][0]
+    s = gateway_settings(settings_env, dep)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": s.port} and s.host == "0.0.0.0" and s.workers == 1
+    assert str(s.port) == env_of(services(compose)["gateway"])["IMGSEARCH_PORT"]
+    assert c["image"].split(":")[0] == services(compose)["gateway"]["image"].split(":")[0]
+    routes = {r.path for r in router.routes}
+    probes = {k: c[k]["httpGet"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    # liveness is the process only: a Triton or Milvus outage must not restart every gateway
+    assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
+    for p in probes.values():
+        assert p["path"] in routes and p["port"] in ports
+    # SIGTERM: the Service drops the pod (preStop), then in-flight searches drain, inside the grace period
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pre_stop + s.graceful_shutdown_s < pod_spec(dep)["terminationGracePeriodSeconds"]
+    mounts_ = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert str(s.image_root) in mounts_ and not mounts_[str(s.image_root)].get("readOnly")  # POST /v1/images
+    assert mounts_[str(s.model_repository)]["readOnly"] is True
+
+
+# Memory the gateway can hold at once, from its settings (docs/deploy.md, "Kubernetes"):
+# the process at rest, every in-flight upload held whole, every decode thread at its peak on
+# an image of IMGSEARCH_MAX_PIXELS, and the thumbnail cache full.
+GATEWAY_BASE_BYTES = 384 * 2**20  # 201 MiB RSS after importing the gateway (measured), + clients, stacks
+# decode_image's peak on an RGBA PNG, the worst mode: the image, its alpha composite, the RGB copy
+# (test_decode_peak_is_within_the_budget_constant measures it)
+DECODE_BYTES_PER_PIXEL = 20
+
+
+def gateway_memory_budget(s: Settings) -> int:
+    return int(GATEWAY_BASE_BYTES + s.max_inflight * s.max_upload_bytes
+               + s.decode_threads * s.max_pixels * DECODE_BYTES_PER_PIXEL
+               + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
+
+
+def test_gateway_memory_limit_is_its_decode_budget(settings_env):
+    dep = k8s_obj("Deployment", "gateway")
+    res = pod_spec(dep)["containers"][0]["resources"]
+    budget = gateway_memory_budget(gateway_settings(settings_env, dep))
+    limit = quantity(res["limits"]["memory"])
+    assert budget <= limit <= 1.25 * budget, f"limit {limit / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f} MiB"
+    assert quantity(res["requests"]["memory"]) == limit  # scheduled for what it may use: no OOM under load
+
+
+def test_decode_peak_is_within_the_budget_constant(tmp_path):
+    """decode_image on a 4 MP RGBA PNG, in a fresh process, RSS sampled every 0.5 ms."""
+    code = textwrap.dedent("""
+        import io, threading, time
+        import numpy as np, psutil
+        from PIL import Image
+        from imgsearch.imaging import decode_image
+        w = h = 2000
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 4), dtype=np.uint8), "RGBA").save(
+            buf, "PNG", compress_level=1)
+        data = buf.getvalue()
+        proc = psutil.Process(); base = proc.memory_info().rss; peak = [base]; done = []
+        def sample():
+            while not done:
+                peak[0] = max(peak[0], proc.memory_info().rss); time.sleep(0.0005)
+        t = threading.Thread(target=sample); t.start()
+        for _ in range(3):
+            decode_image(data, 224, 50_000_000)
+        done.append(1); t.join()
+        print((peak[0] - base) / (w * h))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    per_pixel = float(res.stdout.split()[-1])
+    assert 4 <= per_pixel <= DECODE_BYTES_PER_PIXEL, per_pixel  # at least the RGBA image itself was seen
+
+
+def test_gateway_autoscales_before_it_sheds(settings_env):
+    dep = k8s_obj("Deployment", "gateway")
+    s = gateway_settings(settings_env, dep)
+    hpa = k8s_obj("HorizontalPodAutoscaler", "gateway")
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    pods = by_type["Pods"]["pods"]
+    assert pods["target"]["type"] == "AverageValue"
+    # well below the in-flight limit, where the gateway starts answering 503
+    assert 0 < quantity(pods["target"]["averageValue"]) <= s.max_inflight / 2
+    wanted = pods["metric"]["name"]
+    rule = next(r for r in yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"] if r["name"]["as"] == wanted)
+    read = set(_METRIC.findall(rule["seriesQuery"] + rule["metricsQuery"]))
+    assert read == {"imgsearch_inflight_requests"} and read <= set(gateway_metrics())
+    # CPU utilisation is relative to the request: the container must have one
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
+    assert quantity(pod_spec(dep)["containers"][0]["resources"]["requests"]["cpu"]) > 0
+    assert hpa["spec"]["minReplicas"] >= 2
+
+
+# --- Triton
 
 def test_kubernetes_triton_matches_the_compose_triton(compose):
-    docs = {d["kind"]: d for d in k8s_docs("triton.yaml")}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    dep, svc = k8s_obj("Deployment", "triton"), k8s_obj("Service", "triton")
+    pod = pod_spec(dep)
     c = pod["containers"][0]
     t = services(compose)["triton"]
     assert c["image"] == t["image"]
@@ -682,15 +1032,17 @@ def test_kubernetes_triton_matches_the_compose_triton(compose):
     assert int(flag(c["args"], "--exit-timeout-secs")) < pod["terminationGracePeriodSeconds"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert {p["port"] for p in docs["Service"]["spec"]["ports"]} == {8000, 8001, 8002}
+    assert {p["port"] for p in svc["spec"]["ports"]} == {8000, 8001, 8002}
+    assert svc["spec"]["clusterIP"] == "None"  # headless: gateways spread gRPC over every pod
 
 
 def test_hpa_reads_the_metric_the_adapter_publishes():
-    hpa = next(d for d in k8s_docs("triton.yaml") if d["kind"] == "HorizontalPodAutoscaler")
+    hpa = k8s_obj("HorizontalPodAutoscaler", "triton")
     wanted = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    rules = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())["rules"]["custom"]
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
     rule = next(r for r in rules if r["name"]["as"] == wanted)
     used = set(_METRIC.findall(rule["metricsQuery"])) | set(_METRIC.findall(rule["seriesQuery"]))
     # queue time per request, from Triton's own counters (names checked live in test_deploy_metrics.py)
@@ -699,8 +1051,139 @@ def test_hpa_reads_the_metric_the_adapter_publishes():
 
 
 def test_helm_values_run_the_compose_milvus_version(compose):
-    values = yaml.safe_load((ROOT / "deploy" / "helm" / "milvus-values.yaml").read_text())
+    values = yaml.safe_load(MILVUS_VALUES.read_text())
     assert values["cluster"]["enabled"] is True
     assert services(compose)["milvus"]["image"] == f"milvusdb/milvus:{values['image']['all']['tag']}"
     assert values["etcd"]["replicaCount"] >= 3 and values["queryNode"]["replicas"] >= 2
     assert "accessKey" not in values["minio"], "credentials come from a Secret, not the values file"
+
+
+# --- monitoring (Prometheus operator objects)
+
+def rule_list() -> list[dict]:
+    return [r for g in k8s_obj("PrometheusRule", "imgsearch")["spec"]["groups"] for r in g["rules"]]
+
+
+def test_pod_monitor_scrapes_the_gateway_and_triton_metrics_ports():
+    from gateway.routes import router
+
+    pm = k8s_obj("PodMonitor", "imgsearch")
+    endpoints = {e["port"]: e["path"] for e in pm["spec"]["podMetricsEndpoints"]}
+    for name, port in (("gateway", "http"), ("triton", "metrics")):
+        dep = k8s_obj("Deployment", name)
+        assert selects(pm["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"]), name
+        assert port in {p["name"] for p in pod_spec(dep)["containers"][0]["ports"]}, name
+        assert endpoints[port] == "/metrics"
+    assert "/metrics" in {r.path for r in router.routes}
+
+
+def test_prometheus_rules_are_well_formed():
+    rules = rule_list()
+    assert len(rules) >= 5
+    records = set()
+    for r in rules:
+        assert ("alert" in r) != ("record" in r), r
+        assert isinstance(r["expr"], str) and r["expr"].count("(") == r["expr"].count(")"), r
+        if "record" in r:
+            assert re.fullmatch(r"[a-z_]+:[a-z_]+:[a-z0-9_]+", r["record"]), r["record"]  # level:metric:operations
+            records.add(r["record"])
+        else:
+            assert re.fullmatch(r"[A-Z][A-Za-z]+", r["alert"]) and seconds(r["for"]) >= 60, r
+            assert r["labels"]["severity"] in {"warning", "critical"} and r["annotations"]["summary"], r
+    for r in rules:  # a recording rule is defined before it is used
+        for name in re.findall(r"\b([a-z_]+:[a-z_]+:[a-z0-9_]+)\b", r["expr"]):
+            assert name in records, name
+
+
+def test_prometheus_rules_read_exported_metrics_and_labels():
+    from gateway.errors import STATUS_TABLE
+    from gateway.routes import router
+
+    exported = gateway_metrics()
+    recorded_labels = {}
+    for r in rule_list():
+        expr = r["expr"]
+        names = _METRIC.findall(expr)
+        have: set[str] = set()
+        for n in names:
+            if n.startswith("imgsearch_"):
+                assert n in exported, f"{n}: not exported by gateway/metrics.py"
+                have |= exported[n]
+            elif n in TRITON_GPU_METRICS:
+                have |= TRITON_GPU_METRICS[n]
+            else:
+                assert n in TRITON_CONTRACT, f"{n}: not a Triton metric of the contract"
+                have |= {"model", "version"}  # nv_inference_* labels (checked live in test_deploy_metrics.py)
+        carried: set[str] = set()  # labels a recorded series brings along
+        for rec in re.findall(r"\b([a-z_]+:[a-z_]+:[a-z0-9_]+)\b", expr):
+            carried |= recorded_labels[rec]
+        have |= carried
+        assert names or have, expr
+        labels = expr_labels(expr, "")
+        assert labels <= have, f"labels {labels - have} unknown in {expr}"
+        if "record" in r:
+            grouped = re.findall(r"\bby\s*\(([^)]*)\)", expr)
+            recorded_labels[r["record"]] = {x.strip() for g in grouped for x in g.split(",") if x.strip()}
+        for text in r.get("annotations", {}).values():
+            assert set(re.findall(r"\$labels\.(\w+)", text)) <= labels | carried, text
+        # label values the gateway really emits
+        for value in re.findall(r'route="([^"]+)"', expr):
+            assert value in {rt.path for rt in router.routes}, value
+        for value in re.findall(r'reason=~?"([^"]+)"', expr):
+            reasons = {reason for _, _, reason in STATUS_TABLE if reason} | {"inflight"}
+            assert set(value.split("|")) <= reasons, value
+
+
+# --- the indexer as an Indexed Job
+
+def shard_commands(job: dict) -> list:
+    """The `imgsearch index` arguments each pod of the Job runs, parsed by the CLI's own parser."""
+    from imgsearch.cli import build_parser
+
+    c = pod_spec(job)["containers"][0]
+    env = {e["name"]: e for e in c.get("env", [])}
+    out = []
+    for k in range(job["spec"]["completions"]):
+        declared = {n: str(k) for n, e in env.items()
+                    if e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+                    == "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+        argv = [expand(a, declared) for a in c["command"]]
+        assert argv[0] == "imgsearch", argv
+        out.append(build_parser().parse_args(argv[1:]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["imgsearch-index", "imgsearch-sync"])
+def test_indexed_job_runs_every_shard_once(name, settings_env):
+    from indexer.scan import Shard
+
+    job = k8s_obj("Job", name)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and 1 <= spec["parallelism"] <= spec["completions"]
+    assert pod_spec(job)["restartPolicy"] == "Never"  # what backoffLimitPerIndex requires
+    assert spec["maxFailedIndexes"] == 0, "a shard that never succeeds must fail the Job"
+    runs = shard_commands(job)
+    n = spec["completions"]
+    assert [a.shard for a in runs] == [Shard(k, n) for k in range(n)]  # pod K runs shard K of N
+    s = gateway_settings(settings_env, job)
+    c = pod_spec(job)["containers"][0]
+    mounts_ = {m["mountPath"]: m for m in c["volumeMounts"]}
+    for a in runs:
+        assert str(a.image_root) == str(s.image_root) and mounts_[str(s.image_root)]["readOnly"] is True
+        assert not a.recreate and not a.limit and a.no_progress
+        assert a.sync == (name == "imgsearch-sync")
+    # each decode worker can hold one IMGSEARCH_MAX_PIXELS image at its peak
+    workers = runs[0].workers
+    need = GATEWAY_BASE_BYTES + workers * (64 * 2**20 + s.max_pixels * DECODE_BYTES_PER_PIXEL)
+    assert quantity(c["resources"]["limits"]["memory"]) >= need
+    assert quantity(c["resources"]["requests"]["cpu"]) >= workers
+
+
+def test_sync_job_is_the_index_job_plus_sync():
+    """Same shards, same pods: only the name and --sync differ; and it is not applied with the stack."""
+    index = yaml.safe_dump(k8s_obj("Job", "imgsearch-index")).replace("imgsearch-index", "imgsearch-sync")
+    sync = k8s_obj("Job", "imgsearch-sync")
+    expected = yaml.safe_load(index)
+    pod_spec(expected)["containers"][0]["command"].append("--sync")
+    assert sync == expected
+    assert not any(r.startswith("jobs") for r in kustomization()["resources"])
