@@ -41,9 +41,13 @@ _SKIMAGE = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png
 
 
 def _package_file(module: str, *parts: str) -> Path:
-    import importlib
+    """A file inside an installed package; a path that does not exist when the package is missing."""
+    import importlib.util
 
-    return Path(os.path.dirname(importlib.import_module(module).__file__), *parts)
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return Path("/nonexistent", module, *parts)
+    return Path(os.path.dirname(spec.origin), *parts)
 
 
 def load_originals() -> dict[str, Image.Image]:
