@@ -152,7 +152,7 @@ async def similar(id: ImageId, rt: Rt, top_k: TopK = 10, min_score: MinScore = N
 # --- images ----------------------------------------------------------------------------
 
 async def _image_bytes(rt: Runtime, id_: int) -> bytes:
-    entry = await rt.store_call(rt.store.get, id_)
+    entry = await rt.lookup(id_)
     return await rt.in_decode_pool(read_under, rt.image_root, entry.path)
 
 

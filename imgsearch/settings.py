@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     default_top_k: int = 10
     store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")
+    search_batch_ms: float = Field(
+        2.0, ge=0.0, le=1000.0,
+        description="dynamic batching window for Milvus searches and lookups: concurrent requests arriving "
+                    "within it share one call; 0 = one call per request")
+    search_batch_max: int = Field(64, ge=1, le=1024, description="most requests in one batched Milvus call")
     thumb_max_side: int = 256
     thumb_cache_items: int = Field(512, description="thumbnails kept in memory (LRU)")
     upload_prefix: str = Field(
