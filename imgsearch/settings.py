@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     default_top_k: int = 10
     store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")
     search_batch_ms: float = Field(
-        2.0, ge=0.0, le=1000.0,
+        2.0, ge=0.0, le=10_000.0,
         description="dynamic batching window for Milvus searches and lookups: concurrent requests arriving "
                     "within it share one call; 0 = one call per request")
     search_batch_max: int = Field(64, ge=1, le=1024, description="most requests in one batched Milvus call")
