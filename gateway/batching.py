@@ -3,9 +3,13 @@
 One Milvus search of 32 vectors costs a few times one search of 1 (the scan of the
 collection is memory-bound and a batch shares it), so under load the gateway gathers the
 requests that arrive within ``IMGSEARCH_SEARCH_BATCH_MS`` into one call, like Triton's
-dynamic batcher does for the model. A batch goes out when its window has passed or it
-holds ``IMGSEARCH_SEARCH_BATCH_MAX`` requests, whichever comes first. Window 0: every
-request makes its own call, at once.
+dynamic batcher does for the model. A batch goes out when its window has passed, when it
+holds ``IMGSEARCH_SEARCH_BATCH_MAX`` requests, or (``IMGSEARCH_SEARCH_BATCH_IDLE_SEND``,
+on by default) at once when no call of its kind is in flight: waiting then only adds
+latency, as nobody else is using Milvus; the requests that arrive during that call form
+the next batch, sent when it returns. So a lone client pays nothing, and under load the
+batch grows to what arrives during one Milvus call, capped by the window. Window 0:
+every request makes its own call, at once.
 
 Requests are grouped by a key: only those that can share one Milvus call (the same
 filter expression, the same search parameters) are merged; what differs per request
@@ -43,12 +47,15 @@ class MicroBatcher(Generic[Q, R]):
     requests waited for the call to start (the metrics).
     """
 
-    def __init__(self, run: RunBatch, window_s: float, max_batch: int, observe: Observe | None = None) -> None:
+    def __init__(self, run: RunBatch, window_s: float, max_batch: int, observe: Observe | None = None,
+                 send_when_idle: bool = True) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self._run = run
         self.window_s = max(0.0, window_s)
         self.max_batch = max_batch
+        self.send_when_idle = send_when_idle
+        self._in_flight = 0
         self._observe = observe or (lambda n, waits: None)
         self._pending: dict[Hashable, _Pending[Q]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -70,7 +77,7 @@ class MicroBatcher(Generic[Q, R]):
         batch.items.append(item)
         batch.futures.append(fut)
         batch.arrived.append(time.perf_counter())
-        if len(batch.items) >= self.max_batch:
+        if len(batch.items) >= self.max_batch or (self.send_when_idle and not self._in_flight):
             self._dispatch(key, batch)
         return await fut
 
@@ -82,11 +89,21 @@ class MicroBatcher(Generic[Q, R]):
             batch.timer.cancel()
         now = time.perf_counter()
         self._observe(len(batch.items), [now - t for t in batch.arrived])
+        self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._call(key, batch))
         self._tasks.add(task)  # the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
 
     async def _call(self, key: Hashable, batch: _Pending[Q]) -> None:
+        try:
+            await self._answer(key, batch)
+        finally:
+            self._in_flight -= 1
+            if self.send_when_idle and not self._in_flight:
+                for k, b in list(self._pending.items()):  # gathered during the call: send now
+                    self._dispatch(k, b)
+
+    async def _answer(self, key: Hashable, batch: _Pending[Q]) -> None:
         try:
             results = await self._run(key, batch.items)
             if len(results) != len(batch.items):

@@ -54,10 +54,11 @@ class Runtime:
         self.use_bytes: bool | None = False if settings.triton_input == "pixels" else None
         self._input_lock = asyncio.Lock()
         window_s = settings.search_batch_ms / 1000.0
+        idle = settings.search_batch_idle_send
         self.searches: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
-            self._search_batch, window_s, settings.search_batch_max, metrics.batch_observer("search"))
+            self._search_batch, window_s, settings.search_batch_max, metrics.batch_observer("search"), idle)
         self.lookups: MicroBatcher[int, Entry | None] = MicroBatcher(
-            self._lookup_batch, window_s, settings.search_batch_max, metrics.batch_observer("get"))
+            self._lookup_batch, window_s, settings.search_batch_max, metrics.batch_observer("get"), idle)
 
     @property
     def model_info(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def test_concurrent_requests_with_one_key_share_one_call_and_get_their_own_answe
     rec = Recorder()
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=0.05, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=0.05, max_batch=64, observe=rec.observe, send_when_idle=False)
         return await asyncio.gather(*[b.submit("k", i) for i in range(10)])
 
     assert run(main()) == [i * 10 for i in range(10)]
@@ -53,7 +53,7 @@ def test_different_keys_never_share_a_call():
     rec = Recorder()
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=0.05, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=0.05, max_batch=64, observe=rec.observe, send_when_idle=False)
         return await asyncio.gather(*[b.submit(i % 3, i) for i in range(9)])
 
     assert run(main()) == [i * 10 for i in range(9)]
@@ -64,7 +64,7 @@ def test_a_full_batch_goes_at_once_without_waiting_for_the_window():
     rec = Recorder()
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=30.0, max_batch=4, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=30.0, max_batch=4, observe=rec.observe, send_when_idle=False)
         # a 30 s window: only the size limit can send these in time
         return await asyncio.wait_for(asyncio.gather(*[b.submit("k", i) for i in range(8)]), 5.0)
 
@@ -76,7 +76,7 @@ def test_window_zero_makes_one_call_per_request():
     rec = Recorder()
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=0.0, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=0.0, max_batch=64, observe=rec.observe, send_when_idle=False)
         assert not b.enabled
         return await asyncio.gather(*[b.submit("k", i) for i in range(5)])
 
@@ -88,7 +88,7 @@ def test_a_request_arriving_after_its_batch_left_starts_the_next_one():
     rec = Recorder()
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=0.01, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=0.01, max_batch=64, observe=rec.observe, send_when_idle=False)
         first = await b.submit("k", 1)
         second = await b.submit("k", 2)
         return first, second
@@ -101,7 +101,7 @@ def test_a_failed_call_fails_every_request_of_its_batch_and_only_those():
     rec = Recorder(fail=RuntimeError("milvus down"))
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=0.02, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=0.02, max_batch=64, observe=rec.observe, send_when_idle=False)
         return await asyncio.gather(*[b.submit("k", i) for i in range(3)], return_exceptions=True)
 
     out = run(main())
@@ -114,7 +114,7 @@ def test_a_cancelled_request_leaves_the_rest_of_its_batch_answered():
 
     async def main():
         rec.gate = asyncio.Event()
-        b = MicroBatcher(rec.run, window_s=0.01, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=0.01, max_batch=64, observe=rec.observe, send_when_idle=False)
         tasks = [asyncio.create_task(b.submit("k", i)) for i in range(3)]
         while not rec.calls:  # the batch is in its Milvus call
             await asyncio.sleep(0.005)
@@ -131,7 +131,7 @@ def test_a_result_count_mismatch_is_an_error_not_a_misrouted_answer():
         return [1]
 
     async def main():
-        b = MicroBatcher(short, window_s=0.01, max_batch=64)
+        b = MicroBatcher(short, window_s=0.01, max_batch=64, send_when_idle=False)
         return await asyncio.gather(*[b.submit("k", i) for i in range(2)], return_exceptions=True)
 
     out = run(main())
@@ -142,13 +142,43 @@ def test_close_sends_what_is_pending():
     rec = Recorder()
 
     async def main():
-        b = MicroBatcher(rec.run, window_s=30.0, max_batch=64, observe=rec.observe)
+        b = MicroBatcher(rec.run, window_s=30.0, max_batch=64, observe=rec.observe, send_when_idle=False)
         task = asyncio.create_task(b.submit("k", 7))
         await asyncio.sleep(0)  # queued, its 30 s window running
         await b.close()
         return await asyncio.wait_for(task, 5.0)
 
     assert run(main()) == 70
+
+
+def test_a_lone_request_does_not_wait_the_window_when_milvus_is_idle():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec.run, window_s=30.0, max_batch=64, observe=rec.observe)
+        return await asyncio.wait_for(b.submit("k", 3), 5.0)
+
+    assert run(main()) == 30
+    assert rec.sizes == [1]
+
+
+def test_requests_arriving_during_a_call_form_the_next_batch_sent_when_it_returns():
+    rec = Recorder()
+
+    async def main():
+        rec.gate = asyncio.Event()
+        b = MicroBatcher(rec.run, window_s=30.0, max_batch=64, observe=rec.observe)
+        first = asyncio.create_task(b.submit("k", 0))
+        while not rec.calls:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.create_task(b.submit(k, i)) for k, i in (("k", 1), ("k", 2), ("j", 3), ("k", 4))]
+        await asyncio.sleep(0.02)
+        assert len(rec.calls) == 1  # Milvus busy: they wait (the 30 s window is not what sends them)
+        rec.gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), 5.0)
+
+    assert run(main()) == [0, 10, 20, 30, 40]
+    assert sorted(rec.calls, key=lambda c: c[1]) == [("k", [0]), ("k", [1, 2, 4]), ("j", [3])]
 
 
 def test_max_batch_below_one_is_refused():

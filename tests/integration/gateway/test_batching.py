@@ -2,8 +2,9 @@
 
 Two gateways over copies of one Milvus Lite collection: one with batching off (the answer
 each request gets alone), one whose batches go out only when full (a window far longer
-than the test, IMGSEARCH_SEARCH_BATCH_MAX = one burst's group size), so how requests were
-merged is decided by the batcher, not by timing, and is read back from /metrics.
+than the test, IMGSEARCH_SEARCH_BATCH_MAX = one burst's group size, no send-when-idle), so
+how requests were merged is decided by the batcher, not by timing, and is read back from
+/metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def pair(gw_data, triton, repo18, tmp_path_factory):
     alone = start_gateway(gateway_env(repo18, triton.grpc_url, base / "alone.db", root, max_inflight=64,
                                       search_batch_ms=0))
     batched = start_gateway(gateway_env(repo18, triton.grpc_url, base / "batched.db", root, max_inflight=64,
-                                        search_batch_ms=10_000, search_batch_max=GROUP))
+                                        search_batch_ms=10_000, search_batch_max=GROUP,
+                                        search_batch_idle_send=False))
     yield alone, batched, root, ids
     alone.stop()
     batched.stop()
