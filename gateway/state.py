@@ -54,11 +54,11 @@ class Runtime:
         self.use_bytes: bool | None = False if settings.triton_input == "pixels" else None
         self._input_lock = asyncio.Lock()
         window_s = settings.search_batch_ms / 1000.0
-        idle = settings.search_batch_idle_send
+        batching = {"send_when_idle": settings.search_batch_idle_send, "max_calls": settings.search_batch_calls}
         self.searches: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
-            self._search_batch, window_s, settings.search_batch_max, metrics.batch_observer("search"), idle)
+            self._search_batch, window_s, settings.search_batch_max, metrics.batch_observer("search"), **batching)
         self.lookups: MicroBatcher[int, Entry | None] = MicroBatcher(
-            self._lookup_batch, window_s, settings.search_batch_max, metrics.batch_observer("get"), idle)
+            self._lookup_batch, window_s, settings.search_batch_max, metrics.batch_observer("get"), **batching)
 
     @property
     def model_info(self) -> dict[str, Any]:

@@ -181,6 +181,35 @@ def test_requests_arriving_during_a_call_form_the_next_batch_sent_when_it_return
     assert sorted(rec.calls, key=lambda c: c[1]) == [("k", [0]), ("k", [1, 2, 4]), ("j", [3])]
 
 
+def test_no_more_calls_in_flight_than_the_slots_and_a_full_batch_is_not_overfilled():
+    rec = Recorder()
+    live = {"now": 0, "most": 0}
+
+    async def tracked(key, items):
+        live["now"] += 1
+        live["most"] = max(live["most"], live["now"])
+        try:
+            return await rec.run(key, items)
+        finally:
+            live["now"] -= 1
+
+    async def main():
+        rec.gate = asyncio.Event()
+        b = MicroBatcher(tracked, window_s=0.001, max_batch=3, max_calls=2)
+        tasks = [asyncio.create_task(b.submit("k", i)) for i in range(10)]
+        await asyncio.sleep(0.05)  # windows long past: still only two calls may run
+        assert len(rec.calls) == 2
+        rec.gate.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+
+    assert run(main()) == [i * 10 for i in range(10)]
+    assert live["most"] == 2
+    assert all(len(items) <= 3 for _, items in rec.calls)
+    assert sorted(i for _, items in rec.calls for i in items) == list(range(10))
+
+
 def test_max_batch_below_one_is_refused():
     with pytest.raises(ValueError):
         MicroBatcher(Recorder().run, window_s=0.01, max_batch=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(Recorder().run, window_s=0.01, max_batch=4, max_calls=0)
