@@ -1,10 +1,12 @@
-"""Gateway CPU per request, and where it goes: the gateway under cProfile, one client at a time.
+"""Gateway CPU per request, and where it goes: the gateway under a profiler, one client at a time.
 
-CPU per request = the gateway process' own CPU time (user + system, all its threads; not
-Triton's, not the embedded Milvus Lite's, not the client's) over a run of sequential
-requests, divided by their number. cProfile adds its own overhead to every Python call,
-so the CPU figure comes from a second, unprofiled run of the same requests; the profile
-says where the time goes.
+CPU per request = the gateway process' own CPU time (user + system, all its threads) over
+a run of sequential requests, divided by their number. Milvus runs as a server in its own
+process here (``loadtest.stack.MilvusServer``): Milvus Lite on a ``.db`` path runs inside
+the gateway process and its search work would count as the gateway's. Triton and the
+client are other processes too. The profiler (yappi, every thread: :mod:`loadtest.profiled`)
+adds its own overhead to every call, so the CPU figure comes from a second, unprofiled run
+of the same requests; the profile says where the time goes.
 
   similar   GET /v1/images/{id}/similar over ``--vectors`` synthetic 2048-d vectors
   search    POST /v1/search, IMGSEARCH_TRITON_INPUT=bytes (files go to Triton's ensemble
@@ -16,7 +18,6 @@ says where the time goes.
 from __future__ import annotations
 
 import argparse
-import cProfile  # noqa: F401 - run as ``python -m cProfile`` in the gateway process
 import io
 import json
 import os
@@ -33,7 +34,7 @@ import psutil
 from imgsearch.model_card import read_card
 from imgsearch.triton_server import LocalTriton, free_port
 from loadtest.bench_search import build_collection
-from loadtest.stack import export_repo, gateway_env, index_images, make_images, start_gateway
+from loadtest.stack import MilvusServer, copy_db, export_repo, gateway_env, index_images, make_images, start_gateway
 from loadtest.vectors import clustered_vectors, vectors_card_repo
 
 MODEL = "resnet152"
@@ -47,7 +48,7 @@ def cpu_s(pid: int) -> float:
 def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dict:
     prof = tmp / f"{name}.prof"
     gw = start_gateway(env, log_level="warning", log_path=tmp / f"{name}.log",
-                       python_args=["-m", "cProfile", "-o", str(prof)] if profile else ())
+                       python_args=["-m", "loadtest.profiled", str(prof)] if profile else ())
     try:
         with httpx.Client(base_url=gw.url, timeout=60) as c:
             for i in range(20):  # warm-up: connections, first-call imports, caches
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
     db = tmp / "similar.db"
     ids, _ = build_collection(db, clustered_vectors(args.vectors, 2048, seed=5), read_card(repo, MODEL).model_sha)
-    env = gateway_env(repo, f"127.0.0.1:{free_port()}", db, tmp)
+    milvus = MilvusServer(copy_db(db, tmp / "server.db"), log_path=tmp / "milvus.log").start()
+    env = gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp)
 
     def similar(c: httpx.Client, i: int) -> httpx.Response:
         return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
@@ -95,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         make_images(root, classes=4, per_class=8)
         files = [p.read_bytes() for p in sorted(root.rglob("*.jpg"))]
         with LocalTriton(repo18, "cpu", exit_timeout_s=5) as triton:
-            sdb = tmp / "search.db"
-            index_images(root, str(sdb), triton.grpc_url, repo18)
-            senv = gateway_env(repo18, triton.grpc_url, sdb, root, triton_input="bytes")
+            index_images(root, milvus.uri, triton.grpc_url, repo18, collection="search")
+            senv = gateway_env(repo18, triton.grpc_url, milvus.uri, root, triton_input="bytes", collection="search")
 
             def search(c: httpx.Client, i: int) -> httpx.Response:
                 return c.post("/v1/search", params={"top_k": 10},
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
             res["search_bytes"] = {"cpu": measure(senv, search, args.requests, tmp, "search", False),
                                    "profiled": measure(senv, search, args.requests, tmp, "search-prof", True)}
+    milvus.stop()
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     res["command"] = "python -m loadtest.profile_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
