@@ -52,6 +52,8 @@ class Metrics:
         self.milvus_batch_wait = Histogram(
             "imgsearch_milvus_batch_wait_seconds", "time a request waited in the batcher before its Milvus call",
             ["op"], buckets=WAIT_BUCKETS, registry=self.registry)
+        # label children by value: .labels() builds and locks a lookup on every call, per request
+        self._children: dict[tuple, object] = {}
 
     def batch_observer(self, op: str):
         """``observe(n, waits)`` for a :class:`gateway.batching.MicroBatcher` of this op."""
@@ -64,8 +66,15 @@ class Metrics:
 
         return observe
 
+    def child(self, metric, *values: str):
+        key = (id(metric), *values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
+
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_duration.labels(stage=stage).observe(seconds)
+        self.child(self.stage_duration, stage).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -112,6 +121,6 @@ class MetricsMiddleware:
         finally:
             route = route_template(scope)
             code = str(status["code"])
-            self.metrics.request_duration.labels(route=route, method=scope["method"], status=code).observe(
-                time.perf_counter() - start)
-            self.metrics.requests.labels(route=route, status=code).inc()
+            m = self.metrics
+            m.child(m.request_duration, route, scope["method"], code).observe(time.perf_counter() - start)
+            m.child(m.requests, route, code).inc()

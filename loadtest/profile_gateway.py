@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import pstats
+import signal
 import sys
 import tempfile
 import time
@@ -38,6 +39,9 @@ from loadtest.stack import MilvusServer, copy_db, export_repo, gateway_env, inde
 from loadtest.vectors import clustered_vectors, vectors_card_repo
 
 MODEL = "resnet152"
+# the stages the issue names: multipart, response models, JSON, vectors for pymilvus, metrics
+WATCH = ("serialize_response|solve_dependencies|read_upload|render|search_many|get_many|MetricsMiddleware|"
+         "response|hit_json|_blocking|prepare|search_result|generate_latest|encode_bytes|run_endpoint_function")
 
 
 def cpu_s(pid: int) -> float:
@@ -54,6 +58,9 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dic
             for i in range(20):  # warm-up: connections, first-call imports, caches
                 r = send(c, i)
                 assert r.status_code == 200, r.text
+            if profile:
+                gw.proc.send_signal(signal.SIGUSR1)  # loadtest.profiled: start now
+                time.sleep(0.2)
             c0, t0 = cpu_s(gw.pid), time.perf_counter()
             for i in range(n):
                 send(c, i)
@@ -64,8 +71,10 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dic
            "wall_ms_per_request": round(wall / n * 1000, 3)}
     if profile and prof.exists():
         buf = io.StringIO()
-        pstats.Stats(str(prof), stream=buf).sort_stats("tottime").print_stats(25)
-        out["profile_top_tottime"] = buf.getvalue().splitlines()
+        st = pstats.Stats(str(prof), stream=buf)
+        st.sort_stats("tottime").print_stats(25)
+        st.sort_stats("cumulative").print_stats(WATCH)
+        out["profile"] = buf.getvalue().splitlines()
     return out
 
 
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(v, dict) and "cpu" in v:
             print(f"{k}: {v['cpu']['gateway_cpu_ms_per_request']} ms gateway CPU per request "
                   f"({v['cpu']['wall_ms_per_request']} ms wall)")
-            print("\n".join(v["profiled"].get("profile_top_tottime", [])[:40]))
+            print("\n".join(v["profiled"].get("profile", [])))
     print(f"wrote {args.out}")
     return 0
 
