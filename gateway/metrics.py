@@ -19,6 +19,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # search on CPU lands in 20 ms - 2 s; on GPU 2 - 50 ms
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -44,8 +46,35 @@ class Metrics:
             "imgsearch_shed_total", "requests refused with 503 because of load or a dead backend",
             ["reason"], registry=self.registry)
 
+        self.milvus_batch = Histogram(
+            "imgsearch_milvus_batch_size", "requests per Milvus call: vectors per search, ids per lookup",
+            ["op"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.milvus_batch_wait = Histogram(
+            "imgsearch_milvus_batch_wait_seconds", "time a request waited in the batcher before its Milvus call",
+            ["op"], buckets=WAIT_BUCKETS, registry=self.registry)
+        # label children by value: .labels() builds and locks a lookup on every call, per request
+        self._children: dict[tuple, object] = {}
+
+    def batch_observer(self, op: str):
+        """``observe(n, waits)`` for a :class:`gateway.batching.MicroBatcher` of this op."""
+        size, wait = self.milvus_batch.labels(op=op), self.milvus_batch_wait.labels(op=op)
+
+        def observe(n: int, waits) -> None:
+            size.observe(n)
+            for w in waits:
+                wait.observe(w)
+
+        return observe
+
+    def child(self, metric, *values: str):
+        key = (id(metric), *values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
+
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_duration.labels(stage=stage).observe(seconds)
+        self.child(self.stage_duration, stage).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -92,6 +121,6 @@ class MetricsMiddleware:
         finally:
             route = route_template(scope)
             code = str(status["code"])
-            self.metrics.request_duration.labels(route=route, method=scope["method"], status=code).observe(
-                time.perf_counter() - start)
-            self.metrics.requests.labels(route=route, status=code).inc()
+            m = self.metrics
+            m.child(m.request_duration, route, scope["method"], code).observe(time.perf_counter() - start)
+            m.child(m.requests, route, code).inc()

@@ -129,8 +129,9 @@ def require_file(upload_data: bytes | None) -> bytes:
     description="multipart `file` (+ `top_k`, `min_score`, `label` as form fields or query parameters; "
                 "form wins). Returns the nearest indexed images by cosine, a breed guess and per-stage timings.",
     responses=responses(413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
-async def search(request: Request, rt: Rt, top_k: TopK = 10, min_score: MinScore = None,
+async def search(request: Request, top_k: TopK = 10, min_score: MinScore = None,
                  label: LabelQ = None) -> Any:
+    rt = runtime(request)  # not a Depends: FastAPI's dependency solving is a visible share of a search's CPU
     upload = await read_upload(request, rt.settings.max_upload_bytes)
     data = require_file(upload.data)
     f = upload.fields
@@ -143,8 +144,9 @@ async def search(request: Request, rt: Rt, top_k: TopK = 10, min_score: MinScore
 @router.get(
     "/v1/images/{id}/similar", response_model=schemas.SearchResponse, tags=["search"],
     summary="More like an indexed image", responses=responses(404, 422, 503))
-async def similar(id: ImageId, rt: Rt, top_k: TopK = 10, min_score: MinScore = None,
+async def similar(id: ImageId, request: Request, top_k: TopK = 10, min_score: MinScore = None,
                   label: LabelQ = None) -> Any:
+    rt = runtime(request)
     label = clean_label(label) if label is not None else None
     return await similar_to(rt, id, top_k, min_score, label)
 
@@ -152,7 +154,7 @@ async def similar(id: ImageId, rt: Rt, top_k: TopK = 10, min_score: MinScore = N
 # --- images ----------------------------------------------------------------------------
 
 async def _image_bytes(rt: Runtime, id_: int) -> bytes:
-    entry = await rt.store_call(rt.store.get, id_)
+    entry = await rt.lookup(id_)
     return await rt.in_decode_pool(read_under, rt.image_root, entry.path)
 
 

@@ -1,7 +1,8 @@
 """The search pipeline: decode (thread pool) -> Triton -> Milvus top-k -> breed guess.
 
 Each stage is timed for the response (``timings_ms``) and for Prometheus
-(``imgsearch_stage_duration_seconds``). In bytes mode (IMGSEARCH_TRITON_INPUT=bytes and
+(``imgsearch_stage_duration_seconds``). The search stage includes the time a query
+waits for its batch (``IMGSEARCH_SEARCH_BATCH_MS``, :mod:`gateway.batching`). In bytes mode (IMGSEARCH_TRITON_INPUT=bytes and
 the ``image_search`` ensemble in Triton) there is no decode here: the file goes to Triton
 as it came, ``decode`` is 0 and ``infer`` includes Triton's decoding.
 """
@@ -16,7 +17,7 @@ import numpy as np
 
 from imgsearch.errors import ModelRepositoryError
 from imgsearch.imaging import check_format, decode_image
-from imgsearch.store import Hit
+from imgsearch.store import Hit, SearchQuery
 from imgsearch.triton_client import Encoded
 
 from .state import Runtime
@@ -79,7 +80,7 @@ async def encode_upload(rt: Runtime, data: bytes) -> tuple[Encoded, float, float
 async def search_vector(rt: Runtime, vector: np.ndarray, top_k: int, min_score: float | None,
                         label: str | None, exclude_id: int | None = None) -> tuple[list[Hit], float]:
     t0 = time.perf_counter()
-    hits = (await rt.store_call(rt.store.search, vector[None], top_k, min_score, label or None, exclude_id))[0]
+    hits = await rt.search(SearchQuery(vector, top_k, min_score, exclude_id), label or None)
     dt = time.perf_counter() - t0
     rt.metrics.observe_stage("search", dt)
     return hits, dt
@@ -109,6 +110,6 @@ async def search_image(rt: Runtime, data: bytes, top_k: int, min_score: float | 
 async def similar_to(rt: Runtime, id_: int, top_k: int, min_score: float | None,
                      label: str | None) -> dict[str, Any]:
     start = time.perf_counter()
-    entry = await rt.store_call(rt.store.get, id_, True)
+    entry = await rt.lookup(id_, with_embedding=True)
     hits, search_s = await search_vector(rt, entry.embedding, top_k, min_score, label, exclude_id=id_)
     return response(rt, hits, None, 0.0, 0.0, search_s, start)

@@ -2,7 +2,8 @@
 
 Blocking work never runs on the event loop: decoding goes to a pool of
 ``IMGSEARCH_DECODE_THREADS`` (Pillow releases the GIL), Milvus calls to a pool of
-``IMGSEARCH_STORE_THREADS``. The collection is opened (created or checked against the
+``IMGSEARCH_STORE_THREADS``. Searches and id lookups go through a :class:`MicroBatcher`
+each: concurrent requests share one Milvus call (``IMGSEARCH_SEARCH_BATCH_MS``). The collection is opened (created or checked against the
 model card) at startup; when Milvus is down then, or fails later, the next request opens
 it again, so a Milvus that comes back needs no gateway restart.
 
@@ -17,14 +18,16 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from collections.abc import Hashable, Sequence
 from typing import Any, Callable, TypeVar
 
-from imgsearch.errors import StoreUnavailable
+from imgsearch.errors import NotFound, StoreUnavailable
 from imgsearch.model_card import ModelCard
 from imgsearch.settings import Settings
-from imgsearch.store import VectorStore
+from imgsearch.store import Entry, Hit, SearchQuery, VectorStore, search_ef
 from imgsearch.triton_client import TritonEncoder
 
+from .batching import MicroBatcher
 from .images import ThumbCache
 from .metrics import Metrics
 
@@ -50,6 +53,12 @@ class Runtime:
         # bytes mode: None = not decided yet (Triton was not ready to be asked)
         self.use_bytes: bool | None = False if settings.triton_input == "pixels" else None
         self._input_lock = asyncio.Lock()
+        window_s = settings.search_batch_ms / 1000.0
+        batching = {"send_when_idle": settings.search_batch_idle_send, "max_calls": settings.search_batch_calls}
+        self.searches: MicroBatcher[SearchQuery, list[Hit]] = MicroBatcher(
+            self._search_batch, window_s, settings.search_batch_max, metrics.batch_observer("search"), **batching)
+        self.lookups: MicroBatcher[int, Entry | None] = MicroBatcher(
+            self._lookup_batch, window_s, settings.search_batch_max, metrics.batch_observer("get"), **batching)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -102,6 +111,24 @@ class Runtime:
             self._store_open = False
             raise
 
+    async def search(self, query: SearchQuery, label: str | None) -> list[Hit]:
+        """Top hits for one query; shares a Milvus call with concurrent queries of the same filter and ef."""
+        return await self.searches.submit((label, search_ef(query.top_k)), query)
+
+    async def _search_batch(self, key: Hashable, queries: Sequence[SearchQuery]) -> list[list[Hit]]:
+        label, _ef = key
+        return await self.store_call(self.store.search_many, queries, label)
+
+    async def lookup(self, id_: int, with_embedding: bool = False) -> Entry:
+        """One indexed entry (NotFound if absent); shares a Milvus call with concurrent lookups."""
+        entry = await self.lookups.submit(with_embedding, id_)
+        if entry is None:
+            raise NotFound(f"no image with id {id_}")
+        return entry
+
+    async def _lookup_batch(self, with_embedding: Hashable, ids: Sequence[int]) -> list[Entry | None]:
+        return await self.store_call(self.store.get_many, ids, bool(with_embedding))
+
     async def readiness(self) -> tuple[dict[str, bool], dict[str, str]]:
         checks: dict[str, bool] = {}
         detail: dict[str, str] = {}
@@ -127,6 +154,8 @@ class Runtime:
         return checks, detail
 
     async def close(self) -> None:
+        await self.searches.close()
+        await self.lookups.close()
         await self.encoder.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, self.store.close)

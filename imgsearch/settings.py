@@ -65,6 +65,17 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     default_top_k: int = 10
     store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")
+    search_batch_ms: float = Field(
+        2.0, ge=0.0, le=10_000.0,
+        description="dynamic batching window for Milvus searches and lookups: concurrent requests arriving "
+                    "within it share one call; 0 = one call per request")
+    search_batch_max: int = Field(64, ge=1, le=1024, description="most requests in one batched Milvus call")
+    search_batch_calls: int = Field(
+        1, ge=1, le=64, description="batched Milvus calls of a kind (search, lookup) in flight at once; requests "
+                                    "arriving while all are busy form the next batch")
+    search_batch_idle_send: bool = Field(
+        True, description="send a batch at once when a call slot is free (a lone request does not wait the "
+                          "window); off = wait for the window or a full batch")
     thumb_max_side: int = 256
     thumb_cache_items: int = Field(512, description="thumbnails kept in memory (LRU)")
     upload_prefix: str = Field(

@@ -1,7 +1,8 @@
 """Inspect or drop the Milvus collection the indexer fills.
 
 stats prints the number of entries, entries per label, the embedding size and the model
-sha the collection is tied to (the model card's), and the index type. drop deletes the
+sha the collection is tied to (the model card's), and the index: type, state, rows indexed
+and pending as Milvus reports them, and the last build `imgsearch index` waited for. drop deletes the
 collection and everything in it; it asks first unless --yes is given.
 
 examples:
@@ -22,7 +23,7 @@ import sys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collection", help="(default: IMGSEARCH_COLLECTION, images)")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = sub.add_parser("stats", help="entries, labels, dim, model sha, index")
+    s = sub.add_parser("stats", help="entries, labels, dim, model sha, index state")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--top", type=int, default=20, help="labels to list (default: 20)")
     d = sub.add_parser("drop", help="delete the collection")
@@ -69,7 +70,15 @@ def _stats(store, args) -> int:
     print(f"collection {st['collection']} at {st['uri']}")
     print(f"  entries   {st['count']}")
     print(f"  model     {st['model']} (sha {st['model_sha']}), {st['dim']}-d embeddings")
-    print(f"  index     {st['index'].get('index_type')} / {st['index'].get('metric_type')}")
+    ix = st["index"]
+    params = ", ".join(f"{k}={v}" for k, v in ix["params"].items())
+    print(f"  index     {ix['index_type']} / {ix['metric_type']}" + (f" ({params})" if params else "")
+          + f": {ix['state']}, {ix['indexed_rows']} of {ix['total_rows']} rows indexed, "
+          f"{ix['pending_index_rows']} pending")
+    built = ix["last_build"]
+    print("  built     " + (f"over {built['rows']} rows in {built['seconds']:.1f}s (flush + index, last `imgsearch "
+                             "index` run)" if built else "never by `imgsearch index`: rows written since may be "
+                             "searched brute force until the next run"))
     labels = st["labels"]
     print(f"  labels    {len(labels)}" + (" (entries per label, most first)" if labels else ""))
     for label, n in sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))[: args.top]:

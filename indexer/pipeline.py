@@ -166,6 +166,8 @@ class Indexer:
                     log.warning(r.sync_skipped)
                 else:
                     await self._sync(scan)
+            if not self._store_dead:
+                await self._build_index()
         except _Stop:
             pass
         finally:
@@ -461,6 +463,22 @@ class Indexer:
             r.stages_s["upsert"] += time.perf_counter() - t
             r.indexed += len(rows)  # only now are these rows done
             self._progress(len(rows))
+
+    async def _build_index(self) -> None:
+        """Flush and wait for the vector index, so the first searches after a run are not the slow
+        brute-force ones over unsealed rows; an interrupted run skips it, the next run builds."""
+        r = self.report
+        log.info("building the vector index of %s (flush, then wait for the index)", self.store.collection)
+        t = time.perf_counter()
+        try:
+            state = await asyncio.to_thread(self.store.build_index)
+        except StoreError as e:
+            self._abort(f"index not built: {e}", store_dead=True)
+            return
+        r.stages_s["index"] = time.perf_counter() - t
+        r.settings["index"] = state
+        log.info("index %s: %s of %s rows indexed, built in %.1fs", state.get("index_type"),
+                 state.get("indexed_rows"), state.get("total_rows"), r.stages_s["index"])
 
     # --- --sync -------------------------------------------------------------------------
     async def _sync(self, scan: ScanResult) -> None:

@@ -173,12 +173,13 @@ class GatewayProc:
 
 def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: str = "info",
                   log_path: Path | None = None, startup_timeout_s: float = 120.0,
-                  extra_env: dict[str, str] | None = None) -> GatewayProc:
+                  extra_env: dict[str, str] | None = None, python_args: Sequence[str] = ()) -> GatewayProc:
     """The gateway as in production, on a free loopback port; returns once /healthz answers.
 
     ``serve_cli``: through ``imgsearch serve`` (its uvicorn settings: graceful shutdown
     timeout), else ``uvicorn gateway.app:app_from_env --factory``. stdout and stderr go
-    to ``log_path``. The caller's IMGSEARCH_* variables are dropped first.
+    to ``log_path``. The caller's IMGSEARCH_* variables are dropped first. ``python_args`` go
+    before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway).
     """
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
@@ -186,10 +187,10 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     clean.update(extra_env or {})
     clean.setdefault("PYTHONUNBUFFERED", "1")
     if serve_cli:
-        cmd = [sys.executable, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [sys.executable, *python_args, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", log_level]
     else:
-        cmd = [sys.executable, "-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
+        cmd = [sys.executable, *python_args, "-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", log_level]
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])

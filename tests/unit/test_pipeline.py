@@ -56,6 +56,11 @@ class FakeStore:
         self.rows = {}
         self.upserts = 0
         self.fail_on_upsert = fail_on_upsert
+        self.builds: list[int] = []  # rows held at each build_index
+
+    def build_index(self):
+        self.builds.append(len(self.rows))
+        return {"index_type": "HNSW", "indexed_rows": len(self.rows), "total_rows": len(self.rows)}
 
     def existing(self, ids):
         return {i: self.rows[i].path for i in ids if i in self.rows}
@@ -219,3 +224,13 @@ def test_bytes_mode_without_a_usable_ensemble_decodes_here(with_bad):
     assert rep.indexed == 6 and enc.requests == [] and enc.calls > 0
     assert rep.settings["triton_input"] == "pixels"
     assert rep.settings["triton_input_fallback"] == "Triton has no ready ensemble 'image_search'"
+
+
+def test_a_run_ends_with_the_index_built_over_every_row_and_a_dead_store_skips_it(images):
+    store = FakeStore()
+    rep = run(store, FakeEncoder(), images)
+    assert rep.indexed > 0 and store.builds == [len(store.rows)]  # once, after the last upsert
+    assert rep.settings["index"]["indexed_rows"] == len(store.rows) and rep.stages_s["index"] >= 0
+    dead = FakeStore(fail_on_upsert=1)
+    rep = run(dead, FakeEncoder(), images)
+    assert rep.aborted and dead.builds == []

@@ -49,6 +49,10 @@ def test_index_rerun_selfsearch_and_collection_admin(dataset, env, index_cli, tr
     assert rep["aborted"] is None and rep["batches"] >= len(dataset.valid) // 16
     assert all(rep["stages_s"][s] > 0 for s in ("hash", "decode", "infer", "upsert"))
     assert abs(sum(rep["shares"].values()) - 1) < 1e-6
+    # the run ends with the rows sealed and indexed, and the collection records that build
+    assert rep["stages_s"]["index"] > 0
+    assert rep["settings"]["index"]["last_build"]["rows"] == len(dataset.valid)
+    assert rep["settings"]["index"]["indexed_rows"] == len(dataset.valid)
     assert "indexed 200, unchanged 0, duplicates 0, failed 4 of 204 files" in first.out
     assert "failed, undecodable_image (2):" in first.out and "n00000003-class_3/bomb.png" in first.out
 
@@ -97,6 +101,12 @@ def test_index_rerun_selfsearch_and_collection_admin(dataset, env, index_cli, tr
     st = json.loads(capsys.readouterr().out)
     assert st["count"] == len(dataset.valid) and st["dim"] == 512
     assert st["labels"] == {f"class_{c}": 20 for c in range(10)}
+    assert st["index"]["index_type"] == "HNSW" and st["index"]["indexed_rows"] == len(dataset.valid)
+    assert st["index"]["last_build"]["rows"] == len(dataset.valid) and st["index"]["last_build"]["seconds"] > 0
+    assert main(["collection", "stats"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(dataset.valid)} of {len(dataset.valid)} rows indexed" in text
+    assert f"built     over {len(dataset.valid)} rows in" in text
     assert main(["collection", "drop"]) == 2  # not a terminal and no --yes: refuses
     assert main(["collection", "drop", "--yes"]) == 0
     assert main(["collection", "stats"]) == 1

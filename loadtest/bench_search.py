@@ -1,0 +1,267 @@
+"""Batched vs unbatched vector search through the gateway, side by side in one run.
+
+Two gateways over copies of one Milvus Lite collection, identical but for
+``IMGSEARCH_SEARCH_BATCH_MS`` (``--window-ms`` vs 0), measured in alternating rounds
+(on, off, on, off, ...) so that whatever else the machine runs hits both alike. On a
+shared machine only the ratios of one run mean something; the absolute figures move
+with the neighbours' load.
+
+  similar   ``GET /v1/images/{id}/similar`` over ``--vectors`` synthetic ``--dim``-d vectors
+            (clustered, unit length; the gateway needs no model for it): req/s and p50/p99
+            at ``--clients`` and at 1 client.
+  search    ``POST /v1/search`` through a real Triton (``--repository``, or a resnet18 with
+            random weights exported here) over the demo-style images plus synthetic vectors
+            of the model's dimension: req/s per client count, and the knee (most req/s).
+  index     the cost of a search right after the inserts, and once ``build_index`` (what
+            ``imgsearch index`` now ends with) has flushed and waited for the index.
+
+  python -m loadtest.bench_search                      # all three, results JSON in loadtest/results/
+  python -m loadtest.bench_search --skip-search --vectors 5000 --seconds 5   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from imgsearch.model_card import read_card
+from imgsearch.store import VectorStore
+from imgsearch.triton_metrics import metric_sum
+from imgsearch.triton_server import free_port
+from loadtest.bench_gateway import run_round, summarize
+from loadtest.stack import COLLECTION, MODEL, copy_db, gateway_env, index_images, make_images, start_gateway
+from loadtest.vectors import (
+    clustered_vectors,
+    fill,
+    release,
+    rss_tree_mb,
+    time_searches,
+    vectors_card_repo,
+)
+
+NOTE = ("Measured on a shared machine (other processes use the same cores): absolute req/s and latencies move "
+        "with their load; the on/off ratios are measured side by side in alternating rounds of one run, "
+        "and are what this file reports.")
+
+
+def build_collection(db: Path, vectors: np.ndarray, sha: str, extra_rows=()) -> tuple[list[int], dict]:
+    """Insert, time searches on the unindexed rows, build the index, time them again."""
+    store = VectorStore(str(db), COLLECTION)
+    try:
+        t0 = time.perf_counter()
+        ids = fill(store, vectors, sha)
+        insert_s = time.perf_counter() - t0
+        probe = vectors[:: max(1, len(vectors) // 5)][:5]
+        before = time_searches(store, probe)
+        t1 = time.perf_counter()
+        state = store.build_index()
+        build_s = time.perf_counter() - t1
+        after = time_searches(store, probe)
+    finally:
+        release(store)
+    return ids, {"insert_s": round(insert_s, 2), "build_index_s": round(build_s, 2),
+                 "search_ms_before_index": [round(x * 1000, 1) for x in before],
+                 "search_ms_after_index": [round(x * 1000, 1) for x in after],
+                 "slowdown_before_index": round(float(np.median(before) / np.median(after)), 1),
+                 "index_state": state}
+
+
+@contextlib.contextmanager
+def gateway_pair(repo: Path, triton_url: str, db: Path, image_root: Path, window_ms: float, batch_max: int,
+                 tmp: Path):
+    """Batching on and off, each over its own copy of the collection (one process per Lite file)."""
+    off_db = copy_db(db, tmp / f"{db.stem}-off.db")
+    common = {"max_inflight": 512, "collection": COLLECTION}
+    on = start_gateway(gateway_env(repo, triton_url, db, image_root, search_batch_ms=window_ms,
+                                   search_batch_max=batch_max, **common),
+                       log_level="warning", log_path=tmp / "gateway-on.log")
+    try:
+        off = start_gateway(gateway_env(repo, triton_url, off_db, image_root, search_batch_ms=0, **common),
+                            log_level="warning", log_path=tmp / "gateway-off.log")
+        try:
+            yield {"on": on, "off": off}
+        finally:
+            off.stop(20)
+    finally:
+        on.stop(20)
+
+
+async def compare(gws: dict, make_worker, items: list, clients: int, seconds: float, rounds: int) -> dict:
+    """Alternating on/off rounds at ``clients``; summary per mode, ratios, Milvus calls per mode."""
+    out: dict = {"clients": clients}
+    async with contextlib.AsyncExitStack() as stack:
+        workers, before = {}, {}
+        for mode, gw in gws.items():
+            client = await stack.enter_async_context(httpx.AsyncClient(
+                base_url=gw.url, timeout=120, limits=httpx.Limits(max_connections=clients)))
+            workers[mode] = make_worker(client)
+            await asyncio.gather(*[workers[mode](items[i % len(items)]) for i in range(clients)])  # warm-up
+            before[mode] = (await client.get("/metrics")).text
+        rs = {m: [] for m in gws}
+        for i in range(rounds):
+            for mode in gws:
+                r = await run_round(mode, workers[mode], items, clients, seconds)
+                rs[mode].append(r)
+                print(f"  {clients:3d} clients round {i + 1}/{rounds} {mode:3s} {r.requests:6d} req "
+                      f"{(r.requests - r.errors) / r.seconds:8.1f} req/s  errors {r.errors}", flush=True)
+        for mode, gw in gws.items():
+            s = summarize(mode, rs[mode])
+            text = httpx.get(gw.url + "/metrics", timeout=30).text
+            calls = (metric_sum(text, "imgsearch_milvus_batch_size_count", op="search")
+                     - metric_sum(before[mode], "imgsearch_milvus_batch_size_count", op="search"))
+            vecs = (metric_sum(text, "imgsearch_milvus_batch_size_sum", op="search")
+                    - metric_sum(before[mode], "imgsearch_milvus_batch_size_sum", op="search"))
+            out[mode] = {**asdict(s), "statuses": _statuses(rs[mode]), "milvus_search_calls": int(calls),
+                         "vectors_per_search_call": round(vecs / calls, 2) if calls else None,
+                         "rss_mb": round(rss_tree_mb(gw.pid), 1)}
+    on, off = out["on"], out["off"]
+    out["ratio_rps_on_off"] = round(on["throughput_rps"] / off["throughput_rps"], 3) if off["throughput_rps"] else None
+    out["p99_on_lower"] = on["p99_ms"] < off["p99_ms"]
+    out["p50_delta_ms"] = round(on["p50_ms"] - off["p50_ms"], 3)
+    return out
+
+
+def _statuses(rounds) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in rounds:
+        for k, v in r.statuses.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def similar_worker(top_k: int):
+    def make(client: httpx.AsyncClient):
+        async def worker(id_: int) -> str:
+            try:
+                return str((await client.get(f"/v1/images/{id_}/similar", params={"top_k": top_k})).status_code)
+            except httpx.HTTPError as e:
+                return type(e).__name__
+        return worker
+    return make
+
+
+def search_worker(top_k: int):
+    def make(client: httpx.AsyncClient):
+        async def worker(data: bytes) -> str:
+            try:
+                r = await client.post("/v1/search", params={"top_k": top_k},
+                                      files={"file": ("q.jpg", data, "application/octet-stream")})
+                return str(r.status_code)
+            except httpx.HTTPError as e:
+                return type(e).__name__
+        return worker
+    return make
+
+
+def bench_similar(args: argparse.Namespace, tmp: Path) -> dict:
+    repo = vectors_card_repo(tmp / "repo-vectors", MODEL, args.dim)
+    vectors = clustered_vectors(args.vectors, args.dim, seed=1)
+    db = tmp / "similar.db"
+    ids, index = build_collection(db, vectors, read_card(repo, MODEL).model_sha)
+    rng = np.random.default_rng(2)
+    pick = [int(i) for i in rng.choice(ids, size=min(2000, len(ids)), replace=False)]
+    # no Triton: similar never calls the model; a closed port makes that plain
+    with gateway_pair(repo, f"127.0.0.1:{free_port()}", db, tmp, args.window_ms, args.batch_max, tmp) as gws:
+        res = {"index": index, "vectors": args.vectors, "dim": args.dim,
+               "at_clients": asyncio.run(compare(gws, similar_worker(args.top_k), pick, args.clients,
+                                                 args.seconds, args.rounds)),
+               "at_1_client": asyncio.run(compare(gws, similar_worker(args.top_k), pick, 1,
+                                                  args.seconds, args.rounds))}
+    return res
+
+
+def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
+    from imgsearch.triton_server import LocalTriton
+    from loadtest.stack import export_repo
+
+    repo = args.repository or export_repo(tmp / "repo18")
+    card = read_card(repo, MODEL)
+    root = tmp / "images"
+    make_images(root, classes=6, per_class=8)
+    images = [p.read_bytes() for p in sorted(root.rglob("*.jpg"))]
+    with LocalTriton(repo, "cpu", exit_timeout_s=5) as triton:
+        db = tmp / "search.db"
+        vectors = clustered_vectors(args.vectors, card.embedding_dim, seed=3)
+        ids, index = build_collection(db, vectors, card.model_sha)
+        index_images(root, str(db), triton.grpc_url, repo)  # the query images themselves, too
+        with gateway_pair(repo, triton.grpc_url, db, root, args.window_ms, args.batch_max, tmp) as gws:
+            steps = [asyncio.run(compare(gws, search_worker(args.top_k), images, c, args.seconds, args.rounds))
+                     for c in args.search_clients]
+    knee = {m: max(steps, key=lambda s: s[m]["throughput_rps"]) for m in ("on", "off")}
+    return {"model": {"arch": card.arch, "dim": card.embedding_dim, "weights": card.weights},
+            "vectors": args.vectors, "index": index, "steps": steps,
+            "knee": {m: {"clients": k["clients"], "throughput_rps": k[m]["throughput_rps"],
+                         "p99_ms": k[m]["p99_ms"]} for m, k in knee.items()}}
+
+
+def verdicts(res: dict, window_ms: float) -> dict:
+    v = {}
+    if "similar" in res:
+        at = res["similar"]["at_clients"]
+        v["similar_rps_ratio_ge_3"] = bool((at["ratio_rps_on_off"] or 0) >= 3.0)
+        v["similar_p99_lower_on"] = at["p99_on_lower"]
+        v["similar_1_client_p50_rise_le_window"] = res["similar"]["at_1_client"]["p50_delta_ms"] <= window_ms
+    if "search" in res:
+        k = res["search"]["knee"]
+        v["search_knee_on_ge_off"] = k["on"]["throughput_rps"] >= k["off"]["throughput_rps"]
+        one = [s for s in res["search"]["steps"] if s["clients"] == 1]
+        if one:
+            v["search_1_client_p50_rise_le_window"] = one[0]["p50_delta_ms"] <= window_ms
+    return v
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vectors", type=int, default=20_000, help="synthetic vectors in each collection (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=2048, help="similar: vector size, 2048 = ResNet-152 pooled (default: %(default)s)")
+    p.add_argument("--clients", type=int, default=32, help="similar: concurrent clients (default: %(default)s)")
+    p.add_argument("--search-clients", type=int, nargs="+", default=[1, 4, 8, 16, 32],
+                   help="search: client counts to find the knee (default: %(default)s)")
+    p.add_argument("--window-ms", type=float, default=2.0, help="IMGSEARCH_SEARCH_BATCH_MS when on (default: %(default)s)")
+    p.add_argument("--batch-max", type=int, default=64, help="IMGSEARCH_SEARCH_BATCH_MAX (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="on+off pairs per setting (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--repository", type=Path, help="search: model repository (default: export a random resnet18)")
+    p.add_argument("--skip-similar", action="store_true")
+    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("loadtest/results/search-batching.json"),
+                   help="(default: %(default)s)")
+    args = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    t0 = time.perf_counter()
+    res: dict = {"note": NOTE}
+    if not args.skip_similar:
+        print(f"similar: {args.vectors} x {args.dim}-d, {args.clients} clients and 1, window {args.window_ms} ms",
+              flush=True)
+        res["similar"] = bench_similar(args, tmp)
+    if not args.skip_search:
+        print(f"search: clients {args.search_clients}, window {args.window_ms} ms", flush=True)
+        res["search"] = bench_search(args, tmp)
+    res["verdicts"] = verdicts(res, args.window_ms)
+    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    res["command"] = "python -m loadtest.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res["verdicts"], indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Gateway CPU per request, and where it goes: the gateway under a profiler, one client at a time.
+
+CPU per request = the gateway process' own CPU time (user + system, all its threads) over
+a run of sequential requests, divided by their number. Milvus runs as a server in its own
+process here (``loadtest.stack.MilvusServer``): Milvus Lite on a ``.db`` path runs inside
+the gateway process and its search work would count as the gateway's. Triton and the
+client are other processes too. The profiler (yappi, every thread: :mod:`loadtest.profiled`)
+adds its own overhead to every call, so the CPU figure comes from a second, unprofiled run
+of the same requests; the profile says where the time goes.
+
+  similar   GET /v1/images/{id}/similar over ``--vectors`` synthetic 2048-d vectors
+  search    POST /v1/search, IMGSEARCH_TRITON_INPUT=bytes (files go to Triton's ensemble
+            undecoded), resnet18 with random weights exported here
+
+  python -m loadtest.profile_gateway --requests 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import pstats
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from imgsearch.model_card import read_card
+from imgsearch.triton_server import LocalTriton, free_port
+from loadtest.bench_search import build_collection
+from loadtest.stack import MilvusServer, copy_db, export_repo, gateway_env, index_images, make_images, start_gateway
+from loadtest.vectors import clustered_vectors, vectors_card_repo
+
+MODEL = "resnet152"
+# the stages the issue names: multipart, response models, JSON, vectors for pymilvus, metrics
+WATCH = ("serialize_response|solve_dependencies|read_upload|render|search_many|get_many|MetricsMiddleware|"
+         "response|hit_json|_blocking|prepare|search_result|generate_latest|encode_bytes|run_endpoint_function")
+
+
+def cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dict:
+    prof = tmp / f"{name}.prof"
+    gw = start_gateway(env, log_level="warning", log_path=tmp / f"{name}.log",
+                       python_args=["-m", "loadtest.profiled", str(prof)] if profile else ())
+    try:
+        with httpx.Client(base_url=gw.url, timeout=60) as c:
+            for i in range(20):  # warm-up: connections, first-call imports, caches
+                r = send(c, i)
+                assert r.status_code == 200, r.text
+            if profile:
+                gw.proc.send_signal(signal.SIGUSR1)  # loadtest.profiled: start now
+                time.sleep(0.2)
+            c0, t0 = cpu_s(gw.pid), time.perf_counter()
+            for i in range(n):
+                send(c, i)
+            cpu, wall = cpu_s(gw.pid) - c0, time.perf_counter() - t0
+    finally:
+        gw.stop(30)
+    out = {"requests": n, "gateway_cpu_ms_per_request": round(cpu / n * 1000, 3),
+           "wall_ms_per_request": round(wall / n * 1000, 3)}
+    if profile and prof.exists():
+        buf = io.StringIO()
+        st = pstats.Stats(str(prof), stream=buf)
+        st.sort_stats("tottime").print_stats(25)
+        st.sort_stats("cumulative").print_stats(WATCH)
+        out["profile"] = buf.getvalue().splitlines()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=500, help="sequential requests per run (default: %(default)s)")
+    p.add_argument("--vectors", type=int, default=5000, help="similar: collection size (default: %(default)s)")
+    p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("loadtest/results/gateway-cpu.json"), help="(default: %(default)s)")
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="profile-gateway-"))
+    res: dict = {}
+
+    repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
+    db = tmp / "similar.db"
+    ids, _ = build_collection(db, clustered_vectors(args.vectors, 2048, seed=5), read_card(repo, MODEL).model_sha)
+    milvus = MilvusServer(copy_db(db, tmp / "server.db"), log_path=tmp / "milvus.log").start()
+    env = gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp)
+
+    def similar(c: httpx.Client, i: int) -> httpx.Response:
+        return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
+
+    res["similar"] = {"cpu": measure(env, similar, args.requests, tmp, "similar", False),
+                      "profiled": measure(env, similar, args.requests, tmp, "similar-prof", True)}
+
+    if not args.skip_search:
+        repo18 = export_repo(tmp / "repo18")
+        root = tmp / "images"
+        make_images(root, classes=4, per_class=8)
+        files = [p.read_bytes() for p in sorted(root.rglob("*.jpg"))]
+        with LocalTriton(repo18, "cpu", exit_timeout_s=5) as triton:
+            index_images(root, milvus.uri, triton.grpc_url, repo18, collection="search")
+            senv = gateway_env(repo18, triton.grpc_url, milvus.uri, root, triton_input="bytes", collection="search")
+
+            def search(c: httpx.Client, i: int) -> httpx.Response:
+                return c.post("/v1/search", params={"top_k": 10},
+                              files={"file": ("q.jpg", files[i % len(files)], "image/jpeg")})
+
+            res["search_bytes"] = {"cpu": measure(senv, search, args.requests, tmp, "search", False),
+                                   "profiled": measure(senv, search, args.requests, tmp, "search-prof", True)}
+    milvus.stop()
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    res["command"] = "python -m loadtest.profile_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    for k, v in res.items():
+        if isinstance(v, dict) and "cpu" in v:
+            print(f"{k}: {v['cpu']['gateway_cpu_ms_per_request']} ms gateway CPU per request "
+                  f"({v['cpu']['wall_ms_per_request']} ms wall)")
+            print("\n".join(v["profiled"].get("profile", [])))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
