@@ -153,6 +153,7 @@ class VectorStore:
         if not self.exists():
             self._create(dim, model_sha, model)
         else:
+            self._finish_half_created(dim, model_sha, model)
             self.check(dim, model_sha)
         self._call("load_collection", lambda c: c.load_collection(self.collection))
 
@@ -177,12 +178,31 @@ class VectorStore:
             schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
             index = c.prepare_index_params()
             index.add_index("embedding", **HNSW)
-            c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
-            c.alter_collection_properties(
-                self.collection, properties={PROP_SHA: model_sha, PROP_DIM: str(dim), PROP_MODEL: model})
+            # the model properties travel in the create request itself: a process killed at any
+            # point leaves either no collection or one that says which model it belongs to
+            c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong",
+                                properties=self._model_properties(dim, model_sha, model))
 
         self._call("create_collection", create)
         log.info("created collection %s (dim %d, model sha %s) at %s", self.collection, dim, model_sha, self.uri)
+
+    @staticmethod
+    def _model_properties(dim: int, model_sha: str, model: str) -> dict[str, str]:
+        return {PROP_SHA: model_sha, PROP_DIM: str(dim), PROP_MODEL: model}
+
+    def _finish_half_created(self, dim: int, model_sha: str, model: str) -> None:
+        """An empty collection without model properties is one whose creator died before setting
+        them (versions that set them in a second call): nothing in it belongs to another model,
+        so it is finished for this one. A non-empty one without them stays a mismatch."""
+        if PROP_SHA in self.properties():
+            return
+        self._call("load_collection", lambda c: c.load_collection(self.collection))  # count(*) needs it
+        if self.count() > 0:
+            return
+        log.warning("collection %s has no model properties and no entries (its creation was cut short): "
+                    "finishing it for this model", self.collection)
+        self._call("alter_collection_properties", lambda c: c.alter_collection_properties(
+            self.collection, properties=self._model_properties(dim, model_sha, model)))
 
     def drop(self) -> None:
         def drop(c) -> None:
