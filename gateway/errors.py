@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgsearch.errors import (
     CollectionMismatch,
     CorruptImage,
+    EntryRefused,
     ImageTooLarge,
     ImgsearchError,
     ModelRepositoryError,
@@ -55,6 +56,7 @@ STATUS_TABLE: list[tuple[type[ImgsearchError], int, str | None]] = [
     (CorruptImage, 422, None),
     (ImageTooLarge, 422, None),
     (NotFound, 404, None),
+    (EntryRefused, 422, None),  # the entry's own fault (name, label), not Milvus being down
     (TritonOverloaded, 503, "triton_overloaded"),
     (TritonUnavailable, 503, "triton_unavailable"),
     (StoreUnavailable, 503, "milvus_unavailable"),
@@ -172,7 +174,8 @@ _DESCRIPTIONS = {
     404: "no image with this id, or its file is gone",
     413: "upload over IMGSEARCH_MAX_UPLOAD_BYTES (enforced while reading)",
     415: "not an allowed image (JPEG, PNG, WebP, GIF, BMP; checked by content), or the body is not multipart",
-    422: "undecodable or truncated image, decompression bomb, missing `file` field, or a parameter out of range",
+    422: "undecodable or truncated image, decompression bomb, missing `file` field, a parameter out of range, "
+         "or an entry Milvus refuses (label not storable)",
     502: "Triton refused the tensor the gateway built (model/config mismatch)",
     503: "overloaded (in-flight limit or Triton's queue full) or Triton/Milvus unavailable; retry after Retry-After",
 }

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from imgsearch.imaging import sniff_format, thumbnail
-from imgsearch.store import Row, content_id
+from imgsearch.labels import folder_label
+from imgsearch.store import LABEL_MAX, Row, content_id
 
 from . import schemas
 from .errors import ApiError, responses
@@ -110,6 +111,8 @@ def clean_label(value: str, name: str = "label") -> str:
     v = value.strip()
     if not 1 <= len(v) <= 256:
         raise _invalid(name, "must be 1..256 characters")
+    if len(v.encode("utf-8")) > LABEL_MAX:  # what Milvus servers count
+        raise _invalid(name, f"must be at most {LABEL_MAX} bytes in UTF-8")
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
         raise _invalid(name, "control characters are not allowed")
     return v
@@ -181,8 +184,17 @@ async def get_thumb(id: ImageId, rt: Rt) -> Response:
 
 # --- writes ----------------------------------------------------------------------------
 
-def _slug(label: str) -> str:
-    """A single safe path component for the label's folder (the label itself is kept in Milvus)."""
+NAME_MAX = 255  # bytes in one path component on the usual file systems
+
+
+def _label_folder(label: str) -> str:
+    """The label's folder: the label itself whenever re-indexing would read it back unchanged
+    (柴犬, quotes and backslashes included), so the label survives ``index --recreate``.
+    Otherwise (a '/', a leading dot, a synset-like prefix, too long) a safe slug, and only
+    Milvus keeps the label."""
+    if ("/" not in label and not label.startswith(".") and folder_label(label) == label
+            and len(label.encode("utf-8")) <= NAME_MAX):
+        return label
     s = re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip(" .")[:100]
     return s or "unlabelled"
 
@@ -228,7 +240,7 @@ async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     wrote = False
     if created:
         fmt = sniff_format(data) or "JPEG"
-        rel = f"{_slug(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
+        rel = f"{_label_folder(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
         wrote = await rt.in_decode_pool(_store_file, rt.image_root, rel, data)
     else:
         rel = existing[id_]  # same content: keep its file, update the label

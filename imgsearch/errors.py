@@ -91,6 +91,13 @@ class StoreUnavailable(StoreError):
     code = "milvus_unavailable"
 
 
+class EntryRefused(StoreError):
+    """Milvus (or the checks made before asking it) refused one entry: a path or label that is
+    not valid UTF-8 or is over the field's byte limit. The entry's problem, not Milvus being down."""
+
+    code = "entry_refused"
+
+
 class CollectionMismatch(StoreError):
     """The collection was built by another model (dim or model card sha differ)."""
 

@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     from imgsearch.settings import Settings
 
-from .errors import CollectionMismatch, NotFound, StoreError, StoreUnavailable
+from .errors import CollectionMismatch, EntryRefused, NotFound, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,28 @@ def label_filter(label: str) -> str:
     return f"label == {json.dumps(label, ensure_ascii=False)}"
 
 
+def printable(text: str) -> str:
+    """A name that may hold undecodable bytes (kept by Python as surrogates), safe to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def entry_problem(path: str, label: str) -> str | None:
+    """Why Milvus would refuse (or mangle) an entry with this path and label, or None.
+
+    Milvus servers count VARCHAR limits in UTF-8 bytes (Milvus Lite counts characters), and a
+    name that is not valid UTF-8 cannot be sent at all; checked here so that every Milvus
+    refuses the same entries, and nothing is ever cut short to fit.
+    """
+    for what, text, limit in (("path", path, PATH_MAX), ("label", label, LABEL_MAX)):
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            return f"the {what} is not valid UTF-8 ({printable(text)!r}): rename it"
+        if size > limit:
+            return f"the {what} is {size} bytes in UTF-8, over Milvus' limit of {limit}: shorten it"
+    return None
+
+
 @dataclass
 class Row:
     id: int
@@ -53,7 +75,7 @@ class Row:
     embedding: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": int(self.id), "path": self.path[:PATH_MAX], "label": self.label[:LABEL_MAX],
+        return {"id": int(self.id), "path": self.path, "label": self.label,
                 "embedding": np.asarray(self.embedding, dtype=np.float32).tolist()}
 
 
@@ -118,13 +140,26 @@ class VectorStore:
         except (StoreError, ValueError):
             raise
         except Exception as e:  # noqa: BLE001 - pymilvus, grpc and milvus-lite all raise their own types
-            self._reset()
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if what == "upsert" and self._still_answers():
+                raise EntryRefused(f"Milvus refused the entry: {msg}") from None
+            self._reset()
             if is_lite(self.uri) and "open local milvus failed" in msg.lower():
                 # milvus-lite only logs why; the usual reason is its one-process-per-file lock
                 msg += (" (Milvus Lite could not open the .db: another process probably holds it; one process "
                         "per file: stop `imgsearch index` or the other server using it, or use a Milvus server URI)")
             raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}") from None
+
+    def _still_answers(self) -> bool:
+        """After a failed write: does Milvus answer otherwise? Then it refused the data itself."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            client.has_collection(self.collection, timeout=self.timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - any failure here means it is Milvus that is in trouble
+            return False
 
     def _reset(self) -> None:
         with self._lock:
@@ -230,6 +265,10 @@ class VectorStore:
     def upsert(self, rows: Sequence[Row]) -> int:
         if not rows:
             return 0
+        for r in rows:
+            problem = entry_problem(r.path, r.label)
+            if problem:
+                raise EntryRefused(f"{printable(r.path)}: {problem}")
         res = self._call("upsert", lambda c: c.upsert(self.collection, [r.to_dict() for r in rows]))
         return int(res.get("upsert_count", len(rows)))
 

@@ -15,6 +15,9 @@
   checked before the first batch): the workers only read and hash, the files go to Triton
   as they are and are decoded there. One bad file fails a request of several, so such a
   batch is sent again one file at a time and each bad file is reported under its own code.
+* A path or label Milvus would refuse (not UTF-8, over its byte limit) is reported up front,
+  never cut short; should Milvus still refuse a batch, its rows are upserted one by one and
+  only the refused ones are reported, so one bad row never costs the rest of the run.
 * Bad files are reported by reason and skipped. Triton overloaded -> retried with backoff;
   Triton gone -> retried until ``unavailable_timeout_s``, then the run stops; Milvus gone
   -> the run stops. Rows already encoded are still upserted before stopping.
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from imgsearch.errors import (
+    EntryRefused,
     ImageError,
     StoreError,
     TritonError,
@@ -42,7 +46,7 @@ from imgsearch.errors import (
     TritonOverloaded,
     TritonUnavailable,
 )
-from imgsearch.store import Row, VectorStore
+from imgsearch.store import Row, VectorStore, entry_problem, printable
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
 from .report import IndexReport
@@ -246,6 +250,11 @@ class Indexer:
         candidates: list[tuple[ImageFile, int]] = []
         for i, f in enumerate(part):
             cid = hashed.ids[i]
+            problem = entry_problem(f.rel, f.label)
+            if problem:  # refused up front: Milvus would refuse it in a batch with others
+                self.report.add_failure(EntryRefused.code, printable(f.rel), problem)
+                self._progress(1)
+                continue
             if cid is None:
                 self.unreadable.add(f.rel)
                 self._fail(f, READ_ERROR, hashed.errors.get(i, "unreadable"))
@@ -455,12 +464,31 @@ class Indexer:
             t = time.perf_counter()
             try:
                 await asyncio.to_thread(self.store.upsert, rows)
+            except EntryRefused as e:
+                log.info("Milvus refused a batch of %d rows (%s); upserting them one by one", len(rows), str(e)[:200])
+                rows = await self._upsert_one_by_one(rows)
             except StoreError as e:
                 self._abort(str(e), store_dead=True)
                 continue
             r.stages_s["upsert"] += time.perf_counter() - t
             r.indexed += len(rows)  # only now are these rows done
             self._progress(len(rows))
+
+    async def _upsert_one_by_one(self, rows: list[Row]) -> list[Row]:
+        """One refused row fails a whole upsert: keep the others, report each refused file."""
+        kept = []
+        for row in rows:
+            if self._store_dead:
+                break
+            try:
+                await asyncio.to_thread(self.store.upsert, [row])
+                kept.append(row)
+            except EntryRefused as e:
+                self.report.add_failure(EntryRefused.code, printable(row.path), str(e))
+                self._progress(1)
+            except StoreError as e:
+                self._abort(str(e), store_dead=True)
+        return kept
 
     # --- --sync -------------------------------------------------------------------------
     async def _sync(self, scan: ScanResult) -> None:
