@@ -498,7 +498,8 @@ class Indexer:
             # a shard judges only the entries whose stored path is its own: another shard's
             # files are not in self.live, and deleting their entries would undo its work
             entries = await asyncio.to_thread(lambda: [e for e in self.store.iter_entries() if scan.owns(e.path)])
-            gone = [e.id for e in entries if e.id not in self.live and e.path not in self.unreadable]
+            unseen = [e for e in entries if e.id not in self.live and e.path not in self.unreadable]
+            gone = await asyncio.to_thread(self._really_gone, unseen)
             stale = [(e.id, self.live[e.id][0]) for e in entries
                      if e.id in self.live and e.path not in self.live[e.id]]
             for i in range(0, len(gone), 1000):
@@ -510,6 +511,19 @@ class Indexer:
                 r.repointed = len(stale)
         except StoreError as e:
             self._abort(str(e), store_dead=True)
+
+
+    def _really_gone(self, unseen: list) -> list[int]:
+        """Ids of the entries whose content is under the root no more. An entry's file not seen
+        by the scan may have been added since (``POST /v1/images`` during the run): it goes
+        only when its path now holds other content (the scan read that path) or no file at all."""
+        scanned = {rel for rels in self.live.values() for rel in rels}
+
+        def present(rel: str) -> bool:
+            path = self.root / rel
+            return path.is_file() and path.resolve().is_relative_to(self.root)
+
+        return [e.id for e in unseen if e.path in scanned or not present(e.path)]
 
 
 def run_index(store: VectorStore, encoder: TritonEncoder, dim: int, scan: ScanResult,
