@@ -172,12 +172,14 @@ _DESCRIPTIONS = {
     401: "missing or wrong `Authorization: Bearer <IMGSEARCH_API_KEY>`",
     403: "write endpoints disabled (no API key configured), or the indexed file lies outside the image root",
     404: "no image with this id, or its file is gone",
+    409: "the label's folder (or the file name) under the image root is taken by a file or folder",
     413: "upload over IMGSEARCH_MAX_UPLOAD_BYTES (enforced while reading)",
     415: "not an allowed image (JPEG, PNG, WebP, GIF, BMP; checked by content), or the body is not multipart",
     422: "undecodable or truncated image, decompression bomb, missing `file` field, a parameter out of range, "
          "or an entry Milvus refuses (label not storable)",
     502: "Triton refused the tensor the gateway built (model/config mismatch)",
-    503: "overloaded (in-flight limit or Triton's queue full) or Triton/Milvus unavailable; retry after Retry-After",
+    503: "overloaded (in-flight limit or Triton's queue full), Triton/Milvus unavailable, or the image root "
+         "full or read-only (writes); retry after Retry-After",
 }
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import tempfile
-from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -31,6 +28,7 @@ from .search import encode_upload, search_image, similar_to
 from .security import bearer, check_api_key
 from .state import Runtime
 from .uploads import read_upload
+from .writes import KeyLocks, is_own_upload, store_file, upload_name
 
 log = logging.getLogger("gateway")
 router = APIRouter()
@@ -40,7 +38,6 @@ ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (int64 cont
 TopK = Annotated[int, Query(ge=1, le=100, description="number of results (1..100)")]
 MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="drop results under this cosine")]
 LabelQ = Annotated[str | None, Query(min_length=1, max_length=256, description="only results with this label")]
-EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
 
 _FORM_PARAMS = {
     "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "description": "as the query parameter"},
@@ -61,6 +58,9 @@ IMAGE_CONTENT = {"content": {t: {"schema": {"type": "string", "format": "binary"
                  "description": "the image file"}
 THUMB_CONTENT = {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
                  "description": "a JPEG thumbnail, longest side IMGSEARCH_THUMB_MAX_SIDE"}
+
+
+_adding = KeyLocks()  # content id -> lock: the same image added twice at once makes one file
 
 
 def runtime(request: Request) -> Runtime:
@@ -199,32 +199,13 @@ def _label_folder(label: str) -> str:
     return s or "unlabelled"
 
 
-def _store_file(root: FsPath, rel: str, data: bytes) -> bool:
-    """Write atomically under the root; False when the same file is already there."""
-    dest = root / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if not dest.resolve().is_relative_to(root):
-        raise ApiError(403, "forbidden_path", "upload folder leads outside the image root")
-    if dest.exists():
-        return False
-    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        FsPath(tmp).unlink(missing_ok=True)
-        raise
-    return True
-
-
 @router.post(
     "/v1/images", response_model=schemas.ImageAdded, status_code=201, tags=["images"],
     summary="Add one image to the index (API key)",
     description="Stores the file as IMAGE_ROOT/<label>/upload-<id>.<ext> (so it can be served, and a re-index "
                 "gives it the same label) and upserts its embedding. Same content twice: 200, label updated.",
     responses={200: {"model": schemas.ImageAdded, "description": "already indexed; label updated"},
-               **responses(401, 403, 413, 415, 422, 502, 503)},
+               **responses(401, 403, 409, 413, 415, 422, 502, 503)},
     openapi_extra=ADD_BODY)
 async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     check_api_key(request, credentials)  # before a single body byte is read
@@ -235,21 +216,22 @@ async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     label = clean_label(upload.fields["label"])
     encoded, _, _ = await encode_upload(rt, data)  # validates the image too
     id_ = content_id(data)
-    existing = await rt.store_call(rt.store.existing, [id_])
-    created = id_ not in existing
-    wrote = False
-    if created:
-        fmt = sniff_format(data) or "JPEG"
-        rel = f"{_label_folder(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
-        wrote = await rt.in_decode_pool(_store_file, rt.image_root, rel, data)
-    else:
-        rel = existing[id_]  # same content: keep its file, update the label
-    try:
-        await rt.store_call(rt.store.upsert, [Row(id_, rel, label, encoded.embeddings[0])])
-    except BaseException:
-        if wrote:
-            (rt.image_root / rel).unlink(missing_ok=True)
-        raise
+    async with _adding.hold(id_):
+        existing = await rt.store_call(rt.store.existing, [id_])
+        created = id_ not in existing
+        wrote = False
+        if created:
+            name = upload_name(rt.settings.upload_prefix, id_, sniff_format(data) or "JPEG")
+            rel = f"{_label_folder(label)}/{name}"
+            wrote = await rt.in_decode_pool(store_file, rt.image_root, rel, data)
+        else:
+            rel = existing[id_]  # same content: keep its file, update the label
+        try:
+            await rt.store_call(rt.store.upsert, [Row(id_, rel, label, encoded.embeddings[0])])
+        except BaseException:
+            if wrote:
+                (rt.image_root / rel).unlink(missing_ok=True)
+            raise
     rt.thumbs.drop(id_)
     log.info("added image %d (%s) as %s", id_, label, rel)
     body = {"id": str(id_), "label": label, "path": rel, "url": f"/v1/images/{id_}",
@@ -268,7 +250,7 @@ async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds
     entry = await rt.store_call(rt.store.get, id)
     await rt.store_call(rt.store.delete, [id])
     removed = False
-    if FsPath(entry.path).name.startswith(rt.settings.upload_prefix):
+    if is_own_upload(entry.path, rt.settings.upload_prefix, id):
         try:
             target = await rt.in_decode_pool(resolve_under, rt.image_root, entry.path)
             target.unlink()
