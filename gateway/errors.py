@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgsearch.errors import (
     CollectionMismatch,
     CorruptImage,
+    DecodeBusy,
     EntryRefused,
     ImageTooLarge,
     ImgsearchError,
@@ -57,6 +58,7 @@ STATUS_TABLE: list[tuple[type[ImgsearchError], int, str | None]] = [
     (ImageTooLarge, 422, None),
     (NotFound, 404, None),
     (EntryRefused, 422, None),  # the entry's own fault (name, label), not Milvus being down
+    (DecodeBusy, 503, "decode_memory"),
     (TritonOverloaded, 503, "triton_overloaded"),
     (TritonUnavailable, 503, "triton_unavailable"),
     (StoreUnavailable, 503, "milvus_unavailable"),

@@ -47,6 +47,12 @@ class UploadTooLarge(ImageError):
     code = "payload_too_large"
 
 
+class DecodeBusy(ImgsearchError):
+    """The memory budget for decoding stayed taken by other decodes: retry later."""
+
+    code = "overloaded"
+
+
 # --- Triton -------------------------------------------------------------------------
 
 

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     image_size: int = 224
     max_pixels: int = Field(50_000_000, description="decoded pixel limit; more is a decompression bomb")
     max_upload_bytes: int = 10 * 1024 * 1024
+    decode_memory_bytes: int = Field(
+        512 * 1024 * 1024, description="memory the gateway's concurrent decodes may hold together (a raster's "
+                                       "size as loaded); one larger than this runs alone")
+    decode_wait_s: float = Field(5.0, description="how long a decode waits for decode memory before a 503")
 
     # --- gateway --------------------------------------------------------------------
     host: str = "127.0.0.1"
