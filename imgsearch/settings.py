@@ -57,6 +57,10 @@ class Settings(BaseSettings):
         512 * 1024 * 1024, description="memory the gateway's concurrent decodes may hold together (a raster's "
                                        "size as loaded); one larger than this runs alone")
     decode_wait_s: float = Field(5.0, description="how long a decode waits for decode memory before a 503")
+    lingering_close_bytes: int = Field(
+        64 * 1024 * 1024, description="after an early answer (413, 401, 415, shed 503), read and drop at most "
+                                      "this much of the unread body so the client can read the answer")
+    lingering_close_s: float = Field(10.0, description="... and for at most this long")
 
     # --- gateway --------------------------------------------------------------------
     host: str = "127.0.0.1"
