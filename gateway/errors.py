@@ -174,6 +174,7 @@ _DESCRIPTIONS = {
     401: "missing or wrong `Authorization: Bearer <IMGSEARCH_API_KEY>`",
     403: "write endpoints disabled (no API key configured), or the indexed file lies outside the image root",
     404: "no image with this id, or its file is gone",
+    408: "the upload did not arrive within IMGSEARCH_BODY_TIMEOUT_S",
     409: "the label's folder (or the file name) under the image root is taken by a file or folder",
     413: "upload over IMGSEARCH_MAX_UPLOAD_BYTES (enforced while reading)",
     415: "not an allowed image (JPEG, PNG, WebP, GIF, BMP; checked by content), or the body is not multipart",

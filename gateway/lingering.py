@@ -40,7 +40,7 @@ class LingeringClose:
 
         async def send_wrapper(message: Message) -> None:
             nonlocal early
-            if message["type"] == "http.response.start" and not body_done and _has_body(scope):
+            if message["type"] == "http.response.start" and not body_done and has_body(scope):
                 early = True
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             elif early and message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -70,7 +70,7 @@ class LingeringClose:
                 return
 
 
-def _has_body(scope: Scope) -> bool:
+def has_body(scope: Scope) -> bool:
     headers = dict(scope.get("headers") or [])
     length = headers.get(b"content-length")
     if length is not None:

@@ -131,10 +131,10 @@ def require_file(upload_data: bytes | None) -> bytes:
     summary="Search with an uploaded image",
     description="multipart `file` (+ `top_k`, `min_score`, `label` as form fields or query parameters; "
                 "form wins). Returns the nearest indexed images by cosine, a breed guess and per-stage timings.",
-    responses=responses(413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
+    responses=responses(408, 413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
 async def search(request: Request, rt: Rt, top_k: TopK = 10, min_score: MinScore = None,
                  label: LabelQ = None) -> Any:
-    upload = await read_upload(request, rt.settings.max_upload_bytes)
+    upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
     data = require_file(upload.data)
     f = upload.fields
     top_k = form_int(f, "top_k", top_k, 1, 100)
@@ -205,11 +205,11 @@ def _label_folder(label: str) -> str:
     description="Stores the file as IMAGE_ROOT/<label>/upload-<id>.<ext> (so it can be served, and a re-index "
                 "gives it the same label) and upserts its embedding. Same content twice: 200, label updated.",
     responses={200: {"model": schemas.ImageAdded, "description": "already indexed; label updated"},
-               **responses(401, 403, 409, 413, 415, 422, 502, 503)},
+               **responses(401, 403, 408, 409, 413, 415, 422, 502, 503)},
     openapi_extra=ADD_BODY)
 async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     check_api_key(request, credentials)  # before a single body byte is read
-    upload = await read_upload(request, rt.settings.max_upload_bytes)
+    upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
     data = require_file(upload.data)
     if "label" not in upload.fields:
         raise ApiError(422, "missing_label", "the multipart body has no 'label' field")

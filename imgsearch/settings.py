@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         64 * 1024 * 1024, description="after an early answer (413, 401, 415, shed 503), read and drop at most "
                                       "this much of the unread body so the client can read the answer")
     lingering_close_s: float = Field(10.0, description="... and for at most this long")
+    body_timeout_s: float = Field(30.0, description="an upload must arrive within this (408 otherwise)")
+    max_reading: int = Field(64, description="uploads being received at once before new ones are shed (503); "
+                                             "they take an in-flight slot only once received")
+    max_connections: int = Field(1024, description="uvicorn's limit on open connections (503 past it)")
+    keep_alive_s: int = Field(5, description="uvicorn closes an idle keep-alive connection after this")
 
     # --- gateway --------------------------------------------------------------------
     host: str = "127.0.0.1"
