@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     milvus_uri: str = "./data/milvus.db"
     milvus_token: SecretStr | None = None
     collection: str = "images"
+    milvus_timeout_s: float = Field(10.0, description="deadline of every Milvus call (a hung Milvus -> 503)")
 
     # --- images ---------------------------------------------------------------------
     image_root: Path = Path("data/images")

@@ -99,6 +99,28 @@ def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
 
 
+class _WithDeadline:
+    """The client, with ``timeout=`` on every call that goes to Milvus: pymilvus' constructor
+    timeout covers connecting only, so a hung Milvus (paused, cut off) would block for ever."""
+
+    LOCAL = frozenset({"prepare_index_params", "create_schema", "close"})
+
+    def __init__(self, client: Any, timeout_s: float) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name in self.LOCAL or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self._timeout_s)
+            return attr(*args, **kwargs)
+
+        return call
+
+
 class VectorStore:
     """One collection of image embeddings bound to one model (dim + model card sha)."""
 
@@ -114,7 +136,8 @@ class VectorStore:
     def from_settings(cls, settings: Settings, collection: str | None = None) -> VectorStore:
         """The store ``IMGSEARCH_MILVUS_URI`` / ``_TOKEN`` / ``_COLLECTION`` name."""
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-        return cls(settings.milvus_uri, collection or settings.collection, token=token)
+        return cls(settings.milvus_uri, collection or settings.collection, token=token,
+                   timeout_s=settings.milvus_timeout_s)
 
     # --- the boundary ---------------------------------------------------------------
     def _connect(self):
@@ -136,7 +159,7 @@ class VectorStore:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             client = self._connect()
-            return fn(client, *args, **kwargs)
+            return fn(_WithDeadline(client, self.timeout_s), *args, **kwargs)
         except (StoreError, ValueError):
             raise
         except Exception as e:  # noqa: BLE001 - pymilvus, grpc and milvus-lite all raise their own types
