@@ -96,7 +96,8 @@ def create_app(settings: Settings) -> FastAPI:
     page.mount(app)
     # add_middleware: the last added runs first
     app.add_middleware(InflightLimiter, limit=settings.max_inflight, metrics=metrics,
-                       retry_after_s=settings.retry_after_s, max_reading=settings.max_reading)
+                       retry_after_s=settings.retry_after_s, max_reading=settings.max_reading,
+                       max_light=settings.max_light)
     app.add_middleware(LingeringClose, max_bytes=settings.lingering_close_bytes, max_s=settings.lingering_close_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,

@@ -29,8 +29,20 @@ LIMITED = (
 )
 
 
+# cheap routes that still use the file, decode and Milvus pools: bounded on their own, so a
+# flood of them sheds instead of queueing searches behind it
+LIGHT = (
+    ("GET", lambda p: p.startswith("/v1/images/") and not p.endswith("/similar")),
+    ("GET", lambda p: p == "/readyz"),
+)
+
+
 def is_limited(method: str, path: str) -> bool:
     return any(method == m and pred(path) for m, pred in LIMITED)
+
+
+def is_light(method: str, path: str) -> bool:
+    return any(method == m and pred(path) for m, pred in LIGHT)
 
 
 class _SlotsTaken(Exception):
@@ -39,8 +51,10 @@ class _SlotsTaken(Exception):
 
 class InflightLimiter:
     def __init__(self, app: ASGIApp, limit: int, metrics: Metrics, retry_after_s: int = 1,
-                 max_reading: int = 64) -> None:
+                 max_reading: int = 64, max_light: int = 64) -> None:
         self.app = app
+        self.max_light = max(1, int(max_light))
+        self.light = 0
         self.limit = max(1, int(limit))
         self.max_reading = max(1, int(max_reading))
         self.metrics = metrics
@@ -49,6 +63,9 @@ class InflightLimiter:
         self.reading = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_light(scope["method"], scope["path"]):
+            await self._light(scope, receive, send)
+            return
         if scope["type"] != "http" or not is_limited(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
@@ -92,6 +109,16 @@ class InflightLimiter:
                 done_reading()
             if state["slot"]:
                 self._give()
+
+    async def _light(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.light >= self.max_light:
+            await self._shed(send, "light", f"{self.max_light} image and readiness requests are being served")
+            return
+        self.light += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.light -= 1
 
     def _take(self) -> bool:
         if self.inflight >= self.limit:

@@ -7,13 +7,16 @@ into ``{"error": {...}}`` by :mod:`gateway.errors`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
+import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from imgsearch.imaging import sniff_format, thumbnail
@@ -22,7 +25,7 @@ from imgsearch.store import LABEL_MAX, Row, content_id
 
 from . import schemas
 from .errors import ApiError, responses
-from .images import media_type, read_under, resolve_under
+from .images import media_type, open_image_under, read_under, resolve_under
 from .metrics import CONTENT_TYPE
 from .search import encode_upload, search_image, similar_to
 from .security import bearer, check_api_key
@@ -61,6 +64,10 @@ THUMB_CONTENT = {"content": {"image/jpeg": {"schema": {"type": "string", "format
 
 
 _adding = KeyLocks()  # content id -> lock: the same image added twice at once makes one file
+
+
+STREAM_CHUNK = 256 * 1024
+READY_TTL_S = 1.0  # /readyz answers from a check at most this old: a flood of probes costs one check a second
 
 
 def runtime(request: Request) -> Runtime:
@@ -162,8 +169,16 @@ async def _image_bytes(rt: Runtime, id_: int) -> bytes:
 @router.get("/v1/images/{id}", tags=["images"], summary="The indexed image file",
             response_class=Response, responses={200: IMAGE_CONTENT, **responses(403, 404, 422, 503)})
 async def get_image(id: ImageId, rt: Rt) -> Response:
-    data = await _image_bytes(rt, id)
-    return Response(data, media_type=media_type(data), headers={"Cache-Control": "private, max-age=3600"})
+    entry = await rt.store_call(rt.store.get, id)
+    f, size, kind = await rt.in_decode_pool(open_image_under, rt.image_root, entry.path)
+
+    def chunks() -> Iterator[bytes]:  # streamed: a response never holds the whole file
+        with f:
+            while block := f.read(STREAM_CHUNK):
+                yield block
+
+    return StreamingResponse(chunks(), media_type=kind, headers={
+        "Cache-Control": "private, max-age=3600", "Content-Length": str(size)})
 
 
 @router.get("/v1/images/{id}/thumb", tags=["images"], summary="A JPEG thumbnail of the indexed image",
@@ -264,6 +279,20 @@ async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds
 
 # --- operations ------------------------------------------------------------------------
 
+_ready: dict[int, tuple[float, Any]] = {}  # id(runtime) -> (monotonic time, readiness)
+_ready_lock = asyncio.Lock()
+
+
+async def _readiness(rt: Runtime) -> tuple[dict[str, bool], dict[str, str]]:
+    """``rt.readiness()``, shared by the probes of the same second (one check at a time)."""
+    async with _ready_lock:
+        at, value = _ready.get(id(rt), (float("-inf"), None))
+        if time.monotonic() - at >= READY_TTL_S:
+            value = await rt.readiness()
+            _ready[id(rt)] = (time.monotonic(), value)
+    return value
+
+
 @router.get("/healthz", response_model=schemas.Health, tags=["operations"], summary="Liveness (process only)")
 async def healthz() -> Any:
     return {"status": "ok"}
@@ -275,7 +304,7 @@ async def healthz() -> Any:
     responses={503: {"model": schemas.NotReady, "description": "a backend is not ready",
                      "headers": responses(503)[503]["headers"]}})
 async def readyz(rt: Rt) -> Any:
-    checks, detail = await rt.readiness()
+    checks, detail = await _readiness(rt)
     if all(checks.values()):
         return {"status": "ready", "checks": checks, "detail": detail, "model": rt.model_info}
     msg = "; ".join(f"{k}: {v}" for k, v in detail.items()) or "not ready"

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, description="an upload must arrive within this (408 otherwise)")
     max_reading: int = Field(64, description="uploads being received at once before new ones are shed (503); "
                                              "they take an in-flight slot only once received")
+    max_light: int = Field(64, description="image, thumbnail and /readyz requests served at once before "
+                                           "more are shed (503)")
     max_connections: int = Field(1024, description="uvicorn's limit on open connections (503 past it)")
     keep_alive_s: int = Field(5, description="uvicorn closes an idle keep-alive connection after this")
 
