@@ -69,6 +69,27 @@ STATUS_TABLE: list[tuple[type[ImgsearchError], int, str | None]] = [
 ]
 
 
+# What the public reads for a server-side error: never a backend's address or its own error
+# text (the log has both). Codes not listed here are the client's own errors, told as they are.
+PUBLIC_MESSAGES: dict[str, str] = {
+    "triton_unavailable": "Triton (the model server) is unavailable; retry shortly",
+    "milvus_unavailable": "Milvus (the vector database) is unavailable; retry shortly",
+    "collection_mismatch": "the index was built by another model than the one served (see the gateway log)",
+    "bad_model_repository": "the model repository is misconfigured (see the gateway log)",
+    "invalid_inference_input": "the model server refused the request the gateway built (see the gateway log)",
+    "triton_error": "the model server failed (see the gateway log)",
+    "store_error": "the vector database failed (see the gateway log)",
+}
+
+
+def public_message(exc: ImgsearchError, status: int) -> str:
+    if status < 500:
+        return str(exc)
+    if exc.code == "overloaded":
+        return "the service is overloaded; retry shortly"
+    return PUBLIC_MESSAGES.get(exc.code, "internal error (see the gateway log)")
+
+
 def classify(exc: ImgsearchError) -> tuple[int, str | None]:
     for typ, status, reason in STATUS_TABLE:
         if isinstance(exc, typ):
@@ -112,7 +133,7 @@ def install_handlers(app: FastAPI) -> None:
         _count(request, exc.code, reason)
         if status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc)
-        return error_response(status, exc.code, str(exc), retry_after_s=_retry_after(request))
+        return error_response(status, exc.code, public_message(exc, status), retry_after_s=_retry_after(request))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

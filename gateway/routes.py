@@ -28,7 +28,7 @@ from .errors import ApiError, responses
 from .images import media_type, open_image_under, read_under, resolve_under
 from .metrics import CONTENT_TYPE
 from .search import encode_upload, search_image, similar_to
-from .security import bearer, check_api_key
+from .security import bearer, check_api_key, check_bearer
 from .state import Runtime
 from .uploads import read_upload
 from .writes import KeyLocks, is_own_upload, store_file, upload_name
@@ -279,6 +279,7 @@ async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds
 
 # --- operations ------------------------------------------------------------------------
 
+NOT_READY = {"triton": "Triton (the model server) is not ready", "milvus": "Milvus (the vector database) is not ready"}
 _ready: dict[int, tuple[float, Any]] = {}  # id(runtime) -> (monotonic time, readiness)
 _ready_lock = asyncio.Lock()
 
@@ -288,7 +289,11 @@ async def _readiness(rt: Runtime) -> tuple[dict[str, bool], dict[str, str]]:
     async with _ready_lock:
         at, value = _ready.get(id(rt), (float("-inf"), None))
         if time.monotonic() - at >= READY_TTL_S:
-            value = await rt.readiness()
+            checks, detail = await rt.readiness()
+            if detail:
+                log.warning("not ready: %s", "; ".join(f"{k}: {v}" for k, v in detail.items()))
+            # the public sees which backend, not its address or its error text (the log has them)
+            value = checks, {k: NOT_READY.get(k, "not ready") for k in detail}
             _ready[id(rt)] = (time.monotonic(), value)
     return value
 
@@ -316,7 +321,10 @@ async def readyz(rt: Rt) -> Any:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus text format"}})
-async def metrics(rt: Rt) -> Response:
+                             "description": "Prometheus text format"}, **responses(401)})
+async def metrics(request: Request, rt: Rt, credentials: Creds) -> Response:
+    token = rt.settings.metrics_token
+    if token is not None:  # Prometheus: authorization: {credentials: <token>} (Bearer)
+        check_bearer(credentials, token.get_secret_value(), "IMGSEARCH_METRICS_TOKEN")
     return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     decode_threads: int = 4
     retry_after_s: int = 1
     api_key: SecretStr | None = Field(None, description="Bearer key for write endpoints; unset = writes disabled")
+    metrics_token: SecretStr | None = Field(None, description="Bearer token /metrics requires; unset = open "
+                                                              "(then keep the port internal)")
     cors_origins: list[str] = Field(default_factory=list)
     default_top_k: int = 10
     store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")

@@ -421,6 +421,8 @@ def test_locust_runs_the_project_locustfile_against_the_gateway(compose):
     master = svc["locust-master"]["command"].split()
     assert master[master.index("--host") + 1] == f"http://gateway:{gateway_port}"
     assert 8089 in published(svc["locust-master"])
+    # the Locust UI starts load against the gateway: internal only, like Triton's and Milvus' ports
+    assert published(svc["locust-master"])[8089].startswith("127.0.0.1:"), published(svc["locust-master"])
     worker = svc["locust-worker"]["command"].split()
     assert worker[worker.index("--master-host") + 1] == "locust-master"
 
