@@ -95,6 +95,20 @@ class Entry:
     embedding: np.ndarray | None = None
 
 
+def collection_schema(client: Any, dim: int, path_max: int = PATH_MAX, label_max: int = LABEL_MAX) -> tuple[Any, Any]:
+    """(schema, index params) of an image collection: id, path, label, embedding (HNSW, cosine)."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("path", DataType.VARCHAR, max_length=path_max)
+    schema.add_field("label", DataType.VARCHAR, max_length=label_max)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    index = client.prepare_index_params()
+    index.add_index("embedding", **HNSW)
+    return schema, index
+
+
 def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
 
@@ -226,16 +240,8 @@ class VectorStore:
             )
 
     def _create(self, dim: int, model_sha: str, model: str) -> None:
-        from pymilvus import DataType, MilvusClient
-
         def create(c):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.INT64, is_primary=True)
-            schema.add_field("path", DataType.VARCHAR, max_length=PATH_MAX)
-            schema.add_field("label", DataType.VARCHAR, max_length=LABEL_MAX)
-            schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-            index = c.prepare_index_params()
-            index.add_index("embedding", **HNSW)
+            schema, index = collection_schema(c, dim)
             # the model properties travel in the create request itself: a process killed at any
             # point leaves either no collection or one that says which model it belongs to
             c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong",

@@ -14,7 +14,7 @@ import pytest
 from idx_support import release_lite
 
 from imgsearch.errors import CollectionMismatch
-from imgsearch.store import PROP_DIM, PROP_MODEL, PROP_SHA, Row, VectorStore
+from imgsearch.store import PROP_DIM, PROP_MODEL, PROP_SHA, Row, VectorStore, collection_schema
 
 pytestmark = pytest.mark.integration
 DIM = 8
@@ -37,18 +37,10 @@ VectorStore(sys.argv[1], "images").open(int(sys.argv[2]), "sha-a", "model a")
 
 def _raw_create_without_properties(uri: str) -> None:
     """What a creator killed between its create and its set-properties call used to leave."""
-    from pymilvus import DataType, MilvusClient
-
-    from imgsearch.store import HNSW, LABEL_MAX, PATH_MAX
+    from pymilvus import MilvusClient
 
     c = MilvusClient(uri)
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("path", DataType.VARCHAR, max_length=PATH_MAX)
-    schema.add_field("label", DataType.VARCHAR, max_length=LABEL_MAX)
-    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=DIM)
-    index = c.prepare_index_params()
-    index.add_index("embedding", **HNSW)
+    schema, index = collection_schema(c, DIM)
     c.create_collection("images", schema=schema, index_params=index, consistency_level="Strong")
     c.close()
 

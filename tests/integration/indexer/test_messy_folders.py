@@ -13,7 +13,7 @@ from helpers import jpeg_bytes, make_dataset, shape_image
 from idx_support import release_lite
 
 from imgsearch.model_card import read_card
-from imgsearch.store import HNSW, LABEL_MAX, PROP_DIM, PROP_SHA, VectorStore
+from imgsearch.store import LABEL_MAX, PROP_DIM, PROP_SHA, VectorStore, collection_schema
 from loadtest.stack import gateway_env, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -102,17 +102,11 @@ def test_unstorable_names_cost_one_file_and_labels_survive_index_recreate_sync(e
 
 def _narrow_collection(uri: str, repo: Path, path_max: int = 1024, label_max: int = LABEL_MAX) -> None:
     """This model's collection, but with narrower VARCHAR fields: Milvus itself refuses rows."""
-    from pymilvus import DataType, MilvusClient
+    from pymilvus import MilvusClient
 
     card = read_card(repo, MODEL)
     c = MilvusClient(uri)
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("id", DataType.INT64, is_primary=True)
-    schema.add_field("path", DataType.VARCHAR, max_length=path_max)
-    schema.add_field("label", DataType.VARCHAR, max_length=label_max)
-    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=card.embedding_dim)
-    index = c.prepare_index_params()
-    index.add_index("embedding", **HNSW)
+    schema, index = collection_schema(c, card.embedding_dim, path_max, label_max)
     c.create_collection("images", schema=schema, index_params=index, consistency_level="Strong",
                         properties={PROP_SHA: card.model_sha, PROP_DIM: str(card.embedding_dim)})
     c.close()
