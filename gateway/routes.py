@@ -322,9 +322,11 @@ async def readyz(rt: Rt) -> Any:
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text format"}, **responses(401)})
-async def metrics(request: Request, rt: Rt, credentials: Creds) -> Response:
+async def metrics(request: Request, rt: Rt) -> Response:
     token = rt.settings.metrics_token
     if token is not None:  # Prometheus: authorization: {credentials: <token>} (Bearer)
-        check_bearer(credentials, token.get_secret_value(), "IMGSEARCH_METRICS_TOKEN")
+        # read here, not as a security dependency: the schema would then mark /metrics as
+        # always needing a key, which it does only when the operator sets one
+        check_bearer(await bearer(request), token.get_secret_value(), "IMGSEARCH_METRICS_TOKEN")
     return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
 
