@@ -6,7 +6,7 @@ the model repository (embedding dimension, model sha for the collection guard, w
 there is a classifier head, the labels, the untrained banner).
 
 Middleware, outermost first: security headers -> metrics -> last-resort 500 -> CORS (only
-when IMGSEARCH_CORS_ORIGINS is set) -> in-flight limiter -> routes.
+when IMGSEARCH_CORS_ORIGINS is set) -> lingering close -> in-flight limiter -> routes.
 
 Run it with ``imgsearch serve``, or ``uvicorn gateway.app:app_from_env --factory`` with
 IMGSEARCH_TRITON_URL set.
@@ -30,6 +30,7 @@ from imgsearch.triton_client import TritonEncoder
 from . import page
 from .errors import LastResortMiddleware, install_handlers
 from .limiter import InflightLimiter
+from .lingering import LingeringClose
 from .metrics import Metrics, MetricsMiddleware
 from .routes import router
 from .security import SecurityHeadersMiddleware
@@ -95,7 +96,9 @@ def create_app(settings: Settings) -> FastAPI:
     page.mount(app)
     # add_middleware: the last added runs first
     app.add_middleware(InflightLimiter, limit=settings.max_inflight, metrics=metrics,
-                       retry_after_s=settings.retry_after_s)
+                       retry_after_s=settings.retry_after_s, max_reading=settings.max_reading,
+                       max_light=settings.max_light)
+    app.add_middleware(LingeringClose, max_bytes=settings.lingering_close_bytes, max_s=settings.lingering_close_s)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"],

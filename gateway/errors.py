@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from imgsearch.errors import (
     CollectionMismatch,
     CorruptImage,
+    DecodeBusy,
+    EntryRefused,
     ImageTooLarge,
     ImgsearchError,
     ModelRepositoryError,
@@ -55,6 +57,8 @@ STATUS_TABLE: list[tuple[type[ImgsearchError], int, str | None]] = [
     (CorruptImage, 422, None),
     (ImageTooLarge, 422, None),
     (NotFound, 404, None),
+    (EntryRefused, 422, None),  # the entry's own fault (name, label), not Milvus being down
+    (DecodeBusy, 503, "decode_memory"),
     (TritonOverloaded, 503, "triton_overloaded"),
     (TritonUnavailable, 503, "triton_unavailable"),
     (StoreUnavailable, 503, "milvus_unavailable"),
@@ -63,6 +67,27 @@ STATUS_TABLE: list[tuple[type[ImgsearchError], int, str | None]] = [
     # Triton refusing a tensor we built is our bug or a model/config mismatch, not the client's
     (TritonInvalidInput, 502, None),
 ]
+
+
+# What the public reads for a server-side error: never a backend's address or its own error
+# text (the log has both). Codes not listed here are the client's own errors, told as they are.
+PUBLIC_MESSAGES: dict[str, str] = {
+    "triton_unavailable": "Triton (the model server) is unavailable; retry shortly",
+    "milvus_unavailable": "Milvus (the vector database) is unavailable; retry shortly",
+    "collection_mismatch": "the index was built by another model than the one served (see the gateway log)",
+    "bad_model_repository": "the model repository is misconfigured (see the gateway log)",
+    "invalid_inference_input": "the model server refused the request the gateway built (see the gateway log)",
+    "triton_error": "the model server failed (see the gateway log)",
+    "store_error": "the vector database failed (see the gateway log)",
+}
+
+
+def public_message(exc: ImgsearchError, status: int) -> str:
+    if status < 500:
+        return str(exc)
+    if exc.code == "overloaded":
+        return "the service is overloaded; retry shortly"
+    return PUBLIC_MESSAGES.get(exc.code, "internal error (see the gateway log)")
 
 
 def classify(exc: ImgsearchError) -> tuple[int, str | None]:
@@ -108,7 +133,7 @@ def install_handlers(app: FastAPI) -> None:
         _count(request, exc.code, reason)
         if status >= 500:
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc)
-        return error_response(status, exc.code, str(exc), retry_after_s=_retry_after(request))
+        return error_response(status, exc.code, public_message(exc, status), retry_after_s=_retry_after(request))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -170,11 +195,15 @@ _DESCRIPTIONS = {
     401: "missing or wrong `Authorization: Bearer <IMGSEARCH_API_KEY>`",
     403: "write endpoints disabled (no API key configured), or the indexed file lies outside the image root",
     404: "no image with this id, or its file is gone",
+    408: "the upload did not arrive within IMGSEARCH_BODY_TIMEOUT_S",
+    409: "the label's folder (or the file name) under the image root is taken by a file or folder",
     413: "upload over IMGSEARCH_MAX_UPLOAD_BYTES (enforced while reading)",
     415: "not an allowed image (JPEG, PNG, WebP, GIF, BMP; checked by content), or the body is not multipart",
-    422: "undecodable or truncated image, decompression bomb, missing `file` field, or a parameter out of range",
+    422: "undecodable or truncated image, decompression bomb, missing `file` field, a parameter out of range, "
+         "or an entry Milvus refuses (label not storable)",
     502: "Triton refused the tensor the gateway built (model/config mismatch)",
-    503: "overloaded (in-flight limit or Triton's queue full) or Triton/Milvus unavailable; retry after Retry-After",
+    503: "overloaded (in-flight limit or Triton's queue full), Triton/Milvus unavailable, or the image root "
+         "full or read-only (writes); retry after Retry-After",
 }
 
 

@@ -15,6 +15,7 @@ import stat
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 from threading import Lock
+from typing import BinaryIO
 
 from imgsearch.imaging import sniff_format
 
@@ -53,8 +54,9 @@ def resolve_under(root: Path, rel: str) -> Path:
     return target
 
 
-def read_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> bytes:
-    """Read the file checked by :func:`resolve_under` (``root`` resolved; blocking: call from a thread)."""
+def open_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> tuple[BinaryIO, int]:
+    """Open the file checked by :func:`resolve_under` (``root`` resolved; blocking: call from a
+    thread): (the open file, its size). The caller closes it."""
     target = resolve_under(root, rel)
     try:
         fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
@@ -71,10 +73,30 @@ def read_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> bytes:
             raise forbidden("the indexed path leads outside the image root")
         if st.st_size > max_bytes:
             raise ApiError(404, "not_found", "the indexed file is too large to serve")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(max_bytes + 1)
-    finally:
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> bytes:
+    """The whole file checked by :func:`resolve_under` (blocking: call from a thread)."""
+    f, _ = open_under(root, rel, max_bytes)
+    with f:
+        return f.read(max_bytes + 1)
+
+
+def open_image_under(root: Path, rel: str) -> tuple[BinaryIO, int, str]:
+    """(open file, size, media type) of an indexed image, checked as :func:`open_under` does and
+    refused unless its content is an allowed image; for streaming it (blocking: call from a thread)."""
+    f, size = open_under(root, rel)
+    try:
+        kind = media_type(f.read(16))
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f, size, kind
 
 
 def media_type(data: bytes) -> str:

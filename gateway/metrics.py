@@ -37,6 +37,9 @@ class Metrics:
         self.inflight = Gauge(
             "imgsearch_inflight_requests", "requests inside the in-flight limit (search, similar, add)",
             registry=self.registry)
+        self.receiving = Gauge(
+            "imgsearch_receiving_requests", "uploads whose body is still arriving (they hold no in-flight slot)",
+            registry=self.registry)
         self.requests = Counter(
             "imgsearch_requests_total", "requests by route template and status", ["route", "status"],
             registry=self.registry)

@@ -7,29 +7,31 @@ into ``{"error": {...}}`` by :mod:`gateway.errors`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-import os
 import re
-import tempfile
-from pathlib import Path as FsPath
+import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from imgsearch.imaging import sniff_format, thumbnail
-from imgsearch.store import Row, content_id
+from imgsearch.labels import folder_label
+from imgsearch.store import LABEL_MAX, Row, content_id
 
 from . import schemas
 from .errors import ApiError, responses
-from .images import media_type, read_under, resolve_under
+from .images import media_type, open_image_under, read_under, resolve_under
 from .metrics import CONTENT_TYPE
 from .search import encode_upload, search_image, similar_to
-from .security import bearer, check_api_key
+from .security import bearer, check_api_key, check_bearer
 from .state import Runtime
 from .uploads import read_upload
+from .writes import KeyLocks, is_own_upload, store_file, upload_name
 
 log = logging.getLogger("gateway")
 router = APIRouter()
@@ -39,7 +41,6 @@ ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (int64 cont
 TopK = Annotated[int, Query(ge=1, le=100, description="number of results (1..100)")]
 MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="drop results under this cosine")]
 LabelQ = Annotated[str | None, Query(min_length=1, max_length=256, description="only results with this label")]
-EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
 
 _FORM_PARAMS = {
     "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "description": "as the query parameter"},
@@ -60,6 +61,13 @@ IMAGE_CONTENT = {"content": {t: {"schema": {"type": "string", "format": "binary"
                  "description": "the image file"}
 THUMB_CONTENT = {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
                  "description": "a JPEG thumbnail, longest side IMGSEARCH_THUMB_MAX_SIDE"}
+
+
+_adding = KeyLocks()  # content id -> lock: the same image added twice at once makes one file
+
+
+STREAM_CHUNK = 256 * 1024
+READY_TTL_S = 1.0  # /readyz answers from a check at most this old: a flood of probes costs one check a second
 
 
 def runtime(request: Request) -> Runtime:
@@ -110,6 +118,8 @@ def clean_label(value: str, name: str = "label") -> str:
     v = value.strip()
     if not 1 <= len(v) <= 256:
         raise _invalid(name, "must be 1..256 characters")
+    if len(v.encode("utf-8")) > LABEL_MAX:  # what Milvus servers count
+        raise _invalid(name, f"must be at most {LABEL_MAX} bytes in UTF-8")
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
         raise _invalid(name, "control characters are not allowed")
     return v
@@ -128,11 +138,11 @@ def require_file(upload_data: bytes | None) -> bytes:
     summary="Search with an uploaded image",
     description="multipart `file` (+ `top_k`, `min_score`, `label` as form fields or query parameters; "
                 "form wins). Returns the nearest indexed images by cosine, a breed guess and per-stage timings.",
-    responses=responses(413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
+    responses=responses(408, 413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
 async def search(request: Request, top_k: TopK = 10, min_score: MinScore = None,
                  label: LabelQ = None) -> Any:
     rt = runtime(request)  # not a Depends: FastAPI's dependency solving is a visible share of a search's CPU
-    upload = await read_upload(request, rt.settings.max_upload_bytes)
+    upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
     data = require_file(upload.data)
     f = upload.fields
     top_k = form_int(f, "top_k", top_k, 1, 100)
@@ -161,8 +171,16 @@ async def _image_bytes(rt: Runtime, id_: int) -> bytes:
 @router.get("/v1/images/{id}", tags=["images"], summary="The indexed image file",
             response_class=Response, responses={200: IMAGE_CONTENT, **responses(403, 404, 422, 503)})
 async def get_image(id: ImageId, rt: Rt) -> Response:
-    data = await _image_bytes(rt, id)
-    return Response(data, media_type=media_type(data), headers={"Cache-Control": "private, max-age=3600"})
+    entry = await rt.store_call(rt.store.get, id)
+    f, size, kind = await rt.in_decode_pool(open_image_under, rt.image_root, entry.path)
+
+    def chunks() -> Iterator[bytes]:  # streamed: a response never holds the whole file
+        with f:
+            while block := f.read(STREAM_CHUNK):
+                yield block
+
+    return StreamingResponse(chunks(), media_type=kind, headers={
+        "Cache-Control": "private, max-age=3600", "Content-Length": str(size)})
 
 
 @router.get("/v1/images/{id}/thumb", tags=["images"], summary="A JPEG thumbnail of the indexed image",
@@ -183,29 +201,19 @@ async def get_thumb(id: ImageId, rt: Rt) -> Response:
 
 # --- writes ----------------------------------------------------------------------------
 
-def _slug(label: str) -> str:
-    """A single safe path component for the label's folder (the label itself is kept in Milvus)."""
+NAME_MAX = 255  # bytes in one path component on the usual file systems
+
+
+def _label_folder(label: str) -> str:
+    """The label's folder: the label itself whenever re-indexing would read it back unchanged
+    (柴犬, quotes and backslashes included), so the label survives ``index --recreate``.
+    Otherwise (a '/', a leading dot, a synset-like prefix, too long) a safe slug, and only
+    Milvus keeps the label."""
+    if ("/" not in label and not label.startswith(".") and folder_label(label) == label
+            and len(label.encode("utf-8")) <= NAME_MAX):
+        return label
     s = re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip(" .")[:100]
     return s or "unlabelled"
-
-
-def _store_file(root: FsPath, rel: str, data: bytes) -> bool:
-    """Write atomically under the root; False when the same file is already there."""
-    dest = root / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if not dest.resolve().is_relative_to(root):
-        raise ApiError(403, "forbidden_path", "upload folder leads outside the image root")
-    if dest.exists():
-        return False
-    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        FsPath(tmp).unlink(missing_ok=True)
-        raise
-    return True
 
 
 @router.post(
@@ -214,32 +222,33 @@ def _store_file(root: FsPath, rel: str, data: bytes) -> bool:
     description="Stores the file as IMAGE_ROOT/<label>/upload-<id>.<ext> (so it can be served, and a re-index "
                 "gives it the same label) and upserts its embedding. Same content twice: 200, label updated.",
     responses={200: {"model": schemas.ImageAdded, "description": "already indexed; label updated"},
-               **responses(401, 403, 413, 415, 422, 502, 503)},
+               **responses(401, 403, 408, 409, 413, 415, 422, 502, 503)},
     openapi_extra=ADD_BODY)
 async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     check_api_key(request, credentials)  # before a single body byte is read
-    upload = await read_upload(request, rt.settings.max_upload_bytes)
+    upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
     data = require_file(upload.data)
     if "label" not in upload.fields:
         raise ApiError(422, "missing_label", "the multipart body has no 'label' field")
     label = clean_label(upload.fields["label"])
     encoded, _, _ = await encode_upload(rt, data)  # validates the image too
     id_ = content_id(data)
-    existing = await rt.store_call(rt.store.existing, [id_])
-    created = id_ not in existing
-    wrote = False
-    if created:
-        fmt = sniff_format(data) or "JPEG"
-        rel = f"{_slug(label)}/{rt.settings.upload_prefix}{id_}.{EXT[fmt]}"
-        wrote = await rt.in_decode_pool(_store_file, rt.image_root, rel, data)
-    else:
-        rel = existing[id_]  # same content: keep its file, update the label
-    try:
-        await rt.store_call(rt.store.upsert, [Row(id_, rel, label, encoded.embeddings[0])])
-    except BaseException:
-        if wrote:
-            (rt.image_root / rel).unlink(missing_ok=True)
-        raise
+    async with _adding.hold(id_):
+        existing = await rt.store_call(rt.store.existing, [id_])
+        created = id_ not in existing
+        wrote = False
+        if created:
+            name = upload_name(rt.settings.upload_prefix, id_, sniff_format(data) or "JPEG")
+            rel = f"{_label_folder(label)}/{name}"
+            wrote = await rt.in_decode_pool(store_file, rt.image_root, rel, data)
+        else:
+            rel = existing[id_]  # same content: keep its file, update the label
+        try:
+            await rt.store_call(rt.store.upsert, [Row(id_, rel, label, encoded.embeddings[0])])
+        except BaseException:
+            if wrote:
+                (rt.image_root / rel).unlink(missing_ok=True)
+            raise
     rt.thumbs.drop(id_)
     log.info("added image %d (%s) as %s", id_, label, rel)
     body = {"id": str(id_), "label": label, "path": rel, "url": f"/v1/images/{id_}",
@@ -258,7 +267,7 @@ async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds
     entry = await rt.store_call(rt.store.get, id)
     await rt.store_call(rt.store.delete, [id])
     removed = False
-    if FsPath(entry.path).name.startswith(rt.settings.upload_prefix):
+    if is_own_upload(entry.path, rt.settings.upload_prefix, id):
         try:
             target = await rt.in_decode_pool(resolve_under, rt.image_root, entry.path)
             target.unlink()
@@ -272,6 +281,25 @@ async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds
 
 # --- operations ------------------------------------------------------------------------
 
+NOT_READY = {"triton": "Triton (the model server) is not ready", "milvus": "Milvus (the vector database) is not ready"}
+_ready: dict[int, tuple[float, Any]] = {}  # id(runtime) -> (monotonic time, readiness)
+_ready_lock = asyncio.Lock()
+
+
+async def _readiness(rt: Runtime) -> tuple[dict[str, bool], dict[str, str]]:
+    """``rt.readiness()``, shared by the probes of the same second (one check at a time)."""
+    async with _ready_lock:
+        at, value = _ready.get(id(rt), (float("-inf"), None))
+        if time.monotonic() - at >= READY_TTL_S:
+            checks, detail = await rt.readiness()
+            if detail:
+                log.warning("not ready: %s", "; ".join(f"{k}: {v}" for k, v in detail.items()))
+            # the public sees which backend, not its address or its error text (the log has them)
+            value = checks, {k: NOT_READY.get(k, "not ready") for k in detail}
+            _ready[id(rt)] = (time.monotonic(), value)
+    return value
+
+
 @router.get("/healthz", response_model=schemas.Health, tags=["operations"], summary="Liveness (process only)")
 async def healthz() -> Any:
     return {"status": "ok"}
@@ -283,7 +311,7 @@ async def healthz() -> Any:
     responses={503: {"model": schemas.NotReady, "description": "a backend is not ready",
                      "headers": responses(503)[503]["headers"]}})
 async def readyz(rt: Rt) -> Any:
-    checks, detail = await rt.readiness()
+    checks, detail = await _readiness(rt)
     if all(checks.values()):
         return {"status": "ready", "checks": checks, "detail": detail, "model": rt.model_info}
     msg = "; ".join(f"{k}: {v}" for k, v in detail.items()) or "not ready"
@@ -295,7 +323,12 @@ async def readyz(rt: Rt) -> Any:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["operations"], summary="Prometheus metrics",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                             "description": "Prometheus text format"}})
-async def metrics(rt: Rt) -> Response:
+                             "description": "Prometheus text format"}, **responses(401)})
+async def metrics(request: Request, rt: Rt) -> Response:
+    token = rt.settings.metrics_token
+    if token is not None:  # Prometheus: authorization: {credentials: <token>} (Bearer)
+        # read here, not as a security dependency: the schema would then mark /metrics as
+        # always needing a key, which it does only when the operator sets one
+        check_bearer(await bearer(request), token.get_secret_value(), "IMGSEARCH_METRICS_TOKEN")
     return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
 

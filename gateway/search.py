@@ -62,7 +62,8 @@ async def encode_upload(rt: Runtime, data: bytes) -> tuple[Encoded, float, float
         t1 = t0  # no decode here: the format check (microseconds) counts as infer
         encoded = await rt.encoder.encode_bytes([data])
     else:
-        pixels = await rt.in_decode_pool(decode_image, data, rt.settings.image_size, rt.settings.max_pixels)
+        pixels = await rt.in_decode_pool(decode_image, data, rt.settings.image_size, rt.settings.max_pixels,
+                                         rt.decode_budget)
         t1 = time.perf_counter()
         rt.metrics.observe_stage("decode", t1 - t0)
         encoded = await rt.encoder.encode(pixels[None])

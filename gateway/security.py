@@ -49,10 +49,15 @@ def check_api_key(request: Request, credentials: HTTPAuthorizationCredentials | 
     if not expected:
         raise ApiError(403, "writes_disabled",
                        "write endpoints are disabled: set IMGSEARCH_API_KEY on the gateway to enable them")
+    check_bearer(credentials, expected, "API key")
+
+
+def check_bearer(credentials: HTTPAuthorizationCredentials | None, expected: str, what: str) -> None:
+    """401 unless ``Authorization: Bearer <expected>`` (``expected`` non-empty)."""
     given = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
     # compare_digest on bytes: constant time in the length of the expected key, any characters
     if not given or not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-        raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key>)",
+        raise ApiError(401, "unauthorized", f"missing or wrong {what} (Authorization: Bearer <key>)",
                        headers={"WWW-Authenticate": "Bearer"})
 
 

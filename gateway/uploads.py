@@ -11,6 +11,7 @@ client's filename is never used.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -109,8 +110,12 @@ class _Collector:
         self._buf = bytearray()
 
 
-async def read_upload(request: Request, max_bytes: int) -> Upload:
-    """Parse a multipart/form-data body: the ``file`` part (bytes) and small text fields."""
+async def read_upload(request: Request, max_bytes: int, timeout_s: float | None = None) -> Upload:
+    """Parse a multipart/form-data body: the ``file`` part (bytes) and small text fields.
+
+    ``timeout_s``: the whole body must arrive within this (408 otherwise), so a client that
+    sends a byte now and then cannot keep a connection and its buffers for ever.
+    """
     ctype, params = parse_options_header(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if not ctype and declared in (None, "0"):
@@ -134,13 +139,17 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         raise _malformed(f"bad multipart boundary: {e}") from None
     total = 0
     try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_bytes + OVERHEAD:
-                raise _too_large(max_bytes)
-            if chunk:
-                parser.write(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > max_bytes + OVERHEAD:
+                    raise _too_large(max_bytes)
+                if chunk:
+                    parser.write(chunk)
         parser.finalize()
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the upload did not arrive within {timeout_s:g} s "
+                                            "(IMGSEARCH_BODY_TIMEOUT_S)") from None
     except MultipartParseError as e:
         raise _malformed(f"malformed multipart body: {e}") from None
     except ClientDisconnect:

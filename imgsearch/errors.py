@@ -47,6 +47,12 @@ class UploadTooLarge(ImageError):
     code = "payload_too_large"
 
 
+class DecodeBusy(ImgsearchError):
+    """The memory budget for decoding stayed taken by other decodes: retry later."""
+
+    code = "overloaded"
+
+
 # --- Triton -------------------------------------------------------------------------
 
 
@@ -89,6 +95,13 @@ class StoreUnavailable(StoreError):
     """Milvus cannot be reached or the collection is not loaded."""
 
     code = "milvus_unavailable"
+
+
+class EntryRefused(StoreError):
+    """Milvus (or the checks made before asking it) refused one entry: a path or label that is
+    not valid UTF-8 or is over the field's byte limit. The entry's problem, not Milvus being down."""
+
+    code = "entry_refused"
 
 
 class CollectionMismatch(StoreError):

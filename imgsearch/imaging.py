@@ -6,13 +6,16 @@ boundary, to :mod:`imgsearch.errors`; callers never see an ``OSError`` from a ba
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
+import time
 import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import CorruptImage, ImageTooLarge, UnsupportedImage
+from .errors import CorruptImage, DecodeBusy, ImageTooLarge, UnsupportedImage
 
 # Formats allowed by content. TIFF, SVG, PDF, ICO, PSD... are refused even though
 # Pillow could open some of them: a smaller attack surface, and nothing a camera sends.
@@ -77,18 +80,80 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, P, CMYK, YCbCr, 1, RGBX...
 
 
+_GREY_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_REDUCIBLE = ("L", "RGB", "CMYK", "YCbCr", "RGBX")  # Image.reduce averages these as they are
+_STRIP_PIXELS = 1 << 20  # strips converted at once while shrinking: a few MB, whatever the image
+# EXIF orientation -> the transpose that undoes it (as ImageOps.exif_transpose)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def _shrink_to_rgb(im: Image.Image, size: int) -> Image.Image | None:
+    """A loaded image at least twice ``size`` on both sides, averaged down by whole factors to
+    between 1x and 2x ``size`` *before* any conversion, as RGB; None when it is smaller.
+
+    Converting first (16-bit to float, alpha compositing, palette expansion) costs several
+    copies of the full raster; here conversions run on strips of about a megapixel, so a
+    decode needs little more than the loaded raster itself.
+    """
+    w, h = im.size
+    fx, fy = max(1, w // size), max(1, h // size)
+    if fx == 1 and fy == 1:
+        return None
+    alpha = _has_alpha(im)
+    if im.mode in _REDUCIBLE:
+        small = im.reduce((fx, fy))
+        return small if small.mode == "RGB" else small.convert("RGB")
+    if im.mode in _GREY_WIDE:
+        lo, hi = im.getextrema()
+        lo = float(lo) if im.mode == "F" else 0.0  # 16/32-bit: scale by the actual range (convert clips)
+        scale = 255.0 / (float(hi) - lo) if float(hi) > lo else 0.0
+
+        def to8(strip: Image.Image) -> Image.Image:
+            a = (np.asarray(strip, dtype=np.float32) - lo) * np.float32(scale)
+            return Image.fromarray(a.clip(0, 255).astype(np.uint8), "L")
+    elif alpha:
+        def to8(strip: Image.Image) -> Image.Image:
+            return strip.convert("RGBA").convert("RGBa")  # premultiplied: averages no hidden colour
+    else:  # P, 1, ...
+        def to8(strip: Image.Image) -> Image.Image:
+            return strip.convert("RGB")
+    rows = max(fy, _STRIP_PIXELS // max(1, w) // fy * fy)
+    parts = [to8(im.crop((0, top, w, min(h, top + rows)))).reduce((fx, fy)) for top in range(0, h, rows)]
+    small = Image.new(parts[0].mode, (parts[0].width, sum(p.height for p in parts)))
+    y = 0
+    for part in parts:
+        small.paste(part, (0, y))
+        y += part.height
+    if small.mode == "RGBa":  # composite onto white, as _to_rgb does: c*a + 255*(1-a)
+        a = np.asarray(small, dtype=np.uint16)
+        rgb = a[..., :3] + (255 - a[..., 3:4])
+        return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+    return small.convert("RGB")
+
+
 def decode_image(
     data: bytes,
     size: int = 224,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: DecodeBudget | None = None,
 ) -> np.ndarray:
     """Decode image bytes to an RGB ``uint8`` array of shape ``(size, size, 3)``.
 
     EXIF orientation is applied, every colour mode becomes RGB, GIFs give their first
     frame, and the image is resized (plain, aspect not kept) to ``size x size`` as the
-    model was trained. JPEGs use draft mode, so a 12 MP photo decodes at 1/8 scale.
+    model was trained. JPEGs use draft mode, so a 12 MP photo decodes at 1/8 scale; any
+    other image at least twice ``size`` is averaged down before its colours are converted
+    (:func:`_shrink_to_rgb`). With a ``budget``, the decode first reserves the memory its
+    raster needs, shared with the other decodes holding that budget.
 
-    Raises :class:`UnsupportedImage`, :class:`CorruptImage` or :class:`ImageTooLarge`.
+    Raises :class:`UnsupportedImage`, :class:`CorruptImage`, :class:`ImageTooLarge`, or
+    :class:`DecodeBusy` when the budget stays taken for its whole wait.
     """
     fmt = check_format(data)
     try:
@@ -105,14 +170,20 @@ def decode_image(
                 )
             if fmt == "JPEG":
                 im.draft("RGB", (size, size))
-            im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            im = _to_rgb(im)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (ImageTooLarge, CorruptImage):
+            with budget.hold(decode_bytes(im)) if budget is not None else contextlib.nullcontext():
+                im.seek(0)
+                im.load()
+                small = _shrink_to_rgb(im, size)
+                if small is None:
+                    im = ImageOps.exif_transpose(im) or im
+                    im = _to_rgb(im)
+                else:
+                    turn = _ORIENTATION.get(im.getexif().get(0x0112))
+                    im = small.transpose(turn) if turn is not None else small
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+    except (ImageTooLarge, CorruptImage, DecodeBusy):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"decompression bomb: {e}") from None
@@ -125,6 +196,51 @@ def decode_image(
     if arr.shape != (size, size, 3):  # pragma: no cover - defensive, Pillow promised RGB
         raise CorruptImage(f"decoded to unexpected shape {arr.shape}")
     return np.ascontiguousarray(arr)
+
+
+def decode_bytes(im: Image.Image) -> int:
+    """Memory a decode of this (opened, not loaded) image may need: its raster as loaded (after
+    JPEG draft), plus the RGB raster it becomes when it is too small to be shrunk first."""
+    w, h = im.size
+    if im.mode == "P" or im.mode == "1":
+        per_px = 1
+    elif im.mode in _GREY_WIDE:
+        per_px = 2 if im.mode.startswith("I;16") else 4
+    else:
+        per_px = max(1, len(im.getbands()))
+    return w * h * per_px + 4 * 448 * 448 * 4 + _STRIP_PIXELS * 8
+
+
+class DecodeBudget:
+    """Bytes shared by the decodes running at once: a decode waits for its share up to
+    ``wait_s`` (then :class:`DecodeBusy`). A decode larger than the whole budget runs alone."""
+
+    def __init__(self, capacity_bytes: int, wait_s: float = 5.0) -> None:
+        self.capacity = max(1, int(capacity_bytes))
+        self.wait_s = wait_s
+        self.used = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        need = min(int(nbytes), self.capacity)
+        deadline = time.monotonic() + self.wait_s
+        with self._cond:
+            while self.used + need > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DecodeBusy(f"decoding needs {need / 2**20:.0f} MiB and the decode memory budget "
+                                     f"({self.capacity / 2**20:.0f} MiB) stayed taken for {self.wait_s:g}s")
+                self._cond.wait(left)
+            self.used += need
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()
 
 
 def struct_error() -> type[Exception]:

@@ -47,12 +47,28 @@ class Settings(BaseSettings):
     milvus_uri: str = "./data/milvus.db"
     milvus_token: SecretStr | None = None
     collection: str = "images"
+    milvus_timeout_s: float = Field(10.0, description="deadline of every Milvus call (a hung Milvus -> 503)")
 
     # --- images ---------------------------------------------------------------------
     image_root: Path = Path("data/images")
     image_size: int = 224
     max_pixels: int = Field(50_000_000, description="decoded pixel limit; more is a decompression bomb")
     max_upload_bytes: int = 10 * 1024 * 1024
+    decode_memory_bytes: int = Field(
+        512 * 1024 * 1024, description="memory the gateway's concurrent decodes may hold together (a raster's "
+                                       "size as loaded); one larger than this runs alone")
+    decode_wait_s: float = Field(5.0, description="how long a decode waits for decode memory before a 503")
+    lingering_close_bytes: int = Field(
+        64 * 1024 * 1024, description="after an early answer (413, 401, 415, shed 503), read and drop at most "
+                                      "this much of the unread body so the client can read the answer")
+    lingering_close_s: float = Field(10.0, description="... and for at most this long")
+    body_timeout_s: float = Field(30.0, description="an upload must arrive within this (408 otherwise)")
+    max_reading: int = Field(64, description="uploads being received at once before new ones are shed (503); "
+                                             "they take an in-flight slot only once received")
+    max_light: int = Field(64, description="image, thumbnail and /readyz requests served at once before "
+                                           "more are shed (503)")
+    max_connections: int = Field(1024, description="uvicorn's limit on open connections (503 past it)")
+    keep_alive_s: int = Field(5, description="uvicorn closes an idle keep-alive connection after this")
 
     # --- gateway --------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -62,6 +78,8 @@ class Settings(BaseSettings):
     decode_threads: int = 4
     retry_after_s: int = 1
     api_key: SecretStr | None = Field(None, description="Bearer key for write endpoints; unset = writes disabled")
+    metrics_token: SecretStr | None = Field(None, description="Bearer token /metrics requires; unset = open "
+                                                              "(then keep the port internal)")
     cors_origins: list[str] = Field(default_factory=list)
     default_top_k: int = 10
     store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")

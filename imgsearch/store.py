@@ -23,7 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     from imgsearch.settings import Settings
 
-from .errors import CollectionMismatch, NotFound, StoreError, StoreUnavailable
+from .errors import CollectionMismatch, EntryRefused, NotFound, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,28 @@ def label_filter(label: str) -> str:
     return f"label == {json.dumps(label, ensure_ascii=False)}"
 
 
+def printable(text: str) -> str:
+    """A name that may hold undecodable bytes (kept by Python as surrogates), safe to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def entry_problem(path: str, label: str) -> str | None:
+    """Why Milvus would refuse (or mangle) an entry with this path and label, or None.
+
+    Milvus servers count VARCHAR limits in UTF-8 bytes (Milvus Lite counts characters), and a
+    name that is not valid UTF-8 cannot be sent at all; checked here so that every Milvus
+    refuses the same entries, and nothing is ever cut short to fit.
+    """
+    for what, text, limit in (("path", path, PATH_MAX), ("label", label, LABEL_MAX)):
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            return f"the {what} is not valid UTF-8 ({printable(text)!r}): rename it"
+        if size > limit:
+            return f"the {what} is {size} bytes in UTF-8, over Milvus' limit of {limit}: shorten it"
+    return None
+
+
 @dataclass
 class Row:
     id: int
@@ -55,7 +77,7 @@ class Row:
     embedding: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": int(self.id), "path": self.path[:PATH_MAX], "label": self.label[:LABEL_MAX],
+        return {"id": int(self.id), "path": self.path, "label": self.label,
                 "embedding": np.asarray(self.embedding, dtype=np.float32).tolist()}
 
 
@@ -90,8 +112,44 @@ class Entry:
     embedding: np.ndarray | None = None
 
 
+def collection_schema(client: Any, dim: int, path_max: int = PATH_MAX, label_max: int = LABEL_MAX) -> tuple[Any, Any]:
+    """(schema, index params) of an image collection: id, path, label, embedding (HNSW, cosine)."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("path", DataType.VARCHAR, max_length=path_max)
+    schema.add_field("label", DataType.VARCHAR, max_length=label_max)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
+    index = client.prepare_index_params()
+    index.add_index("embedding", **HNSW)
+    return schema, index
+
+
 def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
+
+
+class _WithDeadline:
+    """The client, with ``timeout=`` on every call that goes to Milvus: pymilvus' constructor
+    timeout covers connecting only, so a hung Milvus (paused, cut off) would block for ever."""
+
+    LOCAL = frozenset({"prepare_index_params", "create_schema", "close"})
+
+    def __init__(self, client: Any, timeout_s: float) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name in self.LOCAL or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self._timeout_s)
+            return attr(*args, **kwargs)
+
+        return call
 
 
 class VectorStore:
@@ -109,7 +167,8 @@ class VectorStore:
     def from_settings(cls, settings: Settings, collection: str | None = None) -> VectorStore:
         """The store ``IMGSEARCH_MILVUS_URI`` / ``_TOKEN`` / ``_COLLECTION`` name."""
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
-        return cls(settings.milvus_uri, collection or settings.collection, token=token)
+        return cls(settings.milvus_uri, collection or settings.collection, token=token,
+                   timeout_s=settings.milvus_timeout_s)
 
     # --- the boundary ---------------------------------------------------------------
     def _connect(self):
@@ -131,17 +190,30 @@ class VectorStore:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             client = self._connect()
-            return fn(client, *args, **kwargs)
+            return fn(_WithDeadline(client, self.timeout_s), *args, **kwargs)
         except (StoreError, ValueError):
             raise
         except Exception as e:  # noqa: BLE001 - pymilvus, grpc and milvus-lite all raise their own types
-            self._reset()
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if what == "upsert" and self._still_answers():
+                raise EntryRefused(f"Milvus refused the entry: {msg}") from None
+            self._reset()
             if is_lite(self.uri) and "open local milvus failed" in msg.lower():
                 # milvus-lite only logs why; the usual reason is its one-process-per-file lock
                 msg += (" (Milvus Lite could not open the .db: another process probably holds it; one process "
                         "per file: stop `imgsearch index` or the other server using it, or use a Milvus server URI)")
             raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}") from None
+
+    def _still_answers(self) -> bool:
+        """After a failed write: does Milvus answer otherwise? Then it refused the data itself."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            client.has_collection(self.collection, timeout=self.timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - any failure here means it is Milvus that is in trouble
+            return False
 
     def _reset(self) -> None:
         with self._lock:
@@ -170,6 +242,7 @@ class VectorStore:
         if not self.exists():
             self._create(dim, model_sha, model)
         else:
+            self._finish_half_created(dim, model_sha, model)
             self.check(dim, model_sha)
         self._call("load_collection", lambda c: c.load_collection(self.collection))
 
@@ -184,22 +257,33 @@ class VectorStore:
             )
 
     def _create(self, dim: int, model_sha: str, model: str) -> None:
-        from pymilvus import DataType, MilvusClient
-
         def create(c):
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.INT64, is_primary=True)
-            schema.add_field("path", DataType.VARCHAR, max_length=PATH_MAX)
-            schema.add_field("label", DataType.VARCHAR, max_length=LABEL_MAX)
-            schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dim)
-            index = c.prepare_index_params()
-            index.add_index("embedding", **HNSW)
-            c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
-            c.alter_collection_properties(
-                self.collection, properties={PROP_SHA: model_sha, PROP_DIM: str(dim), PROP_MODEL: model})
+            schema, index = collection_schema(c, dim)
+            # the model properties travel in the create request itself: a process killed at any
+            # point leaves either no collection or one that says which model it belongs to
+            c.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong",
+                                properties=self._model_properties(dim, model_sha, model))
 
         self._call("create_collection", create)
         log.info("created collection %s (dim %d, model sha %s) at %s", self.collection, dim, model_sha, self.uri)
+
+    @staticmethod
+    def _model_properties(dim: int, model_sha: str, model: str) -> dict[str, str]:
+        return {PROP_SHA: model_sha, PROP_DIM: str(dim), PROP_MODEL: model}
+
+    def _finish_half_created(self, dim: int, model_sha: str, model: str) -> None:
+        """An empty collection without model properties is one whose creator died before setting
+        them (versions that set them in a second call): nothing in it belongs to another model,
+        so it is finished for this one. A non-empty one without them stays a mismatch."""
+        if PROP_SHA in self.properties():
+            return
+        self._call("load_collection", lambda c: c.load_collection(self.collection))  # count(*) needs it
+        if self.count() > 0:
+            return
+        log.warning("collection %s has no model properties and no entries (its creation was cut short): "
+                    "finishing it for this model", self.collection)
+        self._call("alter_collection_properties", lambda c: c.alter_collection_properties(
+            self.collection, properties=self._model_properties(dim, model_sha, model)))
 
     def drop(self) -> None:
         def drop(c) -> None:
@@ -227,6 +311,10 @@ class VectorStore:
     def upsert(self, rows: Sequence[Row]) -> int:
         if not rows:
             return 0
+        for r in rows:
+            problem = entry_problem(r.path, r.label)
+            if problem:
+                raise EntryRefused(f"{printable(r.path)}: {problem}")
         res = self._call("upsert", lambda c: c.upsert(self.collection, [r.to_dict() for r in rows]))
         return int(res.get("upsert_count", len(rows)))
 

@@ -140,9 +140,13 @@ class TritonEncoder:
 
     async def _model_outputs(self) -> list[str]:
         if self._outputs is None:
+            client = self._get_client()
+            call = client.get_model_metadata(self.model_name, as_json=True) if self.protocol == "grpc" \
+                else client.get_model_metadata(self.model_name)
             try:
-                meta = await self._get_client().get_model_metadata(self.model_name, as_json=True) \
-                    if self.protocol == "grpc" else await self._get_client().get_model_metadata(self.model_name)
+                meta = await asyncio.wait_for(call, self.timeout_s)  # a hung Triton must not hang us
+            except asyncio.TimeoutError:
+                raise TritonUnavailable(f"Triton did not answer within {self.timeout_s:.0f}s") from None
             except Exception as e:  # noqa: BLE001 - the boundary
                 raise map_triton_error(e) from None
             self._outputs = [o["name"] for o in meta["outputs"]]

@@ -55,8 +55,8 @@ from .scan import Shard, parse_shard
 log = logging.getLogger(__name__)
 
 # Shards of an Indexed Job start together: all may find the collection missing and create
-# it at once. Until the creator has set the model properties, the others see a collection
-# without them; they wait this long for it before calling it a mismatch.
+# it at once. The losers get "already exists" (or, from a store older than the one-call create,
+# a collection whose properties are still being set); they wait this long for the winner's.
 CREATE_RACE_WAIT_S = 30.0
 
 

@@ -15,6 +15,9 @@
   checked before the first batch): the workers only read and hash, the files go to Triton
   as they are and are decoded there. One bad file fails a request of several, so such a
   batch is sent again one file at a time and each bad file is reported under its own code.
+* A path or label Milvus would refuse (not UTF-8, over its byte limit) is reported up front,
+  never cut short; should Milvus still refuse a batch, its rows are upserted one by one and
+  only the refused ones are reported, so one bad row never costs the rest of the run.
 * Bad files are reported by reason and skipped. Triton overloaded -> retried with backoff;
   Triton gone -> retried until ``unavailable_timeout_s``, then the run stops; Milvus gone
   -> the run stops. Rows already encoded are still upserted before stopping.
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from imgsearch.errors import (
+    EntryRefused,
     ImageError,
     StoreError,
     TritonError,
@@ -42,7 +46,7 @@ from imgsearch.errors import (
     TritonOverloaded,
     TritonUnavailable,
 )
-from imgsearch.store import Row, VectorStore
+from imgsearch.store import Row, VectorStore, entry_problem, printable
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
 from .report import IndexReport
@@ -248,6 +252,11 @@ class Indexer:
         candidates: list[tuple[ImageFile, int]] = []
         for i, f in enumerate(part):
             cid = hashed.ids[i]
+            problem = entry_problem(f.rel, f.label)
+            if problem:  # refused up front: Milvus would refuse it in a batch with others
+                self.report.add_failure(EntryRefused.code, printable(f.rel), problem)
+                self._progress(1)
+                continue
             if cid is None:
                 self.unreadable.add(f.rel)
                 self._fail(f, READ_ERROR, hashed.errors.get(i, "unreadable"))
@@ -457,6 +466,9 @@ class Indexer:
             t = time.perf_counter()
             try:
                 await asyncio.to_thread(self.store.upsert, rows)
+            except EntryRefused as e:
+                log.info("Milvus refused a batch of %d rows (%s); upserting them one by one", len(rows), str(e)[:200])
+                rows = await self._upsert_one_by_one(rows)
             except StoreError as e:
                 self._abort(str(e), store_dead=True)
                 continue
@@ -480,6 +492,22 @@ class Indexer:
         log.info("index %s: %s of %s rows indexed, built in %.1fs", state.get("index_type"),
                  state.get("indexed_rows"), state.get("total_rows"), r.stages_s["index"])
 
+    async def _upsert_one_by_one(self, rows: list[Row]) -> list[Row]:
+        """One refused row fails a whole upsert: keep the others, report each refused file."""
+        kept = []
+        for row in rows:
+            if self._store_dead:
+                break
+            try:
+                await asyncio.to_thread(self.store.upsert, [row])
+                kept.append(row)
+            except EntryRefused as e:
+                self.report.add_failure(EntryRefused.code, printable(row.path), str(e))
+                self._progress(1)
+            except StoreError as e:
+                self._abort(str(e), store_dead=True)
+        return kept
+
     # --- --sync -------------------------------------------------------------------------
     async def _sync(self, scan: ScanResult) -> None:
         """Delete entries whose content is under the root no more; fix paths of moved copies."""
@@ -488,7 +516,8 @@ class Indexer:
             # a shard judges only the entries whose stored path is its own: another shard's
             # files are not in self.live, and deleting their entries would undo its work
             entries = await asyncio.to_thread(lambda: [e for e in self.store.iter_entries() if scan.owns(e.path)])
-            gone = [e.id for e in entries if e.id not in self.live and e.path not in self.unreadable]
+            unseen = [e for e in entries if e.id not in self.live and e.path not in self.unreadable]
+            gone = await asyncio.to_thread(self._really_gone, unseen)
             stale = [(e.id, self.live[e.id][0]) for e in entries
                      if e.id in self.live and e.path not in self.live[e.id]]
             for i in range(0, len(gone), 1000):
@@ -500,6 +529,19 @@ class Indexer:
                 r.repointed = len(stale)
         except StoreError as e:
             self._abort(str(e), store_dead=True)
+
+
+    def _really_gone(self, unseen: list) -> list[int]:
+        """Ids of the entries whose content is under the root no more. An entry's file not seen
+        by the scan may have been added since (``POST /v1/images`` during the run): it goes
+        only when its path now holds other content (the scan read that path) or no file at all."""
+        scanned = {rel for rels in self.live.values() for rel in rels}
+
+        def present(rel: str) -> bool:
+            path = self.root / rel
+            return path.is_file() and path.resolve().is_relative_to(self.root)
+
+        return [e.id for e in unseen if e.path in scanned or not present(e.path)]
 
 
 def run_index(store: VectorStore, encoder: TritonEncoder, dim: int, scan: ScanResult,

@@ -444,12 +444,13 @@ async def graceful_shutdown(gw: "GatewayProc", data: bytes, n: int = 8, hold_s: 
     sent = [asyncio.Event() for _ in range(n)]
     tasks = [asyncio.create_task(_half_sent_search(host, port, data, s, go, exit_limit_s)) for s in sent]
     await asyncio.gather(*[s.wait() for s in sent])
-    # the in-flight gauge counts a request from the moment its handler starts reading the body
+    # accepted: receiving its body (no in-flight slot until the body is in), or in flight
     inflight = 0.0
 
     async def all_inside() -> bool:
         nonlocal inflight
-        inflight = metric_sum(await scrape(gw.url), "imgsearch_inflight_requests")
+        text = await scrape(gw.url)
+        inflight = metric_sum(text, "imgsearch_inflight_requests") + metric_sum(text, "imgsearch_receiving_requests")
         return inflight >= n
 
     await until(all_inside, 10.0)

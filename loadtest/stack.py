@@ -171,15 +171,26 @@ class GatewayProc:
         return self.proc.returncode
 
 
+def _file_size_limit(nbytes: int):
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))  # Python ignores SIGXFSZ: EFBIG
+
+    return limit
+
+
 def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: str = "info",
                   log_path: Path | None = None, startup_timeout_s: float = 120.0,
-                  extra_env: dict[str, str] | None = None, python_args: Sequence[str] = ()) -> GatewayProc:
+                  extra_env: dict[str, str] | None = None, python_args: Sequence[str] = (),
+                  max_file_bytes: int | None = None) -> GatewayProc:
     """The gateway as in production, on a free loopback port; returns once /healthz answers.
 
     ``serve_cli``: through ``imgsearch serve`` (its uvicorn settings: graceful shutdown
     timeout), else ``uvicorn gateway.app:app_from_env --factory``. stdout and stderr go
     to ``log_path``. The caller's IMGSEARCH_* variables are dropped first. ``python_args`` go
-    before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway).
+    before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway). ``max_file_bytes``:
+    no file the gateway writes may grow past this (RLIMIT_FSIZE), as on a full disk.
     """
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
@@ -195,7 +206,8 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean, stdout=logf, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean, stdout=logf, stderr=subprocess.STDOUT,
+                                preexec_fn=None if max_file_bytes is None else _file_size_limit(max_file_bytes))
     gw = GatewayProc(f"http://127.0.0.1:{port}", port, proc, log_path)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:

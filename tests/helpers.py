@@ -127,3 +127,21 @@ def check_decode_or_typed_error(data: bytes) -> None:
     except ImageError:
         return
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def huge_png(mode: str, side: int = 7000) -> bytes:
+    """A small PNG (100-300 KB) that decodes to a ``side`` x ``side`` raster: 16-bit grey
+    ("I;16"), "RGBA" with varying alpha, "P" with a transparent index, or "RGB"."""
+    ramp = np.linspace(0, 1, side, dtype=np.float32)[None, :].repeat(side, 0)
+    if mode == "I;16":
+        return png_bytes(Image.fromarray((ramp * 65535).astype(np.uint16)))
+    if mode == "RGBA":
+        rgba = np.zeros((side, side, 4), np.uint8)
+        rgba[..., 0] = ramp * 255
+        rgba[..., 3] = 255 - ramp.T * 255
+        return png_bytes(Image.fromarray(rgba, "RGBA"))
+    if mode == "P":
+        im = Image.fromarray((ramp * 200).astype(np.uint8), "L").convert("P")
+        im.info["transparency"] = 0
+        return png_bytes(im)
+    return png_bytes(Image.fromarray((ramp * 255).astype(np.uint8), "L").convert("RGB"))

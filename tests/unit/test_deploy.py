@@ -421,6 +421,8 @@ def test_locust_runs_the_project_locustfile_against_the_gateway(compose):
     master = svc["locust-master"]["command"].split()
     assert master[master.index("--host") + 1] == f"http://gateway:{gateway_port}"
     assert 8089 in published(svc["locust-master"])
+    # the Locust UI starts load against the gateway: internal only, like Triton's and Milvus' ports
+    assert published(svc["locust-master"])[8089].startswith("127.0.0.1:"), published(svc["locust-master"])
     worker = svc["locust-worker"]["command"].split()
     assert worker[worker.index("--master-host") + 1] == "locust-master"
 
@@ -968,6 +970,22 @@ def test_gateway_memory_limit_is_its_decode_budget(settings_env):
     limit = quantity(res["limits"]["memory"])
     assert budget <= limit <= 1.25 * budget, f"limit {limit / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f} MiB"
     assert quantity(res["requests"]["memory"]) == limit  # scheduled for what it may use: no OOM under load
+
+
+def test_compose_gateway_memory_limit_covers_its_budget(compose, settings_env):
+    """Concurrent decodes share IMGSEARCH_DECODE_MEMORY_BYTES (one larger image runs alone,
+    its raster at most 4 B/pixel as loaded): the container's limit must hold that, every
+    upload in flight and the rest."""
+    gw = services(compose)["gateway"]
+    for k, v in {**compose["x-imgsearch-env"], **env_of(gw)}.items():
+        settings_env.setenv(k, str(v))
+    s = Settings(_env_file=None)
+    decodes = max(s.decode_memory_bytes, s.max_pixels * 4)
+    need = (GATEWAY_BASE_BYTES + s.max_inflight * s.max_upload_bytes + decodes
+            + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
+    limit = quantity(str(gw["mem_limit"]).replace("g", "Gi").replace("m", "Mi"))
+    assert need <= limit <= 1.5 * need, (need / 2**20, limit / 2**20)
+    assert "mem_limit" in services(compose)["indexer"]
 
 
 def test_decode_peak_is_within_the_budget_constant(tmp_path):

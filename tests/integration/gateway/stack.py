@@ -48,6 +48,6 @@ class Stack:
         return (self.root / rel).read_bytes()
 
 
-def start_gateway(env: dict[str, str], startup_timeout_s: float = 90.0) -> GatewayProc:
+def start_gateway(env: dict[str, str], startup_timeout_s: float = 90.0, **options) -> GatewayProc:
     """uvicorn on a free loopback port; returns once /healthz answers (lifespan done)."""
-    return _start_gateway(env, log_level="warning", startup_timeout_s=startup_timeout_s)
+    return _start_gateway(env, log_level="warning", startup_timeout_s=startup_timeout_s, **options)

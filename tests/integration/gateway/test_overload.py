@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, shape_image
+from helpers import huge_png, jpeg_bytes, shape_image
+
+from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -21,14 +21,17 @@ def shed_count(c: httpx.Client) -> float:
     return 0.0
 
 
-def slow_upload(url: str) -> socket.socket:
-    """Start a search whose body never finishes: it holds the only in-flight slot."""
-    u = urlsplit(url)
-    s = socket.create_connection((u.hostname, u.port), timeout=10)
-    s.sendall((f"POST /v1/search HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Length: 100000\r\n"
-               "Content-Type: multipart/form-data; boundary=zz\r\n\r\n--zz\r\n"
-               'Content-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n\xff').encode("latin-1"))
-    return s
+def hold_the_slot(url: str) -> ThreadPoolExecutor:
+    """Start a search that does real work for a while (decoding a 49 MP RGBA PNG, about a second
+    here): it holds the only in-flight slot. (A slow body holds none: test_slow_uploads.py.)"""
+    pool = ThreadPoolExecutor(1)
+    data = huge_png("RGBA")
+    pool.submit(lambda: httpx.post(url + "/v1/search", files={"file": ("big.png", data, "image/png")}, timeout=60))
+    return pool
+
+
+def inflight(c: httpx.Client) -> float:
+    return metric_sum(c.get("/metrics").text, "imgsearch_inflight_requests")
 
 
 def test_requests_over_the_limit_are_shed_immediately_and_service_recovers(gw_nokey):
@@ -37,11 +40,14 @@ def test_requests_over_the_limit_are_shed_immediately_and_service_recovers(gw_no
     with httpx.Client(base_url=gw_nokey.url, timeout=30) as c:
         assert c.post("/v1/search", files=files).status_code == 200
         before = shed_count(c)
-        hold = slow_upload(gw_nokey.url)
+        hold = hold_the_slot(gw_nokey.url)
         try:
-            time.sleep(0.5)  # let the gateway accept it
+            deadline = time.monotonic() + 30
+            while inflight(c) < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert inflight(c) == 1  # the held search is being worked on ...
             t0 = time.monotonic()
-            r = c.post("/v1/search", files=files)
+            r = c.post("/v1/search", files=files)  # ... so this one is over the limit
             assert r.status_code == 503, r.text
             assert time.monotonic() - t0 < 2.0  # shed, not queued
             assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
@@ -50,12 +56,11 @@ def test_requests_over_the_limit_are_shed_immediately_and_service_recovers(gw_no
             assert c.get("/healthz").status_code == 200  # cheap routes are not limited
             assert shed_count(c) >= before + 2
             m = c.get("/metrics").text
-            assert "imgsearch_inflight_requests 1.0" in m
             assert 'imgsearch_requests_total{route="/v1/search",status="503"}' in m
         finally:
-            hold.close()
+            hold.shutdown(wait=True)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the slot is released once the server sees the disconnect
+        while time.monotonic() < deadline:  # the slot is released once the held search is done
             r = c.post("/v1/search", files=files)
             if r.status_code == 200:
                 break

@@ -96,9 +96,12 @@ def test_the_key_is_compared_in_constant_time():
     """Source check: hmac/secrets.compare_digest, and no ==/!= on anything holding the key."""
     src = (REPO_ROOT / "gateway" / "security.py").read_text()
     tree = ast.parse(src)
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "check_api_key")
+    funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    # check_api_key (and the /metrics token) compare through check_bearer
+    assert _calls(funcs["check_api_key"], "check_bearer"), "check_api_key must compare through check_bearer"
+    fn = funcs["check_bearer"]
     digests = _calls(fn, "compare_digest")
-    assert digests, "check_api_key must use hmac.compare_digest / secrets.compare_digest"
+    assert digests, "check_bearer must use hmac.compare_digest / secrets.compare_digest"
     for call in digests:
         assert isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
         assert call.func.value.id in ("hmac", "secrets"), ast.unparse(call)

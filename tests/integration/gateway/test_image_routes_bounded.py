@@ -1,0 +1,84 @@
+"""Image, thumbnail and readiness routes are bounded too, against the real gateway (uvicorn +
+tritonserver + Milvus Lite): a flood of them neither fills the gateway's memory with whole
+files nor queues searches behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from helpers import jpeg_bytes, make_dataset, shape_image
+from stack import gateway_env, index_folder, start_gateway
+
+from imgsearch.store import Row
+
+pytestmark = pytest.mark.integration
+BIG = 8 * 2**20  # bytes per served file
+FLOOD = 48  # image requests at once
+
+
+def peak_rss(pid: int) -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
+
+
+def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, repo18):
+    root = tmp_path / "images"
+    make_dataset(root, classes=2, per_class=3, seed=51)
+    (root / "big").mkdir()
+    rows = []
+    for k in range(4):  # JPEG magic + 8 MiB: served as image/jpeg, never decoded by these routes
+        (root / "big" / f"{k}.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + bytes([k]) * (BIG - 4))
+        rows.append(Row(9000 + k, f"big/{k}.jpeg", "big", np.eye(1, 512, k, dtype=np.float32)[0]))
+    index_folder(root, tmp_path / "db.db", triton.grpc_url, repo18, rows)
+    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "db.db", root, max_light=8))
+    data = jpeg_bytes(shape_image(1, 5100))
+    try:
+        with httpx.Client(base_url=gw.url, timeout=60) as c:
+            assert len(c.get("/v1/images/9000").content) == BIG  # streamed whole, byte for byte
+            assert c.get("/v1/images/9001").content[:5] == b"\xff\xd8\xff\xe0\x01"
+            before = [c.post("/v1/search", files={"file": ("q.jpg", data, "image/jpeg")}) for _ in range(8)]
+            assert all(r.status_code == 200 for r in before)
+            p50 = statistics.median(r.elapsed.total_seconds() for r in before)
+        rss0 = peak_rss(gw.pid)
+
+        async def flood() -> tuple[list[int], list[tuple[int, float]]]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=120,
+                                         limits=httpx.Limits(max_connections=FLOOD + 8)) as c:
+                async def image(k: int) -> int:
+                    path = "/readyz" if k % 4 == 3 else f"/v1/images/{9000 + k % 4}"
+                    async with c.stream("GET", path) as r:
+                        async for _ in r.aiter_bytes():
+                            await asyncio.sleep(0.001)  # a slow reader: the server must not buffer it all
+                        return r.status_code
+
+                async def searches() -> list[tuple[int, float]]:
+                    out = []
+                    for _ in range(10):
+                        t0 = time.perf_counter()
+                        r = await c.post("/v1/search", files={"file": ("q.jpg", data, "image/jpeg")})
+                        out.append((r.status_code, time.perf_counter() - t0))
+                    return out
+
+                flooded = asyncio.gather(*[image(k) for k in range(FLOOD)])
+                await asyncio.sleep(0.05)
+                found = await searches()
+                return list(await flooded), found
+
+        statuses, found = asyncio.run(flood())
+        rise = peak_rss(gw.pid) - rss0
+        p50_during = statistics.median(t for _, t in found)
+        print(f"\n{FLOOD} image/readiness requests at once: {statuses.count(200)} x 200, {statuses.count(503)} x 503; "
+              f"gateway peak RSS +{rise / 2**20:.0f} MiB ({BIG // 2**20} MiB files); search p50 "
+              f"{p50 * 1e3:.0f} ms before, {p50_during * 1e3:.0f} ms during")
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 8
+        assert rise < 4 * BIG, rise  # at most a few files' worth, not one per request
+        assert [s for s, _ in found] == [200] * len(found)
+        assert p50_during <= max(2 * p50, p50 + 0.25), (p50, p50_during)
+    finally:
+        gw.stop()
