@@ -13,7 +13,7 @@ class Client:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def search(self, collection, data, limit, filter, output_fields, search_params):
+    def search(self, collection, data, limit, filter, output_fields, search_params, timeout=None):
         self.calls.append({"n": len(data), "limit": limit, "filter": filter, "params": search_params})
         return [[{"id": i, "distance": 0.95 - 0.1 * (i - 1), "entity": {"path": f"p{i}", "label": "x"}}
                  for i in range(1, limit + 1)] for _ in data]
