@@ -87,7 +87,7 @@ RELIABILITY_ARGS ?=
 reliability: setup
 	$(BIN)/python -m loadtest.flood --out loadtest/out/flood.json $(RELIABILITY_ARGS)
 
-# --- the GPU device check (issue 7): see docs/gpu.md -------------------------------------
+# --- the GPU device check: see docs/gpu.md ----------------------------------------------
 # gpu-prepare  build .carry/ for the device call: run(command="bash loadtest/gpu_check.sh", carry=[".carry"])
 # gpu-dry      the check end to end on this CPU (resnet18, short; figures meaningless)
 # gpu-sim      the check down its device path (carry, stub env) in a stand-in of the GPU image

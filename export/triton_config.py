@@ -107,7 +107,7 @@ def cpu_config(card: ModelCard, b: BatchingOptions = CPU_DEFAULTS, intra_op_thre
     )
 
 
-# --- GPU box without Docker: the wheel's tritonserver + the Python backend (issue 8) ---------
+# --- GPU box without Docker: the wheel's tritonserver + the Python backend ------------------
 
 # One batch of 128 is ~94% of the raw ResNet-152 peak on an H200 (calibration: 7,327 img/s
 # eager at 128, 7,914 at 256) at half the latency; two instances let one copy in/out while

@@ -1,4 +1,4 @@
-"""GPU throughput check (issue 8): raw model, Triton with and without dynamic batching,
+"""GPU throughput check: raw model, Triton with and without dynamic batching,
 the indexer end to end, and ``/v1/search``, all in one run on one machine.
 
 Run by ``loadtest/gpu_check.sh`` on a lent H100/H200 (the device tool), or with

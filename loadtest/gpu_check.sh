@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU throughput check (issue 8), one call on a lent H100/H200, under 6 minutes:
+# GPU throughput check, one call on a lent H100/H200, under 6 minutes:
 # raw model vs Triton (dynamic batching vs none) vs indexer vs /v1/search, same run, same GPU.
 #
 #   loadtest/gpu_prepare.sh                      # here, once: builds .carry/ (~50 MB)

@@ -1,4 +1,4 @@
-"""Markdown from a GPU check's result file: the targets of issue 7, where the time went, and
+"""Markdown from a GPU check's result file: the GPU targets, where the time went, and
 the capacity line docs/deploy.md quotes.
 
   python -m loadtest.gpu_summary loadtest/results/gpu-2026-12-01.json

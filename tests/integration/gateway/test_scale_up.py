@@ -1,4 +1,4 @@
-"""Gateway scale-up (issue 8), over the real stack on 127.0.0.1.
+"""Gateway scale-up, over the real stack on 127.0.0.1.
 
 1. ``imgsearch serve --workers 2`` against a Milvus server URI: two uvicorn worker processes
    that share nothing but Triton and Milvus both serve searches, and each keeps ONE TCP
