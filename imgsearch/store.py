@@ -440,8 +440,18 @@ class VectorStore:
                                            f"in {timeout_s:.0f}s: {st}")
                 time.sleep(poll_s)
         built = {"rows": self.count(), "seconds": round(time.perf_counter() - t0, 3)}
-        self._call("alter_collection_properties", lambda c: c.alter_collection_properties(
-            self.collection, properties={PROP_BUILT: json.dumps(built)}))
+        # Shards of one run finish at once and each records its build; Milvus Lite's server
+        # writes the collection's schema file through one fixed temporary name, so concurrent
+        # property writes can collide. The record is informational: retry, then only warn.
+        for attempt in range(3):
+            try:
+                self._call("alter_collection_properties", lambda c: c.alter_collection_properties(
+                    self.collection, properties={PROP_BUILT: json.dumps(built)}))
+                break
+            except StoreError as e:
+                if attempt == 2:
+                    log.warning("index of %s built, but its build record was not saved: %s", self.collection, e)
+                time.sleep(0.2 * (attempt + 1))
         return self.index_state()
 
     def count(self) -> int:
