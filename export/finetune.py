@@ -159,9 +159,7 @@ def build_model(weights: str, arch: str | None, num_classes: int, dropout: float
     torch.manual_seed(seed)
     weights, arch = pretrained.resolve(weights, arch)
     if weights == pretrained.PACKAGED:
-        if arch not in (None, ckpts.PACKAGED_ARCH):
-            raise CheckpointError(f"--weights packaged is an {ckpts.PACKAGED_ARCH}, not a {arch}: leave out --arch")
-        net, _, tag, _ = ckpts.packaged_model()
+        net, _, tag, _ = ckpts.packaged_model(arch)
         arch = ckpts.PACKAGED_ARCH
     elif weights == "random":
         arch = arch or "resnet152"

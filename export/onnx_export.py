@@ -77,9 +77,7 @@ def _resolve_weights(weights: str, arch: str | None, labels: list[str] | None, d
     """Return (net, head kind, class names, weights tag, sha, arch)."""
     weights, arch = pretrained.resolve(weights, arch)
     if weights == pretrained.PACKAGED:
-        if arch not in (None, ckpts.PACKAGED_ARCH):
-            raise CheckpointError(f"--weights packaged is an {ckpts.PACKAGED_ARCH}, not a {arch}: leave out --arch")
-        net, names, tag, sha = ckpts.packaged_model()
+        net, names, tag, sha = ckpts.packaged_model(arch)
         return net, "linear", names, tag, sha, ckpts.PACKAGED_ARCH
     if weights == "random":
         arch = arch or "resnet152"

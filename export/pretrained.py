@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .archs import RESNETS
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -62,8 +64,6 @@ def reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
 def choose_auto(arch: str | None = None) -> Choice:
     """Resolve ``--weights auto`` (``arch`` given: only that ResNet's ImageNet weights or nothing better)."""
     target = arch or AUTO_ARCH
-    from .archs import RESNETS
-
     if target in RESNETS:
         cached = cached_imagenet_file(target)
         if cached.is_file():

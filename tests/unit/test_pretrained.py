@@ -132,7 +132,7 @@ def test_a_resnet_file_asked_to_be_an_efficientnet_is_refused(tmp_path):
 
 
 def test_efficientnet_finetune_trains_the_last_two_stages_and_head(packaged, tmp_path, monkeypatch):
-    monkeypatch.setattr("export.checkpoint.packaged_model", lambda: packaged)
+    monkeypatch.setattr("export.checkpoint.packaged_model", lambda arch=None: packaged)
     model, arch, tag = build_model("packaged", None, 3, 0.2, seed=0)
     assert arch == "efficientnet_lite0" and tag.startswith("packaged:")
     assert trainable_modules(model) == ("blocks.5", "blocks.6", "conv_head", "bn2", "fc")
@@ -165,3 +165,9 @@ def test_packaged_export_writes_the_whole_contract(tmp_path):
     assert meta["arch"] == "efficientnet_lite0" and meta["mean"] == [0.5, 0.5, 0.5]
     fp16 = export_model(weights="packaged", repository=tmp_path / "h", model_name="encoder", precision="fp16")
     assert fp16.card.parity["min_cosine"] >= 0.999
+
+
+def test_packaged_weights_with_another_arch_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="--weights packaged is an efficientnet_lite0, not a resnet18"):
+        export_model(weights="packaged", arch="resnet18", repository=tmp_path, model_name="encoder")
+    assert not any(tmp_path.rglob("*"))
