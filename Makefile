@@ -55,7 +55,7 @@ demo serve: export IMGSEARCH_MODEL_NAME ?= encoder
 
 demo: setup
 	@set -e; recreate=""; \
-	if $(BIN)/python -m gateway.demo card-matches "$(WEIGHTS)" "$(ARCH)"; then :; else \
+	if $(BIN)/python -m imgsearch.gateway.demo card-matches "$(WEIGHTS)" "$(ARCH)"; then :; else \
 	  $(BIN)/imgsearch export --weights "$(WEIGHTS)" $(EXPORT_ARCH); recreate="--recreate"; fi; \
 	case "$(DATA)" in \
 	  demo) $(BIN)/imgsearch demo-data data/images ;; \
@@ -68,7 +68,7 @@ demo: setup
 serve: setup
 	@echo ""
 	@echo "  page:    http://127.0.0.1:$(PORT)/        API docs: http://127.0.0.1:$(PORT)/docs"
-	@echo "  search:  curl -F file=@$$($(BIN)/python -m gateway.demo example-image "$(IMAGE_DIR)") 'http://127.0.0.1:$(PORT)/v1/search?top_k=5'"
+	@echo "  search:  curl -F file=@$$($(BIN)/python -m imgsearch.gateway.demo example-image "$(IMAGE_DIR)") 'http://127.0.0.1:$(PORT)/v1/search?top_k=5'"
 	@echo ""
 	IMGSEARCH_IMAGE_ROOT="$(IMAGE_DIR)" $(BIN)/imgsearch serve --port $(PORT)
 
@@ -77,7 +77,7 @@ serve: setup
 # make bench-index BENCH_INDEX_ARGS="--generate 1000 --batch-size 32 --in-flight 2 --rounds 3"
 BENCH_INDEX_ARGS ?= --generate 640
 bench-index: setup
-	$(BIN)/python loadtest/bench_index.py $(BENCH_INDEX_ARGS) --out loadtest/out/bench_index.json
+	$(BIN)/python -m bench.index $(BENCH_INDEX_ARGS) --out loadtest/out/bench_index.json
 
 # --- reliability figures: flood at 10x capacity, Triton queue, Triton/Milvus faults, SIGTERM drain ---
 # Builds its own stack on loopback ports (resnet18 random weights); docs/reliability.md quotes it.
@@ -85,16 +85,16 @@ bench-index: setup
 RELIABILITY_ARGS ?=
 .PHONY: reliability
 reliability: setup
-	$(BIN)/python -m loadtest.flood --out loadtest/out/flood.json $(RELIABILITY_ARGS)
+	$(BIN)/python -m bench.flood --out loadtest/out/flood.json $(RELIABILITY_ARGS)
 
 # --- the GPU device check: see docs/gpu.md ----------------------------------------------
-# gpu-prepare  build .carry/ for the device call: run(command="bash loadtest/gpu_check.sh", carry=[".carry"])
+# gpu-prepare  build .carry/ for the device call: run(command="bash bench/gpu_check.sh", carry=[".carry"])
 # gpu-dry      the check end to end on this CPU (resnet18, short; figures meaningless)
 # gpu-sim      the check down its device path (carry, stub env) in a stand-in of the GPU image
 .PHONY: gpu-prepare gpu-dry gpu-sim
 gpu-prepare: setup
-	bash loadtest/gpu_prepare.sh
+	bash bench/gpu_prepare.sh
 gpu-dry: setup
-	GPU_CHECK_DRY=1 OUT=loadtest/out/gpu-dry bash loadtest/gpu_check.sh
+	GPU_CHECK_DRY=1 OUT=loadtest/out/gpu-dry bash bench/gpu_check.sh
 gpu-sim: setup
-	bash loadtest/gpu_sim.sh
+	bash bench/gpu_sim.sh

@@ -21,7 +21,6 @@ from imgsearch.labels import IMAGE_SUFFIXES
 from imgsearch.labels import folder_label as class_name
 
 
-
 class DatasetError(ImgsearchError):
     """The data folder is not a usable labelled image folder."""
 

@@ -1,7 +1,7 @@
 """Fine-tune the last stage(s) + the MLP head of a ResNet or EfficientNet-Lite0 on an ImageFolder dataset.
 
 The original project's recipe: everything frozen except ``layer4`` and a new head
-Linear(F,256) -> ReLU -> Dropout -> Linear(256,C) (:func:`export.model.mlp_head`). An
+Linear(F,256) -> ReLU -> Dropout -> Linear(256,C) (:func:`imgsearch.export.model.mlp_head`). An
 EfficientNet-Lite0 trains its last two block stages, ``conv_head`` and ``bn2`` instead of
 ``layer4`` (:data:`TRAINABLE`). Frozen means frozen: the frozen stages also keep their
 BatchNorm statistics (they run in eval mode), so only the trainable modules differ from
@@ -9,7 +9,7 @@ the starting weights.
 
 Train and serve see the same pixels: images are decoded by
 :func:`imgsearch.imaging.decode_image` (the gateway's decoder) and normalised with
-:func:`export.model.pixel_norm` (the ONNX graph's arithmetic). Training augments the
+:func:`imgsearch.export.model.pixel_norm` (the ONNX graph's arithmetic). Training augments the
 uint8 tensor (random resized crop from a slightly larger decode, horizontal flip);
 validation uses the plain square resize that serving uses.
 

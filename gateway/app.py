@@ -8,7 +8,7 @@ there is a classifier head, the labels, the untrained banner).
 Middleware, outermost first: security headers -> metrics -> last-resort 500 -> CORS (only
 when IMGSEARCH_CORS_ORIGINS is set) -> lingering close -> in-flight limiter -> routes.
 
-Run it with ``imgsearch serve``, or ``uvicorn gateway.app:app_from_env --factory`` with
+Run it with ``imgsearch serve``, or ``uvicorn imgsearch.gateway.app:app_from_env --factory`` with
 IMGSEARCH_TRITON_URL set.
 """
 
@@ -110,5 +110,5 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory: settings from IMGSEARCH_* (``uvicorn gateway.app:app_from_env --factory``)."""
+    """uvicorn factory: settings from IMGSEARCH_* (``uvicorn imgsearch.gateway.app:app_from_env --factory``)."""
     return create_app(Settings())

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("gateway on %s/  (API docs %s/docs, metrics %s/metrics, readiness %s/readyz)",
                  base, base, base, base)
         log.info("try: curl -F file=@some.jpg '%s/v1/search?top_k=5'", base)
-        uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port,
+        uvicorn.run("imgsearch.gateway.app:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level=args.log_level,
                     timeout_graceful_shutdown=int(s.graceful_shutdown_s), proxy_headers=False,
                     limit_concurrency=s.max_connections, timeout_keep_alive=s.keep_alive_s)

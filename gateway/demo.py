@@ -1,7 +1,7 @@
 """Helpers for ``make demo``: is the exported model already the one asked for? Which image to curl?
 
-    python -m gateway.demo card-matches WEIGHTS ARCH   # exit 0: model_repository already holds it
-    python -m gateway.demo example-image DIR            # prints one image path under DIR
+    python -m imgsearch.gateway.demo card-matches WEIGHTS ARCH   # exit 0: model_repository already holds it
+    python -m imgsearch.gateway.demo example-image DIR            # prints one image path under DIR
 
 ``card-matches`` reads the model card the exporter wrote: ``random`` matches random weights
 of that arch, ``imagenet`` torchvision's weights of that arch, ``packaged`` the packaged

@@ -36,7 +36,7 @@ from imgsearch.errors import (
 
 from .schemas import ErrorBody
 
-log = logging.getLogger("gateway.errors")
+log = logging.getLogger("imgsearch.gateway.errors")
 
 
 class ApiError(Exception):

@@ -8,7 +8,7 @@ ints: the event loop is single-threaded.
 A slot is real work (decode, model, Milvus), so a request with a body takes its slot only once
 the body has arrived: clients sending slowly cannot hold the slots that searches need. Bodies
 being read have their own bound, ``IMGSEARCH_MAX_READING`` (over it: 503 before reading), and
-a deadline (``IMGSEARCH_BODY_TIMEOUT_S``, in :mod:`gateway.uploads`).
+a deadline (``IMGSEARCH_BODY_TIMEOUT_S``, in :mod:`imgsearch.gateway.uploads`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .lingering import has_body
-
 from .metrics import Metrics
 
 # (method, path predicate): the routes that decode, run the model or write

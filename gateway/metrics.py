@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.process_collector import ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,7 +66,7 @@ class Metrics:
         self._children: dict[tuple, object] = {}
 
     def batch_observer(self, op: str):
-        """``observe(n, waits)`` for a :class:`gateway.batching.MicroBatcher` of this op."""
+        """``observe(n, waits)`` for a :class:`imgsearch.gateway.batching.MicroBatcher` of this op."""
         size, wait = self.milvus_batch.labels(op=op), self.milvus_batch_wait.labels(op=op)
 
         def observe(n: int, waits) -> None:

@@ -1,8 +1,8 @@
 """The HTTP API: search, images, writes, health, metrics.
 
-Handlers stay thin: parse and validate, call :mod:`gateway.search` or the store, shape
+Handlers stay thin: parse and validate, call :mod:`imgsearch.gateway.search` or the store, shape
 the JSON. Errors are raised as the project's exceptions (or :class:`ApiError`) and turned
-into ``{"error": {...}}`` by :mod:`gateway.errors`.
+into ``{"error": {...}}`` by :mod:`imgsearch.gateway.errors`.
 """
 
 from __future__ import annotations

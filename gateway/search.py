@@ -2,7 +2,7 @@
 
 Each stage is timed for the response (``timings_ms``) and for Prometheus
 (``imgsearch_stage_duration_seconds``). The search stage includes the time a query
-waits for its batch (``IMGSEARCH_SEARCH_BATCH_MS``, :mod:`gateway.batching`). In bytes mode (IMGSEARCH_TRITON_INPUT=bytes and
+waits for its batch (``IMGSEARCH_SEARCH_BATCH_MS``, :mod:`imgsearch.gateway.batching`). In bytes mode (IMGSEARCH_TRITON_INPUT=bytes and
 the ``image_search`` ensemble in Triton) there is no decode here: the file goes to Triton
 as it came, ``decode`` is 0 and ``infer`` includes Triton's decoding.
 """

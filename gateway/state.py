@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from collections.abc import Hashable, Sequence
 from typing import Any, Callable, TypeVar
 
 from imgsearch.errors import NotFound, StoreUnavailable

@@ -14,16 +14,16 @@ import sys
 from .errors import ImgsearchError
 
 COMMANDS: list[tuple[str, str, str]] = [
-    ("export", "export.cli", "export a ResNet to ONNX + Triton configs into the model repository"),
+    ("export", "imgsearch.export.cli", "export a ResNet to ONNX + Triton configs into the model repository"),
     ("triton", "imgsearch.triton_cli", "run the local tritonserver (from the nvidia-pytriton wheel)"),
-    ("index", "indexer.cli", "encode an image folder through Triton into Milvus"),
-    ("collection", "indexer.collection_cli", "inspect or drop the Milvus collection"),
-    ("serve", "gateway.cli", "run the search gateway (and the local Triton unless IMGSEARCH_TRITON_URL is set)"),
-    ("demo-data", "indexer.demo_data", "build a demo image set from scikit-image's sample photos"),
-    ("fetch", "indexer.fetch", "download and verify Stanford Dogs (needs internet)"),
-    ("loadtest", "loadtest.cli", "run Locust against the gateway and write an HTML report with plots"),
-    ("finetune", "export.finetune_cli", "fine-tune layer4 + head on an ImageFolder dataset"),
-    ("eval", "export.eval_cli", "measure retrieval quality through the served model"),
+    ("index", "imgsearch.indexer.cli", "encode an image folder through Triton into Milvus"),
+    ("collection", "imgsearch.indexer.collection_cli", "inspect or drop the Milvus collection"),
+    ("serve", "imgsearch.gateway.cli", "run the search gateway (and the local Triton unless IMGSEARCH_TRITON_URL is set)"),
+    ("demo-data", "imgsearch.indexer.demo_data", "build a demo image set from scikit-image's sample photos"),
+    ("fetch", "imgsearch.indexer.fetch", "download and verify Stanford Dogs (needs internet)"),
+    ("loadtest", "imgsearch.loadtest.cli", "run Locust against the gateway and write an HTML report with plots"),
+    ("finetune", "imgsearch.export.finetune_cli", "fine-tune layer4 + head on an ImageFolder dataset"),
+    ("eval", "imgsearch.export.eval_cli", "measure retrieval quality through the served model"),
 ]
 
 EPILOG = """\

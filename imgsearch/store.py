@@ -23,7 +23,13 @@ import numpy as np
 if TYPE_CHECKING:
     from imgsearch.settings import Settings
 
-from .errors import CollectionMismatch, EntryRefused, NotFound, StoreError, StoreUnavailable
+from .errors import (
+    CollectionMismatch,
+    EntryRefused,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 

@@ -149,7 +149,13 @@ def run(args: argparse.Namespace) -> int:
     from imgsearch.store import VectorStore
     from imgsearch.triton_client import TritonEncoder
 
-    from .pipeline import INTERRUPTED, IndexOptions, default_workers, run_index, start_workers
+    from .pipeline import (
+        INTERRUPTED,
+        IndexOptions,
+        default_workers,
+        run_index,
+        start_workers,
+    )
     from .scan import scan
 
     settings = Settings()  # fresh: the environment is the interface

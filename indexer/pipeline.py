@@ -51,7 +51,17 @@ from imgsearch.triton_client import TritonEncoder, with_backoff
 
 from .report import IndexReport
 from .scan import ImageFile, ScanResult, label_for
-from .work import READ_ERROR, Decoded, Hashed, Read, decode_files, hash_files, init_worker, read_files, warm_up
+from .work import (
+    READ_ERROR,
+    Decoded,
+    Hashed,
+    Read,
+    decode_files,
+    hash_files,
+    init_worker,
+    read_files,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 

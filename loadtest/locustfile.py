@@ -40,7 +40,12 @@ from locust.env import Environment
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 try:
-    from loadtest.scenario import SHED_PREFIX, SHED_STATUSES, classify, load_payloads
+    from imgsearch.loadtest.scenario import (
+        SHED_PREFIX,
+        SHED_STATUSES,
+        classify,
+        load_payloads,
+    )
 except ImportError:  # a Locust image with loadtest/ mounted as a plain folder: Locust puts it on sys.path
     from scenario import SHED_PREFIX, SHED_STATUSES, classify, load_payloads  # type: ignore[no-redef]
 

@@ -8,7 +8,7 @@ Inputs, all written by ``imgsearch loadtest`` into one folder:
 - ``locust_stats.csv``, ``locust_stats_history.csv``, ``locust_failures.csv``: Locust's CSVs
   (cross-check of the totals, failure messages, users over time).
 - ``metrics.jsonl``: Triton and gateway ``/metrics`` scraped once a second
-  (:mod:`loadtest.scrape`); counters become rates by differencing consecutive scrapes.
+  (:mod:`imgsearch.loadtest.scrape`); counters become rates by differencing consecutive scrapes.
 - ``run.json``: how the run was made (command, host, shape, machine).
 
 Latency figures are of *served* requests (outcome ok): a shed request (429/503 with

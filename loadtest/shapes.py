@@ -17,7 +17,7 @@ from __future__ import annotations
 from locust import LoadTestShape
 
 try:
-    from loadtest.scenario import step_schedule
+    from imgsearch.loadtest.scenario import step_schedule
 except ImportError:  # a Locust image with loadtest/ mounted as a plain folder: Locust puts it on sys.path
     from scenario import step_schedule  # type: ignore[no-redef]
 

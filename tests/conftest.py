@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 MODEL = "resnet152"  # the served name; the tests export a resnet18 under it for speed
 
@@ -16,7 +13,7 @@ MODEL = "resnet152"  # the served name; the tests export a resnet18 under it for
 @pytest.fixture(scope="session")
 def repo18(tmp_path_factory) -> Path:
     """resnet18, random weights (seed 0), exported to ONNX with both configs."""
-    from export.onnx_export import export_model
+    from imgsearch.export.onnx_export import export_model
 
     repo = tmp_path_factory.mktemp("repo18")
     export_model(arch="resnet18", weights="random", repository=repo, model_name=MODEL)

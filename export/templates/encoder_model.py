@@ -24,7 +24,7 @@ under ``parity_min_cosine`` refuses to load, and the figure is written to Triton
 Dynamic batching hands ``execute`` several requests at once: they are stacked into one
 engine call and split back. A malformed request gets its own error; the rest still run.
 
-Imported outside Triton (the raw-model benchmark in loadtest/gpu_bench.py), the module
+Imported outside Triton (the raw-model benchmark in bench/gpu.py), the module
 gives :class:`TorchEncoder` without ``triton_python_backend_utils``.
 """
 

@@ -9,17 +9,16 @@ Set IMGSEARCH_SCREENSHOT=/path.png to keep a screenshot of the results.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset
+
+from harness.data import make_dataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration" / "gateway"))
 
 
 def _missing() -> str | None:
@@ -36,7 +35,7 @@ def _missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def page_stack(tmp_path_factory, triton, repo18):
-    from stack import gateway_env, index_folder, start_gateway
+    from harness.gateway import gateway_env, index_folder, start_gateway
 
     base = tmp_path_factory.mktemp("browser")
     root = base / "images"
@@ -139,9 +138,10 @@ def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
 @pytest.fixture(scope="module")
 def pretrained_stack(tmp_path_factory):
     """The packaged ImageNet EfficientNet-Lite0 (what make demo serves offline) over real photos."""
-    from export.copydetect import build
-    from export.onnx_export import export_model
-    from loadtest.bench_quality import MODEL, served_stack
+    from imgsearch.export.copydetect import build
+    from imgsearch.export.onnx_export import export_model
+
+    from bench.quality import MODEL, served_stack
 
     work = tmp_path_factory.mktemp("pretrained-page")
     cs = build(work / "set", variants=1, distractors=20, originals=10)

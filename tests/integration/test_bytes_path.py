@@ -9,13 +9,13 @@ and Triton's own counters show which path a request took (``preprocess`` request
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from helpers import (
+
+from harness.data import (
     bomb_png,
     jpeg_bytes,
     make_dataset,
@@ -23,11 +23,7 @@ from helpers import (
     shape_image,
     truncated_jpeg,
 )
-
-sys.path.insert(0, str(Path(__file__).parent / "gateway"))
-
-from stack import gateway_env, index_folder, release_lite, start_gateway
-
+from harness.gateway import gateway_env, index_folder, release_lite, start_gateway
 from imgsearch.store import VectorStore, content_id
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats

@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from helpers import load_module
 
+from harness.data import load_module
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats
 

@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import (
+from imgsearch.export.triton_config import PREPROCESS_CPU, preprocess_config
+from PIL import Image
+
+from harness.data import (
     bomb_png,
     image_bytes,
     jpeg_bytes,
@@ -25,9 +28,6 @@ from helpers import (
     shape_image,
     truncated_jpeg,
 )
-from PIL import Image
-
-from export.triton_config import PREPROCESS_CPU, preprocess_config
 from imgsearch.errors import CorruptImage, ImageTooLarge, UnsupportedImage
 from imgsearch.imaging import decode_image
 from imgsearch.triton_client import TritonEncoder

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from imgsearch.export.model import mlp_head
+from imgsearch.export.onnx_export import export_model
 
-from export.model import mlp_head
-from export.onnx_export import export_model
 from imgsearch.model_card import read_card, read_labels
 
 
@@ -94,8 +94,8 @@ def test_parity_gate_refuses_a_diverging_graph_and_writes_nothing(tmp_path, monk
     disagrees with PyTorch, and nothing may land in the repository."""
     import copy
 
-    from export import onnx_export
-    from export.onnx_export import ParityError
+    from imgsearch.export import onnx_export
+    from imgsearch.export.onnx_export import ParityError
 
     real = onnx_export._onnx_export
 

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import make_dataset
+from imgsearch.export.checkpoint import load_into_model, read_checkpoint
+from imgsearch.export.evaluate import build_eval_set, evaluate_served
+from imgsearch.export.model import ServingModel, mlp_head
 
-from export.checkpoint import load_into_model, read_checkpoint
-from export.evaluate import build_eval_set, evaluate_served
-from export.model import ServingModel, mlp_head
+from harness.data import make_dataset
 from imgsearch import cli
 from imgsearch.imaging import decode_image
 from imgsearch.model_card import read_card, read_labels

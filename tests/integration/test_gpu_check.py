@@ -1,4 +1,4 @@
-"""loadtest/gpu_check.sh end to end on the CPU (GPU_CHECK_DRY=1).
+"""bench/gpu_check.sh end to end on the CPU (GPU_CHECK_DRY=1).
 
 A lent GPU gives one call of a few minutes: the script must not meet its first bug there.
 The dry run's figures mean nothing (resnet18, torch engine on the CPU, 2-second levels);
@@ -25,7 +25,7 @@ FIGURES = ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s",
 def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, GPU_CHECK_DRY="1", OUT=str(out), GPU_CHECK_TMP=str(tmp_path / "gc"), PY=sys.executable)
-    r = subprocess.run(["bash", "loadtest/gpu_check.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                        timeout=900, check=False)
     tail = r.stdout[-4000:] + r.stderr[-2000:]
     assert r.returncode == 0, tail
@@ -57,7 +57,7 @@ def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     assert (out / "tritonserver.log").stat().st_size > 0 and (out / "gpu_check.log").exists()
 
     # the markdown a session pastes into its note and docs/deploy.md reads the same file
-    from loadtest.gpu_summary import _fmt, markdown
+    from bench.gpu_summary import _fmt, markdown
 
     md = markdown(res)
     assert (out / "summary.md").read_text().strip() == md.strip()  # what the device call brings back

@@ -19,11 +19,11 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
-from helpers import load_module, random_pixels
+from imgsearch.export.model import mlp_head
+from imgsearch.export.onnx_export import export_model
+from imgsearch.export.triton_config import GPU_PYTHON_DEFAULTS, gpu_python_config
 
-from export.model import mlp_head
-from export.onnx_export import export_model
-from export.triton_config import GPU_PYTHON_DEFAULTS, gpu_python_config
+from harness.data import load_module, random_pixels
 from imgsearch.errors import LauncherError
 from imgsearch.model_card import read_card
 from imgsearch.triton_client import TritonEncoder

@@ -1,6 +1,6 @@
 """Copy detection through the served stack: the real tritonserver, ``imgsearch index`` into
 Milvus Lite, uvicorn, ``POST /v1/search``. Every edited copy that PyTorch ranks first must be
-ranked first through the gateway too (a small set; loadtest/bench_quality.py runs the full one).
+ranked first through the gateway too (a small set; bench/quality.py runs the full one).
 """
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from loadtest import bench_quality
+from imgsearch.loadtest import bench_quality
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from harness.vectors import clustered_vectors, fill, recall_at_k, release
 from imgsearch.store import VectorStore
-from loadtest.vectors import clustered_vectors, fill, recall_at_k, release
 
 pytestmark = pytest.mark.integration
 

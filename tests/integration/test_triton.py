@@ -8,9 +8,14 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import make_tiny_queue_repo, random_pixels
 
-from imgsearch.errors import LauncherError, TritonInvalidInput, TritonOverloaded, TritonUnavailable
+from harness.data import make_tiny_queue_repo, random_pixels
+from imgsearch.errors import (
+    LauncherError,
+    TritonInvalidInput,
+    TritonOverloaded,
+    TritonUnavailable,
+)
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats
 from imgsearch.triton_server import LocalTriton

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from gateway.batching import MicroBatcher
+from imgsearch.gateway.batching import MicroBatcher
 
 
 class Recorder:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from imgsearch.export.checkpoint import (
+    FINETUNE_FORMAT,
+    infer_arch,
+    load_into_model,
+    read_checkpoint,
+)
+from imgsearch.export.model import build_net, mlp_head
 
-from export.checkpoint import FINETUNE_FORMAT, infer_arch, load_into_model, read_checkpoint
-from export.model import build_net, mlp_head
 from imgsearch.errors import CheckpointError
 
 

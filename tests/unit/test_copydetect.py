@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from PIL import Image
-
-from export.copydetect import (
+from imgsearch.export.copydetect import (
     DISTRACTOR_LABEL,
     EDITS,
     MANIFEST,
@@ -19,6 +17,7 @@ from export.copydetect import (
     ranks_from_lists,
     ranks_from_scores,
 )
+from PIL import Image
 
 
 def test_originals_are_real_photos_from_the_packages():
@@ -36,7 +35,7 @@ def test_build_is_deterministic_and_every_query_has_one_original(tmp_path):
     for q, t, k in zip(a.queries, a.truth, a.kinds):
         assert q.startswith(k + "/") and q.split("/")[1].startswith(a.gallery[t].split("/")[0])
         assert (tmp_path / "a" / "queries" / q).read_bytes() == (tmp_path / "b" / "queries" / q).read_bytes()
-    assert CopySet.load(tmp_path / "a").truth == a.truth
+    assert CopySet.load(tmp_path / "a").truth == a.truth == b.truth
     assert json.loads((tmp_path / "a" / MANIFEST).read_text())["seed"] == 7
     # every edit changes the pixels (a no-op edit would inflate the scores)
     orig = np.asarray(Image.open(tmp_path / "a" / "gallery" / a.gallery[0]).convert("RGB"))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import huge_png, png_bytes
 from PIL import Image
 
+from harness.data import huge_png, png_bytes
 from imgsearch.errors import DecodeBusy
 from imgsearch.imaging import DecodeBudget, _to_rgb, decode_image
 

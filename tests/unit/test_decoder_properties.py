@@ -6,17 +6,17 @@ from __future__ import annotations
 import io
 
 import pytest
-from helpers import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from harness.data import (
     check_decode_or_typed_error,
     image_bytes,
     jpeg_bytes,
     png_bytes,
     shape_image,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
-
 from imgsearch.imaging import decode_image
 
 SEEDS = {

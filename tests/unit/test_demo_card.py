@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.demo import card_matches
+from imgsearch.gateway.demo import card_matches
+
 from imgsearch.model_card import CARD_FILE, ModelCard
 
 

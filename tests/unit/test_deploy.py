@@ -494,9 +494,9 @@ def expr_labels(expr: str, legend: str) -> set[str]:
 def gateway_metrics() -> dict[str, set[str]]:
     """Sample names the gateway exports (gateway/metrics.py) -> their label names."""
     try:
-        from gateway.metrics import Metrics
+        from imgsearch.gateway.metrics import Metrics
     except ModuleNotFoundError as e:  # the gateway is a separate part
-        pytest.skip(f"gateway.metrics is not importable yet: {e}")
+        pytest.skip(f"imgsearch.gateway.metrics is not importable yet: {e}")
     from prometheus_client.metrics import MetricWrapperBase
 
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_count", "_sum", "_created"],
@@ -619,18 +619,18 @@ def _image_env_check(requirements: Path = REQUIREMENTS) -> str:
             provided.setdefault(top, set()).update(canon(d) for d in dists)
         ours = {IMAGE_PACKAGES!r}
         blocked = {{top for top, dists in provided.items() if not dists & allowed_dists and top not in ours}}
-        blocked |= {{"export", "loadtest", "tests", "helpers"}}  # in the repo, not in the image
+        blocked |= {{"imgsearch.export", "imgsearch.loadtest", "harness", "bench", "tests"}}  # not in the image
 
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in blocked:
+                if any(name == b or name.startswith(b + ".") for b in blocked):
                     raise ModuleNotFoundError(f"No module named {{name!r}} (not in the gateway image)", name=name)
                 return None
 
         sys.meta_path.insert(0, Block())
         import imgsearch.cli
         parser = imgsearch.cli.build_parser()
-        for pkg in ("gateway", "indexer"):
+        for pkg in ("imgsearch.gateway", "imgsearch.indexer"):
             mod = importlib.import_module(pkg)
             for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
                 importlib.import_module(info.name)
@@ -924,7 +924,7 @@ def test_gateway_addresses_agree_with_triton_milvus_and_compose(compose, setting
 
 
 def test_gateway_port_probes_and_routes(compose, settings_env):
-    from gateway.routes import router
+    from imgsearch.gateway.routes import router
 
     dep = k8s_obj("Deployment", "gateway")
     c = pod_spec(dep)["containers"][0]
@@ -1083,7 +1083,7 @@ def rule_list() -> list[dict]:
 
 
 def test_pod_monitor_scrapes_the_gateway_and_triton_metrics_ports():
-    from gateway.routes import router
+    from imgsearch.gateway.routes import router
 
     pm = k8s_obj("PodMonitor", "imgsearch")
     endpoints = {e["port"]: e["path"] for e in pm["spec"]["podMetricsEndpoints"]}
@@ -1114,8 +1114,8 @@ def test_prometheus_rules_are_well_formed():
 
 
 def test_prometheus_rules_read_exported_metrics_and_labels():
-    from gateway.errors import STATUS_TABLE
-    from gateway.routes import router
+    from imgsearch.gateway.errors import STATUS_TABLE
+    from imgsearch.gateway.routes import router
 
     exported = gateway_metrics()
     recorded_labels = {}
@@ -1173,7 +1173,7 @@ def shard_commands(job: dict) -> list:
 
 @pytest.mark.parametrize("name", ["imgsearch-index", "imgsearch-sync"])
 def test_indexed_job_runs_every_shard_once(name, settings_env):
-    from indexer.scan import Shard
+    from imgsearch.indexer.scan import Shard
 
     job = k8s_obj("Job", name)
     spec = job["spec"]

@@ -12,11 +12,8 @@ import io
 
 import numpy as np
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
-from PIL import Image
-
-from export.data import class_name, scan_folder, split_per_class
-from export.evaluate import (
+from imgsearch.export.data import class_name, scan_folder, split_per_class
+from imgsearch.export.evaluate import (
     NEAR_DUP_KINDS,
     average_precision_at_k,
     build_eval_set,
@@ -29,6 +26,9 @@ from export.evaluate import (
     retrieval_metrics,
     top_k,
 )
+from PIL import Image
+
+from harness.data import jpeg_bytes, make_dataset, shape_image
 from imgsearch.errors import CorruptImage
 from imgsearch.imaging import decode_image
 from imgsearch.triton_client import Encoded

@@ -8,10 +8,8 @@ import urllib.request
 import pytest
 import torch
 import torchvision
-from helpers import make_dataset
-
-from export.checkpoint import FINETUNE_FORMAT, read_checkpoint
-from export.finetune import (
+from imgsearch.export.checkpoint import FINETUNE_FORMAT, read_checkpoint
+from imgsearch.export.finetune import (
     FinetuneConfig,
     augment,
     build_model,
@@ -21,7 +19,9 @@ from export.finetune import (
     save_atomic,
     set_train_mode,
 )
-from export.model import ServingModel, build_net, mlp_head, pixel_norm
+from imgsearch.export.model import ServingModel, build_net, mlp_head, pixel_norm
+
+from harness.data import make_dataset
 from imgsearch.errors import CheckpointError
 
 ALLOWED = (torch.Tensor, str, int, float, bool, type(None))

@@ -8,7 +8,11 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from harness.data import (
     bomb_png,
     check_decode_or_typed_error,
     image_bytes,
@@ -17,10 +21,6 @@ from helpers import (
     shape_image,
     truncated_jpeg,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
-
 from imgsearch.errors import CorruptImage, ImageTooLarge, UnsupportedImage
 from imgsearch.imaging import decode_image, sniff_format, thumbnail
 

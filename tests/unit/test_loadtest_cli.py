@@ -17,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
+from imgsearch.loadtest.scenario import classify, multipart_body
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
 from imgsearch.cli import main
-from loadtest.scenario import classify, multipart_body
 
 THUMB = jpeg_bytes(shape_image(1, 1, 64))
 
@@ -222,7 +222,7 @@ def test_unreachable_gateway_is_a_run_error(tmp_path, capsys):
 
 
 def test_locust_command_loads_shape_only_for_step(tmp_path):
-    from loadtest.cli import add_arguments, locust_command
+    from imgsearch.loadtest.cli import add_arguments, locust_command
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -233,7 +233,7 @@ def test_locust_command_loads_shape_only_for_step(tmp_path):
     assert "--users" not in const and "--run-time" not in const  # locust.conf supplies them
     # a step run lasts its steps (3 x 20 s), not locust.conf's run-time
     assert step[step.index("--run-time") + 1] == "61s"
-    from loadtest.cli import LOCUSTFILE, SCENARIOS
+    from imgsearch.loadtest.cli import LOCUSTFILE, SCENARIOS
 
     source = LOCUSTFILE.read_text()
     assert all(f"class {cls}(GatewayUser)" in source for cls in SCENARIOS.values())

@@ -7,8 +7,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from imgsearch.loadtest.scrape import Scraper, load_scrapes, select_samples
+
 from imgsearch.triton_server import free_port
-from loadtest.scrape import Scraper, load_scrapes, select_samples
 
 TRITON_PAGE = """# HELP nv_inference_count Number of inferences performed
 # TYPE nv_inference_count counter

@@ -4,8 +4,7 @@ would monkey-patch this process with gevent)."""
 from __future__ import annotations
 
 import pytest
-
-from loadtest.scenario import step_count, step_schedule
+from imgsearch.loadtest.scenario import step_count, step_schedule
 
 
 def test_users_step_up_every_step_time_to_the_top():

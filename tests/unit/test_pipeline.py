@@ -10,13 +10,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from helpers import make_dataset
+from imgsearch.indexer.pipeline import Indexer, IndexOptions
+from imgsearch.indexer.scan import scan
 
+from harness.data import make_dataset
 from imgsearch.errors import StoreUnavailable, TritonOverloaded, TritonUnavailable
 from imgsearch.store import Entry
 from imgsearch.triton_client import Encoded
-from indexer.pipeline import Indexer, IndexOptions
-from indexer.scan import scan
 
 DIM = 8
 
@@ -188,7 +188,7 @@ class FakeBytesEncoder(FakeEncoder):
 
 @pytest.fixture
 def with_bad(tmp_path):
-    from helpers import truncated_jpeg
+    from harness.data import truncated_jpeg
 
     make_dataset(tmp_path, classes=2, per_class=3)
     (tmp_path / "n00000000-class_0" / "img_0001b.jpg").write_bytes(truncated_jpeg())

@@ -9,13 +9,18 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from imgsearch.export import pretrained
+from imgsearch.export.checkpoint import PACKAGED_ARCH, packaged_model, read_checkpoint
+from imgsearch.export.finetune import (
+    build_model,
+    freeze_for_finetune,
+    resume_keys,
+    trainable_modules,
+)
+from imgsearch.export.model import ServingModel, build_net, pixel_norm
+from imgsearch.export.onnx_export import export_model
 from PIL import Image
 
-from export import pretrained
-from export.checkpoint import PACKAGED_ARCH, packaged_model, read_checkpoint
-from export.finetune import build_model, freeze_for_finetune, resume_keys, trainable_modules
-from export.model import ServingModel, build_net, pixel_norm
-from export.onnx_export import export_model
 from imgsearch.errors import CheckpointError
 from imgsearch.imaging import decode_image
 
@@ -132,7 +137,7 @@ def test_a_resnet_file_asked_to_be_an_efficientnet_is_refused(tmp_path):
 
 
 def test_efficientnet_finetune_trains_the_last_two_stages_and_head(packaged, tmp_path, monkeypatch):
-    monkeypatch.setattr("export.checkpoint.packaged_model", lambda arch=None: packaged)
+    monkeypatch.setattr("imgsearch.export.checkpoint.packaged_model", lambda arch=None: packaged)
     model, arch, tag = build_model("packaged", None, 3, 0.2, seed=0)
     assert arch == "efficientnet_lite0" and tag.startswith("packaged:")
     assert trainable_modules(model) == ("blocks.5", "blocks.6", "conv_head", "bn2", "fc")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
-from indexer.report import IndexReport
-from indexer.scan import label_for, scan, strip_synset
+from imgsearch.indexer.report import IndexReport
+from imgsearch.indexer.scan import label_for, scan, strip_synset
 
 
 @pytest.mark.parametrize("name, label", [
@@ -111,7 +110,7 @@ def test_unreadable_folder_is_recorded(tmp_path):
 
 def test_walk_errors_are_recorded(tmp_path, monkeypatch):
     # root may read anything, so simulate a folder that cannot be listed
-    import indexer.scan as mod
+    import imgsearch.indexer.scan as mod
 
     touch(tmp_path / "a" / "1.jpg")
     real_walk = os.walk

@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
+from imgsearch.indexer.scan import Shard, parse_shard, scan, shard_of
 
 from imgsearch.cli import main
-from indexer.scan import Shard, parse_shard, scan, shard_of
 
 
 def tree(root, n=240):
@@ -52,7 +52,7 @@ def test_shard_of_is_the_same_in_every_process():
     """Python's hash() is salted per process; pods must agree, and stored entries keep their shard."""
     rels = ["n02085620-Chihuahua/n02085620_10074.jpg", "flat.jpg", "ünï/cödé.png", "a/b/c/d.webp"]
     here = [shard_of(r, 7) for r in rels]
-    code = f"from indexer.scan import shard_of; print([shard_of(r, 7) for r in {rels!r}])"
+    code = f"from imgsearch.indexer.scan import shard_of; print([shard_of(r, 7) for r in {rels!r}])"
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout
@@ -129,8 +129,9 @@ CARD = type("Card", (), {"name": "m", "arch": "resnet18", "weights": "random", "
 
 
 def test_a_shard_waits_out_another_shard_creating_the_collection(monkeypatch):
+    from imgsearch.indexer import cli
+
     from imgsearch.errors import CollectionMismatch, StoreUnavailable
-    from indexer import cli
 
     monkeypatch.setattr(cli.time, "sleep", lambda s: None)
     # created but not yet labelled with the model, then "already exists" from the create call
@@ -140,9 +141,10 @@ def test_a_shard_waits_out_another_shard_creating_the_collection(monkeypatch):
 
 
 def test_a_real_mismatch_is_not_waited_for(monkeypatch):
+    from imgsearch.indexer import cli
+
     from imgsearch.errors import CollectionMismatch
     from imgsearch.store import PROP_SHA
-    from indexer import cli
 
     monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("waited for a collection of another model"))
     store = CreatingStore([CollectionMismatch("another model")], {PROP_SHA: "other"})

@@ -8,9 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-from export.onnx_export import write_decode_models
-from export.triton_config import (
+from imgsearch.export.onnx_export import write_decode_models
+from imgsearch.export.triton_config import (
     CPU_DEFAULTS,
     GPU_DEFAULTS,
     GPU_PYTHON_DEFAULTS,
@@ -22,6 +21,7 @@ from export.triton_config import (
     graph_buckets,
     preprocess_config,
 )
+
 from imgsearch.model_card import ModelCard
 
 ROOT = Path(__file__).resolve().parents[2]

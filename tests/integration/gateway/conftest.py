@@ -8,16 +8,11 @@ Entries that point out of the image root are written straight into Milvus with
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from stack import (  # noqa: E402
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.gateway import (
     API_KEY,
     CLASSES,
     EVIL_ABS,
@@ -33,8 +28,7 @@ from stack import (  # noqa: E402
     index_folder,
     start_gateway,
 )
-
-from imgsearch.store import Row  # noqa: E402
+from imgsearch.store import Row
 
 
 def _unit(seed: int, dim: int) -> np.ndarray:

@@ -14,8 +14,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from stack import MAX_UPLOAD
 
+from harness.gateway import MAX_UPLOAD
 from imgsearch.settings import Settings
 
 pytestmark = pytest.mark.integration

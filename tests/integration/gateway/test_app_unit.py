@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from imgsearch.gateway.app import create_app
 
-from gateway.app import create_app
 from imgsearch.errors import ModelRepositoryError
 from imgsearch.settings import Settings
 

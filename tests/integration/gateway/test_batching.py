@@ -13,10 +13,10 @@ import asyncio
 
 import httpx
 import pytest
-from stack import gateway_env, index_folder, label_of, start_gateway
 
+from harness.gateway import gateway_env, index_folder, label_of, start_gateway
+from harness.stack import copy_db
 from imgsearch.triton_metrics import metric_sum
-from loadtest.stack import copy_db
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import huge_png, png_bytes
 from PIL import Image
-from stack import gateway_env, start_gateway
+
+from harness.data import huge_png, png_bytes
+from harness.gateway import gateway_env, start_gateway
 
 pytestmark = pytest.mark.integration
 BOUND = 800 * 2**20

@@ -9,9 +9,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from helpers import bomb_png, jpeg_bytes, shape_image, truncated_jpeg
 from PIL import Image
-from stack import MAX_UPLOAD
+
+from harness.data import bomb_png, jpeg_bytes, shape_image, truncated_jpeg
+from harness.gateway import MAX_UPLOAD
 
 pytestmark = pytest.mark.integration
 

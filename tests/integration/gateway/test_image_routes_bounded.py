@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
-from stack import gateway_env, index_folder, start_gateway
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.gateway import gateway_env, index_folder, start_gateway
 from imgsearch.store import Row
 
 pytestmark = pytest.mark.integration

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from helpers import huge_png, jpeg_bytes, shape_image
 
+from harness.data import huge_png, jpeg_bytes, shape_image
 from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration

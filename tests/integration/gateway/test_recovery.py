@@ -7,9 +7,9 @@ import time
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, make_tiny_queue_repo, shape_image
-from stack import gateway_env, start_gateway
 
+from harness.data import jpeg_bytes, make_tiny_queue_repo, shape_image
+from harness.gateway import gateway_env, start_gateway
 from imgsearch.triton_server import LocalTriton, free_port
 
 pytestmark = pytest.mark.integration

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -35,9 +33,7 @@ import psutil
 import pytest
 from fastapi import Request
 
-from imgsearch.imaging import decode_image
-from imgsearch.triton_metrics import metric_sum
-from loadtest.stack import (
+from harness.stack import (
     REPO_ROOT,
     MilvusServer,
     free_port,
@@ -48,6 +44,8 @@ from loadtest.stack import (
     shape_jpeg,
     start_gateway,
 )
+from imgsearch.imaging import decode_image
+from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -294,7 +292,8 @@ class LoopGateway:
 
 @pytest.fixture
 def loop_gateway(settings_env, tmp_path, triton, repo18):
-    from gateway.app import create_app
+    from imgsearch.gateway.app import create_app
+
     from imgsearch.settings import Settings
 
     root = tmp_path / "images"

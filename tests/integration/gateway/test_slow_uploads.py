@@ -12,8 +12,9 @@ import time
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, shape_image
-from stack import gateway_env, start_gateway
+
+from harness.data import jpeg_bytes, shape_image
+from harness.gateway import gateway_env, start_gateway
 
 pytestmark = pytest.mark.integration
 SLOW_CLIENTS = 40

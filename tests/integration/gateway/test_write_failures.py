@@ -11,12 +11,12 @@ import subprocess
 import httpx
 import numpy as np
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
 from PIL import Image
-from stack import API_KEY, gateway_env, index_images, start_gateway
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.gateway import API_KEY, gateway_env, index_images, start_gateway
+from harness.stack import MilvusServer
 from imgsearch.store import content_id
-from loadtest.stack import MilvusServer
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

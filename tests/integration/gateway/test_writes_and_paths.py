@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, shape_image
-from stack import API_KEY, EVIL_ABS, EVIL_DOTDOT, EVIL_SYMLINK, INNER_LINK, MISSING, NOT_IMAGE
+
+from harness.data import jpeg_bytes, shape_image
+from harness.gateway import (
+    API_KEY,
+    EVIL_ABS,
+    EVIL_DOTDOT,
+    EVIL_SYMLINK,
+    INNER_LINK,
+    MISSING,
+    NOT_IMAGE,
+)
 
 pytestmark = pytest.mark.integration
 

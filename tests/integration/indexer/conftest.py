@@ -12,18 +12,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import bomb_png, make_dataset, truncated_jpeg
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from idx_support import subprocess_index  # noqa: E402
-
-from imgsearch.store import content_id  # noqa: E402
+from harness.data import bomb_png, make_dataset, truncated_jpeg
+from harness.indexer import subprocess_index
+from imgsearch.store import content_id
 
 CLASSES, PER_CLASS = 10, 20
 BROKEN = {

@@ -11,10 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from idx_support import release_lite
 
+from harness.indexer import release_lite
 from imgsearch.errors import CollectionMismatch
-from imgsearch.store import PROP_DIM, PROP_MODEL, PROP_SHA, Row, VectorStore, collection_schema
+from imgsearch.store import (
+    PROP_DIM,
+    PROP_MODEL,
+    PROP_SHA,
+    Row,
+    VectorStore,
+    collection_schema,
+)
 
 pytestmark = pytest.mark.integration
 DIM = 8

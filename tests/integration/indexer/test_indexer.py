@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import image_bytes, jpeg_bytes, png_bytes, shape_image
-from idx_support import entries_and_check, open_store, release_lite
 from PIL import Image
 
+from harness.data import image_bytes, jpeg_bytes, png_bytes, shape_image
+from harness.indexer import entries_and_check, open_store, release_lite
 from imgsearch.imaging import decode_image
 from imgsearch.store import content_id
 from imgsearch.triton_client import TritonEncoder
@@ -289,7 +289,7 @@ def test_sync_duplicates_and_moves(env, index_cli, tmp_path, monkeypatch):
     # a folder that cannot be listed looks like deleted files: --sync must then delete nothing
     import os
 
-    import indexer.scan as scan_mod
+    import imgsearch.indexer.scan as scan_mod
 
     real_walk = os.walk
 

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
-from idx_support import release_lite
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.indexer import release_lite
+from harness.stack import gateway_env, start_gateway
 from imgsearch.model_card import read_card
-from imgsearch.store import LABEL_MAX, PROP_DIM, PROP_SHA, VectorStore, collection_schema
-from loadtest.stack import gateway_env, start_gateway
+from imgsearch.store import (
+    LABEL_MAX,
+    PROP_DIM,
+    PROP_SHA,
+    VectorStore,
+    collection_schema,
+)
 
 pytestmark = pytest.mark.integration
 MODEL = "resnet152"

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from idx_support import open_store
+from imgsearch.indexer.scan import label_for, scan, shard_of
 
+from harness.indexer import open_store
+from harness.stack import MilvusServer
 from imgsearch.store import content_id
-from indexer.scan import label_for, scan, shard_of
-from loadtest.stack import MilvusServer
 
 pytestmark = pytest.mark.integration
 SHARDS = 3
@@ -112,7 +112,7 @@ def run_shards(spawn_index, root: Path, env: dict[str, str], tmp_path: Path, *op
 @pytest.fixture(scope="module")
 def reference(milvus, dataset, triton, repo18, tmp_path_factory):
     """One plain run over the dataset (+ a cross-shard copy): the collection shards must equal."""
-    from idx_support import subprocess_index
+    from harness.indexer import subprocess_index
 
     base = tmp_path_factory.mktemp("shards_ref")
     root, original, copy = with_cross_shard_copy(dataset.root, base / "images")

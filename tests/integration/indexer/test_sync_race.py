@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
-from idx_support import open_store
+from imgsearch.indexer.pipeline import IndexOptions, run_index
+from imgsearch.indexer.scan import scan
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.indexer import open_store
+from harness.stack import MilvusServer, gateway_env, start_gateway
 from imgsearch.model_card import read_card
 from imgsearch.store import VectorStore, content_id
 from imgsearch.triton_client import TritonEncoder
-from indexer.pipeline import IndexOptions, run_index
-from indexer.scan import scan
-from loadtest.stack import MilvusServer, gateway_env, start_gateway
 
 pytestmark = pytest.mark.integration
 MODEL = "resnet152"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset
 
-from loadtest.stack import gateway_env, index_images, start_gateway
+from harness.data import make_dataset
+from harness.stack import gateway_env, index_images, start_gateway
 
 MAX_INFLIGHT = 3  # low on purpose: the runs below go past it, so the gateway sheds for real
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
 
-from loadtest.stack import MilvusServer, gateway_env, index_images, start_gateway
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.stack import MilvusServer, gateway_env, index_images, start_gateway
 
 pytestmark = pytest.mark.integration
 TOKEN = "metrics-token-0123456789"

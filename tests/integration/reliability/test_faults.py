@@ -22,15 +22,15 @@ import time
 import psutil
 import pytest
 
-from imgsearch.triton_server import LocalTriton
-from loadtest.flood import (
+from bench.flood import (
     graceful_shutdown,
     locked_then_released,
     make_client,
     outage,
     search_once,
 )
-from loadtest.stack import LockHolder, MilvusServer, copy_db, free_port, shape_jpeg
+from harness.stack import LockHolder, MilvusServer, copy_db, free_port, shape_jpeg
+from imgsearch.triton_server import LocalTriton
 
 pytestmark = pytest.mark.integration
 

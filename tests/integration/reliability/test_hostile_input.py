@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import bomb_png, image_bytes, shape_image
 from PIL import Image, PngImagePlugin
 
+from bench.flood import RssSampler
+from harness.data import bomb_png, image_bytes, shape_image
 from imgsearch.triton_metrics import metric_sum
-from loadtest.flood import RssSampler
 
 pytestmark = pytest.mark.integration
 

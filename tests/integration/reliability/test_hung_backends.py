@@ -14,11 +14,11 @@ import time
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, make_dataset, shape_image
+from imgsearch.gateway.routes import READY_TTL_S
 
-from gateway.routes import READY_TTL_S
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from harness.stack import MilvusServer, gateway_env, index_images, start_gateway
 from imgsearch.triton_server import LocalTriton
-from loadtest.stack import MilvusServer, gateway_env, index_images, start_gateway
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 2.0

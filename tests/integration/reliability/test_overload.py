@@ -1,7 +1,7 @@
 """Overload: a flood at 10x the measured capacity is shed early and visibly, and Triton's
 bounded queue rejects instead of queueing without limit.
 
-Both run the scenario functions of loadtest/flood.py (the published figures come from the
+Both run the scenario functions of bench/flood.py (the published figures come from the
 same code) and assert bounds on what they measured.
 """
 
@@ -11,12 +11,10 @@ import asyncio
 import re
 
 import pytest
-from helpers import make_tiny_queue_repo
 
-from imgsearch.triton_metrics import metric_sum
-from imgsearch.triton_server import LocalTriton
-from loadtest.flood import flood, scrape, triton_queue
-from loadtest.stack import (
+from bench.flood import flood, scrape, triton_queue
+from harness.data import make_tiny_queue_repo
+from harness.stack import (
     MODEL,
     REPO_ROOT,
     backend_bound_repo,
@@ -25,6 +23,8 @@ from loadtest.stack import (
     shape_jpeg,
     start_gateway,
 )
+from imgsearch.triton_metrics import metric_sum
+from imgsearch.triton_server import LocalTriton
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def p99_bound_s(single_s: float, max_inflight: int) -> float:
 @pytest.fixture(scope="module")
 def flood_gw(rel_data, tmp_path_factory):
     """A gateway whose capacity is set by a slow backend, not by this machine's last free cycle
-    (see loadtest.stack.backend_bound_repo; python -m loadtest.flood floods the same)."""
+    (see harness.stack.backend_bound_repo; python -m bench.flood floods the same)."""
     repo = backend_bound_repo(tmp_path_factory.mktemp("slow152"))
     with LocalTriton(repo, "cpu", exit_timeout_s=2) as server:
         db = rel_data.base / "flood152.db"

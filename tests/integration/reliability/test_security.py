@@ -19,7 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from loadtest.stack import shape_jpeg
+from harness.stack import shape_jpeg
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ For each concurrency level, closed-loop clients send single-image requests for
 both alike). Prints img/s, p50/p99 and Triton's average batch size (from its metrics), and
 the dynamic/no-batching throughput ratio per level; writes everything as JSON.
 
-  python -m loadtest.bench_triton                                  # model_repository, resnet152
-  python -m loadtest.bench_triton --repository /tmp/repo18 --levels 1,8,32 --seconds 5
+  python -m bench.triton                                  # model_repository, resnet152
+  python -m bench.triton --repository /tmp/repo18 --levels 1,8,32 --seconds 5
 """
 
 from __future__ import annotations

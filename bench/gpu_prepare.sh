@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build .carry/: what loadtest/gpu_check.sh needs on a lent GPU box that its image lacks.
+# Build .carry/: what bench/gpu_check.sh needs on a lent GPU box that its image lacks.
 #
-#   loadtest/gpu_prepare.sh            # here, once (downloads from PyPI: ~150 MB, packs ~50 MB)
-#   then the device call:  command "bash loadtest/gpu_check.sh", carry [".carry"], timeout_s 480
+#   bench/gpu_prepare.sh            # here, once (downloads from PyPI: ~150 MB, packs ~50 MB)
+#   then the device call:  command "bash bench/gpu_check.sh", carry [".carry"], timeout_s 480
 #
 # The GPU image (Python 3.12, torch 2.11, torchvision, numpy 2.5, aiohttp, grpcio, pandas,
 # pyarrow, pillow) lacks: the tritonserver binary, tritonclient, the gateway's web stack,
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.carry}
 PY=${PY:-.venv/bin/python}
-# the device's Python; another minor only for loadtest/gpu_sim.sh (a CPU stand-in for the device image)
+# the device's Python; another minor only for bench/gpu_sim.sh (a CPU stand-in for the device image)
 PYVER=${PYVER:-3.12}
 LIMIT_MB=${LIMIT_MB:-60}
 mkdir -p "$CARRY"

@@ -12,12 +12,12 @@ p99) say how much of Triton's capacity survives the gateway: 1.0 is free, the ta
 Two ways to run it:
 
   # against a running stack (make demo, or imgsearch serve): gateway URL + Triton gRPC
-  python -m loadtest.bench_gateway --gateway http://127.0.0.1:8000 --triton 127.0.0.1:8101 \\
+  python -m bench.gateway --gateway http://127.0.0.1:8000 --triton 127.0.0.1:8101 \\
       --images data/images
 
   # self-contained: starts Triton (free ports) on --repository, indexes --images into a
   # temporary Milvus Lite, starts the gateway (uvicorn subprocess), measures, stops all
-  python -m loadtest.bench_gateway --start --repository model_repository --images data/images
+  python -m bench.gateway --start --repository model_repository --images data/images
 
 Writes the table to stdout and everything (settings, per-round figures) as JSON (--out).
 """
@@ -38,12 +38,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from imgsearch.loadtest.scenario import image_files
 
+from harness.stack import gateway_env, index_images, start_gateway
 from imgsearch.imaging import decode_image, sniff_format
 from imgsearch.settings import get_settings
 from imgsearch.triton_client import TritonEncoder
-from loadtest.scenario import image_files
-from loadtest.stack import gateway_env, index_images, start_gateway
 
 
 @dataclass

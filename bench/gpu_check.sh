@@ -2,11 +2,11 @@
 # GPU throughput check, one call on a lent H100/H200, under 6 minutes:
 # raw model vs Triton (dynamic batching vs none) vs indexer vs /v1/search, same run, same GPU.
 #
-#   loadtest/gpu_prepare.sh                      # here, once: builds .carry/ (~50 MB)
-#   device run: command "bash loadtest/gpu_check.sh", carry [".carry"], timeout_s 480
-#   -> $OUT/gpu-<date>.json (+ logs); copy it to loadtest/results/ and commit it
+#   bench/gpu_prepare.sh                      # here, once: builds .carry/ (~50 MB)
+#   device run: command "bash bench/gpu_check.sh", carry [".carry"], timeout_s 480
+#   -> $OUT/gpu-<date>.json (+ logs); copy it to bench/results/ and commit it
 #
-#   GPU_CHECK_DRY=1 loadtest/gpu_check.sh        # on a CPU: the script end to end, tiny model,
+#   GPU_CHECK_DRY=1 bench/gpu_check.sh        # on a CPU: the script end to end, tiny model,
 #                                                # short durations (figures meaningless)
 #
 # On the device: Python 3.12 with torch/torchvision/numpy 2.5; .carry/ brings the wheel's
@@ -31,7 +31,7 @@ if [ "${GPU_CHECK_DRY:-}" = 1 ] && [ "${GPU_CHECK_USE_CARRY:-}" != 1 ]; then
   PY=${PY:-$REPO/.venv/bin/python}
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 else
-  # the device path; loadtest/gpu_sim.sh also takes it on a CPU (GPU_CHECK_DRY=1 GPU_CHECK_USE_CARRY=1)
+  # the device path; bench/gpu_sim.sh also takes it on a CPU (GPU_CHECK_DRY=1 GPU_CHECK_USE_CARRY=1)
   PY=${PY:-python3}
   if [ "${GPU_CHECK_DRY:-}" = 1 ]; then BUDGET=${GPU_CHECK_BUDGET_S:-900}; else BUDGET=${GPU_CHECK_BUDGET_S:-345}; fi
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2; df -h /dev/shm | tail -1
@@ -39,7 +39,7 @@ else
   } > "$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
   for f in tritonbin site stubnumpy; do
-    [ -s "$CARRY/$f.tar.xz" ] || { echo "missing $CARRY/$f.tar.xz: run loadtest/gpu_prepare.sh and carry $CARRY" >&2; exit 2; }
+    [ -s "$CARRY/$f.tar.xz" ] || { echo "missing $CARRY/$f.tar.xz: run bench/gpu_prepare.sh and carry $CARRY" >&2; exit 2; }
   done
   "$PY" - "$T" "$CARRY" <<'EOF' || exit 2
 import sys, tarfile
@@ -73,15 +73,15 @@ export LD_LIBRARY_PATH=$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 export GPU_CHECK_BUDGET_S=$((BUDGET - ($(date +%s) - START)))
 echo "setup $(($(date +%s) - START))s; bench budget ${GPU_CHECK_BUDGET_S}s"
-timeout -k 10 $((GPU_CHECK_BUDGET_S + 25)) "$PY" loadtest/gpu_bench.py 2>&1 \
+timeout -k 10 $((GPU_CHECK_BUDGET_S + 25)) "$PY" -m bench.gpu 2>&1 \
   | grep --line-buffered -v -iE "unclosed|connector|connections:" | tee "$OUT/gpu_check.log"
 rc=${PIPESTATUS[0]}
 for f in tritonserver.log gateway.log milvus.log index_report.json; do
   [ -f "$GPU_CHECK_WORK/$f" ] && tail -c 4000000 "$GPU_CHECK_WORK/$f" > "$OUT/$f"
 done
-# the markdown for the issue note, from the result file alone (loadtest/gpu_summary.py)
+# the markdown for the issue note, from the result file alone (bench/gpu_summary.py)
 for f in "$OUT"/gpu-*.json; do
-  [ -f "$f" ] && "$PY" -m loadtest.gpu_summary "$f" > "$OUT/summary.md" 2>&1
+  [ -f "$f" ] && "$PY" -m bench.gpu_summary "$f" > "$OUT/summary.md" 2>&1
 done
 echo "gpu_check: rc=$rc in $(($(date +%s) - START))s; files in $OUT"
 exit "$rc"

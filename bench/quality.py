@@ -1,6 +1,6 @@
 """Retrieval quality: copy detection offline and through the served stack, plus labelled retrieval.
 
-Copy detection (export.copydetect): real photos shipped inside Python packages, edited
+Copy detection (imgsearch.export.copydetect): real photos shipped inside Python packages, edited
 (crop, flip, rotation, downscale + heavy JPEG, greyscale, colour, overlays, aspect), must
 find their original among the originals and 200 distractor photos. Side by side, in one run:
 
@@ -17,8 +17,8 @@ Labelled retrieval (``imgsearch eval``) on the demo folders (``imgsearch demo-da
 the packaged model before and after ``imgsearch finetune --weights packaged``; the eval's
 queries are fine-tuning's held-out validation split (same split function, fraction, seed).
 
-  python -m loadtest.bench_quality --out loadtest/results/quality-$(date +%F).json
-  python -m loadtest.bench_quality --originals 6 --variants 1 --skip finetune random   # quick
+  python -m bench.quality --out bench/results/quality-$(date +%F).json
+  python -m bench.quality --originals 6 --variants 1 --skip finetune random   # quick
 
 Writes JSON (--out) and a markdown table beside it (.md).
 """
@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
 from imgsearch.imaging import decode_image
 from imgsearch.triton_server import LocalTriton
-from loadtest.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
 
 MODEL = "encoder"
 PARTS = ("random", "served", "finetune")
@@ -107,7 +107,7 @@ def served_stack(cs, repo: Path, work: Path) -> Iterator[str]:
 
 def served(cs, repo: Path, work: Path) -> tuple[np.ndarray, float]:
     """Every query through the gateway, as ranks of its original."""
-    from export.copydetect import ranks_from_lists
+    from imgsearch.export.copydetect import ranks_from_lists
 
     t0 = time.perf_counter()
     with served_stack(cs, repo, work) as url:
@@ -136,7 +136,7 @@ def labelled(work: Path, epochs: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    from export.copydetect import EDITS
+    from imgsearch.export.copydetect import EDITS
 
     rows = ["| model | recall@1 | recall@10 | mAP@10 | " + " | ".join(EDITS) + " |",
             "|---|---|---|---|" + "---|" * len(EDITS)]
@@ -169,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-
-    from export.checkpoint import packaged_model, random_model
-    from export.copydetect import build, metrics, phash_scores, ranks_from_scores
-    from export.model import ServingModel
-    from export.onnx_export import export_model
+    from imgsearch.export.checkpoint import packaged_model, random_model
+    from imgsearch.export.copydetect import (
+        build,
+        metrics,
+        phash_scores,
+        ranks_from_scores,
+    )
+    from imgsearch.export.model import ServingModel
+    from imgsearch.export.onnx_export import export_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     tmp = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     cs = build(work / "set", variants=args.variants, distractors=args.distractors, originals=args.originals)
     n_orig = len({t for t in cs.truth})
     res: dict = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, no GPU",
-                 "command": "python -m loadtest.bench_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "set": {"originals": n_orig, "gallery": len(cs.gallery), "queries": len(cs.queries),
                          "variants": args.variants}, "copy_detection": {}, "seconds": {}}

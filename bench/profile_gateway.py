@@ -2,9 +2,9 @@
 
 CPU per request = the gateway process' own CPU time (user + system, all its threads) over
 a run of sequential requests, divided by their number. Milvus runs as a server in its own
-process here (``loadtest.stack.MilvusServer``): Milvus Lite on a ``.db`` path runs inside
+process here (``harness.stack.MilvusServer``): Milvus Lite on a ``.db`` path runs inside
 the gateway process and its search work would count as the gateway's. Triton and the
-client are other processes too. The profiler (yappi, every thread: :mod:`loadtest.profiled`)
+client are other processes too. The profiler (yappi, every thread: :mod:`bench.profiled`)
 adds its own overhead to every call, so the CPU figure comes from a second, unprofiled run
 of the same requests; the profile says where the time goes.
 
@@ -12,7 +12,7 @@ of the same requests; the profile says where the time goes.
   search    POST /v1/search, IMGSEARCH_TRITON_INPUT=bytes (files go to Triton's ensemble
             undecoded), resnet18 with random weights exported here
 
-  python -m loadtest.profile_gateway --requests 500
+  python -m bench.profile_gateway --requests 500
 """
 
 from __future__ import annotations
@@ -32,11 +32,19 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench.search import build_collection
+from harness.stack import (
+    MilvusServer,
+    copy_db,
+    export_repo,
+    gateway_env,
+    index_images,
+    make_images,
+    start_gateway,
+)
+from harness.vectors import clustered_vectors, vectors_card_repo
 from imgsearch.model_card import read_card
 from imgsearch.triton_server import LocalTriton, free_port
-from loadtest.bench_search import build_collection
-from loadtest.stack import MilvusServer, copy_db, export_repo, gateway_env, index_images, make_images, start_gateway
-from loadtest.vectors import clustered_vectors, vectors_card_repo
 
 MODEL = "resnet152"
 # the stages the issue names: multipart, response models, JSON, vectors for pymilvus, metrics
@@ -52,14 +60,14 @@ def cpu_s(pid: int) -> float:
 def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dict:
     prof = tmp / f"{name}.prof"
     gw = start_gateway(env, log_level="warning", log_path=tmp / f"{name}.log",
-                       python_args=["-m", "loadtest.profiled", str(prof)] if profile else ())
+                       python_args=["-m", "bench.profiled", str(prof)] if profile else ())
     try:
         with httpx.Client(base_url=gw.url, timeout=60) as c:
             for i in range(20):  # warm-up: connections, first-call imports, caches
                 r = send(c, i)
                 assert r.status_code == 200, r.text
             if profile:
-                gw.proc.send_signal(signal.SIGUSR1)  # loadtest.profiled: start now
+                gw.proc.send_signal(signal.SIGUSR1)  # bench.profiled: start now
                 time.sleep(0.2)
             c0, t0 = cpu_s(gw.pid), time.perf_counter()
             for i in range(n):
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=500, help="sequential requests per run (default: %(default)s)")
     p.add_argument("--vectors", type=int, default=5000, help="similar: collection size (default: %(default)s)")
     p.add_argument("--skip-search", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("loadtest/results/gateway-cpu.json"), help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/gateway-cpu.json"), help="(default: %(default)s)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="profile-gateway-"))
     res: dict = {}
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "profiled": measure(senv, search, args.requests, tmp, "search-prof", True)}
     milvus.stop()
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    res["command"] = "python -m loadtest.profile_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = "python -m bench.profile_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     for k, v in res.items():

@@ -112,6 +112,6 @@ def rss_tree_mb(pid: int) -> float:
 def release(store: VectorStore) -> None:
     store.close()
     if is_lite(store.uri):
-        from loadtest.stack import release_lite
+        from harness.stack import release_lite
 
         release_lite(store.uri)

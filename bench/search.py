@@ -15,8 +15,8 @@ with the neighbours' load.
   index     the cost of a search right after the inserts, and once ``build_index`` (what
             ``imgsearch index`` now ends with) has flushed and waited for the index.
 
-  python -m loadtest.bench_search                      # all three, results JSON in loadtest/results/
-  python -m loadtest.bench_search --skip-search --vectors 5000 --seconds 5   # a quick look
+  python -m bench.search                      # all three, results JSON in bench/results/
+  python -m bench.search --skip-search --vectors 5000 --seconds 5   # a quick look
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from imgsearch.model_card import read_card
-from imgsearch.store import VectorStore
-from imgsearch.triton_metrics import metric_sum
-from imgsearch.triton_server import free_port
-from loadtest.bench_gateway import run_round, summarize
-from loadtest.stack import COLLECTION, MODEL, copy_db, gateway_env, index_images, make_images, start_gateway
-from loadtest.vectors import (
+from bench.gateway import run_round, summarize
+from harness.stack import (
+    COLLECTION,
+    MODEL,
+    copy_db,
+    gateway_env,
+    index_images,
+    make_images,
+    start_gateway,
+)
+from harness.vectors import (
     clustered_vectors,
     fill,
     release,
@@ -50,6 +54,10 @@ from loadtest.vectors import (
     time_searches,
     vectors_card_repo,
 )
+from imgsearch.model_card import read_card
+from imgsearch.store import VectorStore
+from imgsearch.triton_metrics import metric_sum
+from imgsearch.triton_server import free_port
 
 NOTE = ("Measured on a shared machine (other processes use the same cores): absolute req/s and latencies move "
         "with their load; the on/off ratios are measured side by side in alternating rounds of one run, "
@@ -183,8 +191,8 @@ def bench_similar(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
+    from harness.stack import export_repo
     from imgsearch.triton_server import LocalTriton
-    from loadtest.stack import export_repo
 
     repo = args.repository or export_repo(tmp / "repo18")
     card = read_card(repo, MODEL)
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, help="search: model repository (default: export a random resnet18)")
     p.add_argument("--skip-similar", action="store_true")
     p.add_argument("--skip-search", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("loadtest/results/search-batching.json"),
+    p.add_argument("--out", type=Path, default=Path("bench/results/search-batching.json"),
                    help="(default: %(default)s)")
     args = p.parse_args(argv)
 
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     res["verdicts"] = verdicts(res, args.window_ms)
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    res["command"] = "python -m loadtest.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = "python -m bench.search " + " ".join(argv if argv is not None else sys.argv[1:])
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""A whole stack on loopback ports, for tests, benchmarks and ``loadtest/flood.py``.
+"""A whole stack on loopback ports, for tests, benchmarks and ``bench/flood.py``.
 
-The gateway runs as in production (``uvicorn gateway.app:app_from_env --factory`` or
+The gateway runs as in production (``uvicorn imgsearch.gateway.app:app_from_env --factory`` or
 ``imgsearch serve``) on a free 127.0.0.1 port, configured by IMGSEARCH_* variables; images
 are generated, indexed through the real Triton into Milvus Lite; Milvus can also run as a
 server process that a test kills and restarts. One harness, so the gateway, load-test and
@@ -187,7 +187,7 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     """The gateway as in production, on a free loopback port; returns once /healthz answers.
 
     ``serve_cli``: through ``imgsearch serve`` (its uvicorn settings: graceful shutdown
-    timeout), else ``uvicorn gateway.app:app_from_env --factory``. stdout and stderr go
+    timeout), else ``uvicorn imgsearch.gateway.app:app_from_env --factory``. stdout and stderr go
     to ``log_path``. The caller's IMGSEARCH_* variables are dropped first. ``python_args`` go
     before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway). ``max_file_bytes``:
     no file the gateway writes may grow past this (RLIMIT_FSIZE), as on a full disk.
@@ -201,7 +201,7 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
         cmd = [sys.executable, *python_args, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", log_level]
     else:
-        cmd = [sys.executable, *python_args, "-m", "uvicorn", "gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
+        cmd = [sys.executable, *python_args, "-m", "uvicorn", "imgsearch.gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", log_level]
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
@@ -312,8 +312,9 @@ def backend_bound_repo(dest: Path) -> Path:
     one core, leaving the other to the gateway and the client, so a 10x flood (~90/s) is a
     load this box can really offer.
     """
-    from export.onnx_export import export_model
-    from export.triton_config import CPU_DEFAULTS, cpu_config
+    from imgsearch.export.onnx_export import export_model
+    from imgsearch.export.triton_config import CPU_DEFAULTS, cpu_config
+
     from imgsearch.model_card import read_card
 
     export_model(arch="resnet152", repository=dest, model_name=MODEL, parity_images_n=2)

@@ -20,9 +20,9 @@ a dedicated machine's throughput ratio would be (given Triton is never starved, 
 "Triton idle" figure shows), and it is far less disturbed by other load than wall time.
 
 examples:
-  python loadtest/bench_index.py data/images --out loadtest/out/bench_index.json
-  IMGSEARCH_MODEL_REPOSITORY=/tmp/repo18 python loadtest/bench_index.py --generate 1000
-  IMGSEARCH_TRITON_URL=127.0.0.1:8101 python loadtest/bench_index.py data/images --limit 2000
+  python -m bench.index data/images --out loadtest/out/bench_index.json
+  IMGSEARCH_MODEL_REPOSITORY=/tmp/repo18 python -m bench.index --generate 1000
+  IMGSEARCH_TRITON_URL=127.0.0.1:8101 python -m bench.index data/images --limit 2000
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness.stack import release_lite
 from imgsearch.store import VectorStore, content_id
-from loadtest.stack import release_lite
 
 
 def subprocess_index(root: Path, env: dict[str, str], *options: str, cwd: Path) -> subprocess.Popen:

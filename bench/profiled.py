@@ -1,6 +1,6 @@
 """Run a module under yappi (CPU clock, every thread) and write a pstats file at exit.
 
-``python -m loadtest.profiled OUT.prof -m uvicorn gateway.app:app_from_env --factory ...``:
+``python -m bench.profiled OUT.prof -m uvicorn imgsearch.gateway.app:app_from_env --factory ...``:
 cProfile sees only the main thread, but a gateway spends part of its CPU in its thread
 pools (Milvus client calls, decoding); yappi profiles them all. Profiling starts on
 SIGUSR1 (after start-up and warm-up, which are not what is measured) and the file is
@@ -19,7 +19,7 @@ def main() -> None:
     import yappi
 
     if len(sys.argv) < 4 or sys.argv[2] != "-m":
-        sys.exit("usage: python -m loadtest.profiled OUT.prof -m MODULE [ARGS...]")
+        sys.exit("usage: python -m bench.profiled OUT.prof -m MODULE [ARGS...]")
     out, module = sys.argv[1], sys.argv[3]
 
     def dump() -> None:

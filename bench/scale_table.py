@@ -2,19 +2,19 @@
 
 For each size (``--sizes``) and dimension (``--dims``: 2048 = ResNet-152 pooled, 256 = a
 projected embedding) it builds a Milvus Lite collection of synthetic clustered vectors
-(:mod:`loadtest.vectors`) with the store's index settings, and measures:
+(:mod:`harness.vectors`) with the store's index settings, and measures:
 
   * index build time (flush + wait for the index: what ``imgsearch index`` ends with);
   * ANN recall@10 of the store's search against exact search (FLAT: brute-force cosine);
   * resident memory of a gateway serving it (gateway + embedded Milvus Lite);
   * ``similar`` p50/p99 and req/s at 1 and ``--clients`` clients, batching on and off
-    (:func:`loadtest.bench_search.compare`: alternating rounds, two gateways).
+    (:func:`bench.search.compare`: alternating rounds, two gateways).
 
 Each finished cell is written to ``--out`` at once, so an interrupted run keeps what it
 measured; ``--only 250000x2048`` re-runs one cell and merges it in.
 
-  python -m loadtest.scale_table                        # the whole table (hours on 2 cores)
-  python -m loadtest.scale_table --sizes 20000 --dims 256 2048
+  python -m bench.scale_table                        # the whole table (hours on 2 cores)
+  python -m bench.scale_table --sizes 20000 --dims 256 2048
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.search import NOTE, build_collection, compare, gateway_pair, similar_worker
+from harness.stack import COLLECTION, MODEL
+from harness.vectors import clustered_vectors, recall_at_k, release, vectors_card_repo
 from imgsearch.model_card import read_card
 from imgsearch.store import HNSW, VectorStore, search_ef
 from imgsearch.triton_server import free_port
-from loadtest.bench_search import NOTE, build_collection, compare, gateway_pair, similar_worker
-from loadtest.stack import COLLECTION, MODEL
-from loadtest.vectors import clustered_vectors, recall_at_k, release, vectors_card_repo
 
 
 def cell(n: int, dim: int, args: argparse.Namespace, tmp: Path) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="per round (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="on+off pairs per client count (default: %(default)s)")
     p.add_argument("--queries", type=int, default=200, help="held-out queries for recall (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=Path("loadtest/results/search-scale.json"), help="(default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/search-scale.json"), help="(default: %(default)s)")
     args = p.parse_args(argv)
 
     todo = [(n, d) for d in args.dims for n in args.sizes]
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         c = cell(n, d, args, tmp)
         c["wall_s"] = round(time.perf_counter() - t0, 1)
-        c["command"] = "python -m loadtest.scale_table " + " ".join(argv if argv is not None else sys.argv[1:])
+        c["command"] = "python -m bench.scale_table " + " ".join(argv if argv is not None else sys.argv[1:])
         cells[(n, d)] = c
         res["cells"] = list(cells.values())
         args.out.parent.mkdir(parents=True, exist_ok=True)

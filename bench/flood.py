@@ -27,10 +27,10 @@ With --host it runs the flood only (it cannot kill what it did not start).
 The tests in tests/integration/reliability/ call the same functions and assert bounds.
 
 examples:
-  python -m loadtest.flood                                    # every scenario, own stack (~2 min)
-  python -m loadtest.flood --scenarios flood,triton_kill --out loadtest/out/flood.json
-  python -m loadtest.flood --model-repository /tmp/repo18 --outage-s 20   # reuse an export
-  python -m loadtest.flood --host http://127.0.0.1:8000 --query dog.jpg  # flood a running gateway
+  python -m bench.flood                                    # every scenario, own stack (~2 min)
+  python -m bench.flood --scenarios flood,triton_kill --out loadtest/out/flood.json
+  python -m bench.flood --model-repository /tmp/repo18 --outage-s 20   # reuse an export
+  python -m bench.flood --host http://127.0.0.1:8000 --query dog.jpg  # flood a running gateway
 """
 
 from __future__ import annotations
@@ -54,10 +54,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from imgsearch.loadtest.scenario import multipart_body
 
-from imgsearch.triton_metrics import metric_sum
-from loadtest.scenario import multipart_body
-from loadtest.stack import (
+from harness.stack import (
     GatewayProc,
     LockHolder,
     MilvusServer,
@@ -70,6 +69,7 @@ from loadtest.stack import (
     shape_jpeg,
     start_gateway,
 )
+from imgsearch.triton_metrics import metric_sum
 
 SCENARIOS = ("flood", "triton_queue", "triton_kill", "milvus_down", "milvus_locked", "shutdown")
 
@@ -581,7 +581,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.flood", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="flood this running gateway (e.g. http://127.0.0.1:8000) instead of a stack of our own")
     p.add_argument("--pid", type=int, help="with --host: the gateway's pid, to sample its RSS")

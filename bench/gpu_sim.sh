@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Rehearse the device call on this CPU box: loadtest/gpu_check.sh down its device path
+# Rehearse the device call on this CPU box: bench/gpu_check.sh down its device path
 # (unpack the carry, the stub's own numpy<2 environment, PYTHONPATH order) in a Python that
 # looks like the GPU image, not like this repository's venv.
 #
-#   loadtest/gpu_sim.sh          # ~3 min here after the first build (~2 min, ~150 MB from PyPI)
+#   bench/gpu_sim.sh          # ~3 min here after the first build (~2 min, ~150 MB from PyPI)
 #
 # The stand-in image: a bare venv with numpy 2, the packages the device's image lists
 # (/work/.library/device/KINDS.md: pillow, aiohttp, grpcio, protobuf, pandas, pyarrow, onnx,
@@ -44,10 +44,10 @@ except ImportError:
     pass
 print('stand-in image: numpy', numpy.__version__, 'torch', torch.__version__)"
 
-CARRY=.carry-sim PYVER=$PYVER bash loadtest/gpu_prepare.sh
+CARRY=.carry-sim PYVER=$PYVER bash bench/gpu_prepare.sh
 rm -rf "$OUT" && mkdir -p "$OUT"
 GPU_CHECK_DRY=1 GPU_CHECK_USE_CARRY=1 GPU_CHECK_CARRY_DIR=.carry-sim PY="$SIM/bin/python" OUT="$OUT" \
-  GPU_CHECK_TMP=${GPU_CHECK_TMP:-/tmp/gc-sim} bash loadtest/gpu_check.sh
+  GPU_CHECK_TMP=${GPU_CHECK_TMP:-/tmp/gc-sim} bash bench/gpu_check.sh
 # every phase must have run: a failure here is one the device call would have met
 "$SIM/bin/python" - "$OUT" <<'EOF'
 import json, pathlib, sys

@@ -1,7 +1,7 @@
 """GPU throughput check: raw model, Triton with and without dynamic batching,
 the indexer end to end, and ``/v1/search``, all in one run on one machine.
 
-Run by ``loadtest/gpu_check.sh`` on a lent H100/H200 (the device tool), or with
+Run by ``bench/gpu_check.sh`` on a lent H100/H200 (the device tool), or with
 ``GPU_CHECK_DRY=1`` on a CPU to check that the script itself runs end to end (resnet18,
 torch engine on the CPU in fp32, short durations: the figures then mean nothing).
 
@@ -51,7 +51,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DRY = os.environ.get("GPU_CHECK_DRY", "") == "1"
 OUT = Path(os.environ.get("OUT") or ROOT / "loadtest" / "out")
@@ -164,14 +163,15 @@ def environment() -> None:
 
 @phase("export", 30)
 def export() -> Path:
-    from export.onnx_export import export_model
-    from export.triton_config import (
+    from imgsearch.export.onnx_export import export_model
+    from imgsearch.export.triton_config import (
         GPU_PYTHON_DEFAULTS,
         PREPROCESS_GPU,
         ensemble_config,
         gpu_python_config,
         preprocess_config,
     )
+
     from imgsearch.model_card import read_card
 
     repo = WORK / "repo"
@@ -226,8 +226,7 @@ def load_engine(repo: Path):
 def raw(repo: Path) -> None:
     """The engine Triton runs, outside Triton: device-only replay, and host batches in/out."""
     import torch
-
-    from export.triton_config import GPU_PYTHON_DEFAULTS, graph_buckets
+    from imgsearch.export.triton_config import GPU_PYTHON_DEFAULTS, graph_buckets
 
     mod = load_engine(repo)
     weights = str(repo / MODEL / "1" / "weights.pt")
@@ -513,7 +512,7 @@ def make_images(n: int) -> Path:
 
 def start_milvus():
     """Milvus Lite as a server process (the harness's), so that gateway workers can share it."""
-    from loadtest.stack import MilvusServer
+    from harness.stack import MilvusServer
 
     data = WORK / "milvus"
     shutil.rmtree(data, ignore_errors=True)
@@ -687,7 +686,7 @@ async def _search_clients(url, conc, secs, files, start_at, seed):
 
 def start_search_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path, collection: str):
     """``imgsearch serve --workers N`` through the harness; returns once /readyz says Triton and Milvus are up."""
-    from loadtest.stack import gateway_env, start_gateway
+    from harness.stack import gateway_env, start_gateway
 
     env = gateway_env(repo, triton_url, milvus_uri, images, collection=collection,
                       triton_input=R.get("triton_input", "pixels"), workers=PLAN.gateway_workers,
@@ -711,7 +710,7 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
     if not milvus_uri:
         raise RuntimeError("no Milvus: search not measured")
     try:
-        import gateway.app  # noqa: F401
+        import imgsearch.gateway.app  # noqa: F401
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"the gateway is not importable here: {type(e).__name__}: {e}") from None
     from imgsearch.store import VectorStore

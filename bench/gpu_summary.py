@@ -1,8 +1,8 @@
 """Markdown from a GPU check's result file: the GPU targets, where the time went, and
 the capacity line docs/deploy.md quotes.
 
-  python -m loadtest.gpu_summary loadtest/results/gpu-2026-12-01.json
-  python -m loadtest.gpu_summary loadtest/out/gpu-dry/gpu-*-dry.json     # a dry run (figures meaningless)
+  python -m bench.gpu_summary bench/results/gpu-2026-12-01.json
+  python -m bench.gpu_summary loadtest/out/gpu-dry/gpu-*-dry.json     # a dry run (figures meaningless)
 
 Every number printed is read from the file; nothing is estimated. Where a target does not
 hold, the section under it shows the measured split (Triton queue vs compute per level, the
@@ -121,9 +121,9 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.gpu_summary", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("result", type=Path, help="gpu-<date>.json written by loadtest/gpu_check.sh")
+    p.add_argument("result", type=Path, help="gpu-<date>.json written by bench/gpu_check.sh")
     args = p.parse_args(argv)
     try:
         r = json.loads(args.result.read_text())

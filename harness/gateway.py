@@ -1,7 +1,7 @@
 """Test harness for the gateway: index a folder directly, run uvicorn as a subprocess.
 
 Used by the gateway integration tests and the browser test. The gateway runs exactly
-as in production (``uvicorn gateway.app:app_from_env --factory``), configured through
+as in production (``uvicorn imgsearch.gateway.app:app_from_env --factory``), configured through
 IMGSEARCH_* variables, on a free loopback port.
 """
 
@@ -10,11 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.stack import (  # noqa: F401
+    COLLECTION,
+    MODEL,
+    GatewayProc,
+    gateway_env,
+    index_images,
+    release_lite,
+)
+from harness.stack import start_gateway as _start_gateway
 from imgsearch.labels import folder_label
 from imgsearch.store import Row
-from loadtest.stack import COLLECTION, MODEL, GatewayProc, gateway_env, index_images, release_lite  # noqa: F401
-from loadtest.stack import start_gateway as _start_gateway
-
 
 API_KEY = "test-key-0123456789"
 MAX_UPLOAD = 256 * 1024
