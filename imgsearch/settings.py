@@ -15,8 +15,8 @@ from .model_card import ENSEMBLE_NAME
 class Settings(BaseSettings):
     """Settings shared by the gateway, the indexer, the exporter and the load tests.
 
-    The names in DESIGN.md (TRITON_URL, MILVUS_URI, ...) are fixed: compose files,
-    dashboards and tests rely on them.
+    The names (TRITON_URL, MILVUS_URI, ...) are fixed: compose files, manifests, dashboards
+    and tests rely on them. docs/design.md lists them all.
     """
 
     model_config = SettingsConfigDict(
@@ -28,32 +28,32 @@ class Settings(BaseSettings):
         None,
         description="host:port of Triton's gRPC (or HTTP) endpoint; unset = start the local tritonserver",
     )
-    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_protocol: Literal["grpc", "http"] = Field("grpc", description="how the gateway and indexer talk to Triton")
     triton_input: Literal["pixels", "bytes"] = Field(
         "pixels", description="send decoded uint8 pixels, or raw file bytes to the image_search ensemble"
     )
-    triton_timeout_s: float = 30.0
+    triton_timeout_s: float = Field(30.0, description="deadline of every inference call")
     triton_retries: int = Field(5, description="retries with backoff when Triton's queue is full (indexer)")
-    model_repository: Path = Path("model_repository")
-    model_name: str = "resnet152"
-    ensemble_name: str = ENSEMBLE_NAME
+    model_repository: Path = Field(Path("model_repository"), description="the Triton model repository (model cards, labels, configs)")
+    model_name: str = Field("resnet152", description="the encoder model's name in Triton and in the repository")
+    ensemble_name: str = Field(ENSEMBLE_NAME, description="the bytes-in ensemble (decode in Triton, then the encoder)")
     model_config_name: str = Field("cpu", description="configs/<name>.pbtxt for the local tritonserver")
-    local_triton_http_port: int = 8100
-    local_triton_grpc_port: int = 8101
-    local_triton_metrics_port: int = 8102
-    triton_exit_timeout_s: int = 20
+    local_triton_http_port: int = Field(8100, description="ports of the local tritonserver (no TRITON_URL)")
+    local_triton_grpc_port: int = Field(8101, description="(the gRPC one is the gateway's and indexer's)")
+    local_triton_metrics_port: int = Field(8102, description="(Prometheus metrics)")
+    triton_exit_timeout_s: int = Field(20, description="the local tritonserver's --exit-timeout-secs (drains in-flight work)")
 
     # --- Milvus ---------------------------------------------------------------------
-    milvus_uri: str = "./data/milvus.db"
-    milvus_token: SecretStr | None = None
-    collection: str = "images"
+    milvus_uri: str = Field("./data/milvus.db", description="a path ending in .db = Milvus Lite; http://host:19530 = a Milvus server")
+    milvus_token: SecretStr | None = Field(None, description="user:password or API token of a Milvus server")
+    collection: str = Field("images", description="the Milvus collection")
     milvus_timeout_s: float = Field(10.0, description="deadline of every Milvus call (a hung Milvus -> 503)")
 
     # --- images ---------------------------------------------------------------------
-    image_root: Path = Path("data/images")
-    image_size: int = 224
+    image_root: Path = Field(Path("data/images"), description="indexed paths are relative to it; images are served from it only")
+    image_size: int = Field(224, description="the model's input side (the model card must agree)")
     max_pixels: int = Field(50_000_000, description="decoded pixel limit; more is a decompression bomb")
-    max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_bytes: int = Field(10 * 1024 * 1024, description="a larger upload is refused with 413")
     decode_memory_bytes: int = Field(
         512 * 1024 * 1024, description="memory the gateway's concurrent decodes may hold together (a raster's "
                                        "size as loaded); one larger than this runs alone")
@@ -71,17 +71,16 @@ class Settings(BaseSettings):
     keep_alive_s: int = Field(5, description="uvicorn closes an idle keep-alive connection after this")
 
     # --- gateway --------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    host: str = Field("127.0.0.1", description="the gateway's listening address")
+    port: int = Field(8000, description="the gateway's port")
+    workers: int = Field(1, description="uvicorn worker processes (more than 1 needs a Milvus server URI)")
     max_inflight: int = Field(32, description="concurrent searches before the gateway sheds with 503")
-    decode_threads: int = 4
-    retry_after_s: int = 1
+    decode_threads: int = Field(4, description="threads decoding uploads off the event loop")
+    retry_after_s: int = Field(1, description="Retry-After (seconds) on 503 answers")
     api_key: SecretStr | None = Field(None, description="Bearer key for write endpoints; unset = writes disabled")
     metrics_token: SecretStr | None = Field(None, description="Bearer token /metrics requires; unset = open "
                                                               "(then keep the port internal)")
-    cors_origins: list[str] = Field(default_factory=list)
-    default_top_k: int = 10
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS (JSON list); empty = none")
     store_threads: int = Field(4, description="threads for blocking Milvus calls in the gateway")
     search_batch_ms: float = Field(
         2.0, ge=0.0, le=10_000.0,
@@ -94,7 +93,7 @@ class Settings(BaseSettings):
     search_batch_idle_send: bool = Field(
         True, description="send a batch at once when a call slot is free (a lone request does not wait the "
                           "window); off = wait for the window or a full batch")
-    thumb_max_side: int = 256
+    thumb_max_side: int = Field(256, description="longest side of the thumbnails the page shows")
     thumb_cache_items: int = Field(512, description="thumbnails kept in memory (LRU)")
     upload_prefix: str = Field(
         "upload-", description="POST /v1/images stores IMAGE_ROOT/<label>/<prefix><id>.<ext> (re-indexing keeps the label)")

@@ -86,7 +86,7 @@ def check_numpy(python_bin: Path | None = None) -> None:
     if int(version.split(".")[0]) >= 2:
         raise LauncherError(
             f"numpy {version} is installed: the Triton Python-backend stub silently corrupts tensors "
-            "with numpy 2 (DESIGN.md). Install numpy<2 (make setup pins it)."
+            "with numpy 2 (docs/design.md). Install numpy<2 (make setup pins it)."
         )
 
 

@@ -71,6 +71,6 @@ def test_dashboard_triton_inference_metrics_exist_in_a_running_triton(triton):
             assert d.expr_labels(expr, legend) <= have, f"labels {d.expr_labels(expr, legend) - have} in {expr}"
     # the dashboard's model variable picks label values of a metric that carries `model`
     assert "model" in live["nv_inference_count"]
-    # the project's contract names (helper_common / DESIGN.md) are all on the page too
+    # the project's contract names (docs/design.md) are all on the page too
     contract = {m for m in d.TRITON_CONTRACT if m.startswith("nv_inference_")}
     assert contract <= set(live)

@@ -56,7 +56,7 @@ def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     # the server logs come back next to the result file, as they would from the device
     assert (out / "tritonserver.log").stat().st_size > 0 and (out / "gpu_check.log").exists()
 
-    # the markdown a session pastes into its note and docs/deploy.md reads the same file
+    # the summary (markdown) that gpu_check.sh writes next to the result reads the same file
     from bench.gpu_summary import _fmt, markdown
 
     md = markdown(res)

@@ -43,7 +43,8 @@ VectorStore(sys.argv[1], "images").open(int(sys.argv[2]), "sha-a", "model a")
 
 
 def _raw_create_without_properties(uri: str) -> None:
-    """What a creator killed between its create and its set-properties call used to leave."""
+    """What a creator killed between a create call and a separate set-properties call leaves
+    (the store sends the properties with the create; an older collection may lack them)."""
     from pymilvus import MilvusClient
 
     c = MilvusClient(uri)
