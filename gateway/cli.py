@@ -49,6 +49,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .protocol import HEAD_DEADLINE_PROTOCOL
+
     # uvicorn drains on SIGTERM, then re-raises the signal under the previous handler. The
     # default handler would end this process on the spot and leave the local tritonserver
     # (its own session) running: exit through Python instead, so the ExitStack stops it.
@@ -85,5 +87,6 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.run("imgsearch.gateway.app:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level=args.log_level,
                     timeout_graceful_shutdown=int(s.graceful_shutdown_s), proxy_headers=False,
-                    limit_concurrency=s.max_connections, timeout_keep_alive=s.keep_alive_s)
+                    limit_concurrency=s.max_connections, timeout_keep_alive=s.keep_alive_s,
+                    http=HEAD_DEADLINE_PROTOCOL)
     return 0

@@ -201,7 +201,8 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
         cmd = [sys.executable, *python_args, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", log_level]
     else:
-        cmd = [sys.executable, *python_args, "-m", "uvicorn", "imgsearch.gateway.app:app_from_env", "--factory", "--host", "127.0.0.1",
+        cmd = [sys.executable, *python_args, "-m", "uvicorn", "imgsearch.gateway.app:app_from_env", "--factory",
+               "--http", "imgsearch.gateway.protocol:HeadDeadlineProtocol", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", log_level]
     if log_path is None:
         log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])

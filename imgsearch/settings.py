@@ -69,6 +69,10 @@ class Settings(BaseSettings):
                                            "more are shed (503)")
     max_connections: int = Field(1024, description="uvicorn's limit on open connections (503 past it)")
     keep_alive_s: int = Field(5, description="uvicorn closes an idle keep-alive connection after this")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a complete request head "
+                                                            "(request line + headers) within this of opening, "
+                                                            "a later request within this of its first byte "
+                                                            "(408, then closed)")
 
     # --- gateway --------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="the gateway's listening address")
