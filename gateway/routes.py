@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from imgsearch.imaging import sniff_format, thumbnail
-from imgsearch.labels import folder_label
+from imgsearch.labels import label_folder
 from imgsearch.store import LABEL_MAX, Row, content_id
 
 from . import schemas
@@ -201,21 +200,6 @@ async def get_thumb(id: ImageId, rt: Rt) -> Response:
 
 # --- writes ----------------------------------------------------------------------------
 
-NAME_MAX = 255  # bytes in one path component on the usual file systems
-
-
-def _label_folder(label: str) -> str:
-    """The label's folder: the label itself whenever re-indexing would read it back unchanged
-    (柴犬, quotes and backslashes included), so the label survives ``index --recreate``.
-    Otherwise (a '/', a leading dot, a synset-like prefix, too long) a safe slug, and only
-    Milvus keeps the label."""
-    if ("/" not in label and not label.startswith(".") and folder_label(label) == label
-            and len(label.encode("utf-8")) <= NAME_MAX):
-        return label
-    s = re.sub(r"[^A-Za-z0-9._ -]+", "_", label).strip(" .")[:100]
-    return s or "unlabelled"
-
-
 @router.post(
     "/v1/images", response_model=schemas.ImageAdded, status_code=201, tags=["images"],
     summary="Add one image to the index (API key)",
@@ -239,8 +223,8 @@ async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
         wrote = False
         if created:
             name = upload_name(rt.settings.upload_prefix, id_, sniff_format(data) or "JPEG")
-            rel = f"{_label_folder(label)}/{name}"
-            wrote = await rt.in_decode_pool(store_file, rt.image_root, rel, data)
+            rel = f"{label_folder(label)}/{name}"
+            wrote = await rt.in_decode_pool(store_file, rt.image_root, rel, data, label)
         else:
             rel = existing[id_]  # same content: keep its file, update the label
         try:

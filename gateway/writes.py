@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import AsyncIterator, Hashable
 from pathlib import Path
 
+from imgsearch.labels import read_folder_label, write_label_file
+
 from .errors import ApiError
 
 EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
@@ -45,8 +47,13 @@ def _write_error(e: OSError, rel: str) -> ApiError:
                                                 "the image was not added")
 
 
-def store_file(root: Path, rel: str, data: bytes) -> bool:
-    """Write atomically under the root; False when the same file is already there."""
+def store_file(root: Path, rel: str, data: bytes, label: str | None = None) -> bool:
+    """Write atomically under the root; False when the same file is already there.
+
+    ``label``: the label the file's top folder must read back as on a re-index (its
+    ``LABEL_FILE`` written when the folder name cannot say it); a folder that already names
+    another label is a 409.
+    """
     dest = root / rel
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +61,8 @@ def store_file(root: Path, rel: str, data: bytes) -> bool:
             raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(dest.parent))
         if not dest.resolve().is_relative_to(root):
             raise ApiError(403, "forbidden_path", "upload folder leads outside the image root")
+        if label is not None:
+            _claim_folder(root / rel.split("/")[0], label, rel)
         if dest.exists() or dest.is_symlink():
             if not dest.is_file():
                 raise IsADirectoryError(errno.EISDIR, "not a file", str(dest))
@@ -69,6 +78,14 @@ def store_file(root: Path, rel: str, data: bytes) -> bool:
     except OSError as e:
         raise _write_error(e, rel) from None
     return True
+
+
+def _claim_folder(folder: Path, label: str, rel: str) -> None:
+    named = write_label_file(folder, label) if folder.name != label else read_folder_label(folder) == label
+    if not named:
+        raise ApiError(409, "path_conflict", f"cannot store the image as {rel!r}: the folder {folder.name!r} "
+                                             f"holds the images of another label ({read_folder_label(folder)!r}); "
+                                             "use another label")
 
 
 class KeyLocks:

@@ -534,7 +534,7 @@ class Indexer:
                 await asyncio.to_thread(self.store.delete, gone[i : i + 1000])
                 r.deleted += len(gone[i : i + 1000])
             if stale:
-                moves = [(cid, ImageFile(self.root / rel, rel, label_for(rel))) for cid, rel in stale]
+                moves = [(cid, ImageFile(self.root / rel, rel, label_for(rel, self.root))) for cid, rel in stale]
                 await asyncio.to_thread(self._repoint, moves)
                 r.repointed = len(stale)
         except StoreError as e:

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgsearch.labels import IMAGE_SUFFIXES
+from imgsearch.labels import IMAGE_SUFFIXES, LABEL_FILE, read_folder_label
 from imgsearch.labels import folder_label as strip_synset
 
 
@@ -85,9 +85,13 @@ class ScanResult:
         return self.shard is None or self.shard.owns(rel)
 
 
-def label_for(rel: str) -> str:
+def label_for(rel: str, root: Path | None = None) -> str:
+    """The label of a root-relative path: its top folder's (read from the folder's label file
+    when ``root`` is given and the folder has one), empty for a file directly in the root."""
     parts = rel.split("/")
-    return strip_synset(parts[0]) if len(parts) > 1 else ""
+    if len(parts) == 1:
+        return ""
+    return read_folder_label(root / parts[0]) if root is not None else strip_synset(parts[0])
 
 
 def scan(root: str | Path, limit: int | None = None, shard: Shard | None = None) -> ScanResult:
@@ -100,6 +104,7 @@ def scan(root: str | Path, limit: int | None = None, shard: Shard | None = None)
     ignored: Counter = Counter()
     errors: list[str] = []
     others = 0
+    labels: dict[str, str] = {}  # top folder -> its label, read once
 
     def walk_error(e: OSError) -> None:
         errors.append(f"{e.filename}: {e.strerror or e}")
@@ -119,7 +124,8 @@ def scan(root: str | Path, limit: int | None = None, shard: Shard | None = None)
         for name in sorted(filenames):
             p = here / name
             if name.startswith("."):
-                ignored["hidden"] += 1
+                if not (name == LABEL_FILE and here != root):
+                    ignored["hidden"] += 1
                 continue
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 ignored[f"not an image name ({p.suffix.lower() or 'no extension'})"] += 1
@@ -139,7 +145,10 @@ def scan(root: str | Path, limit: int | None = None, shard: Shard | None = None)
             if shard is not None and not shard.owns(rel):
                 others += 1
                 continue
-            files.append(ImageFile(p, rel, label_for(rel)))
+            top = rel.split("/")[0] if "/" in rel else ""
+            if top not in labels:
+                labels[top] = label_for(rel, root)
+            files.append(ImageFile(p, rel, labels[top]))
             if limit is not None and len(files) >= limit:
                 return ScanResult(root, files, ignored, limited=True, errors=errors, shard=shard, other_shards=others)
     return ScanResult(root, files, ignored, errors=errors, shard=shard, other_shards=others)

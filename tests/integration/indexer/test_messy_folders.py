@@ -13,6 +13,7 @@ import pytest
 from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.indexer import release_lite
 from harness.stack import gateway_env, start_gateway
+from imgsearch.labels import label_folder
 from imgsearch.model_card import read_card
 from imgsearch.store import (
     LABEL_MAX,
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.integration
 MODEL = "resnet152"
 API_KEY = "messy-key-0123456789"
 ODD_LABELS = ["柴犬", 'say "hi"', "back\\slash"]
+# labels no folder name reads back as: stored under <slug>-<hash>/ with a label file
+SLUG_LABELS = ["a/b", ".hid", "n12345678-x"]
 
 
 def _entries(uri: str) -> dict[str, str]:
@@ -157,6 +160,19 @@ def test_api_labels_survive_reindex_and_a_refused_entry_is_422(repo18, triton, t
                 added[r.json()["path"]] = label
                 hits = c.post("/v1/search", files={"file": ("q.jpg", data, "image/jpeg"), "label": (None, label)})
                 assert [h["label"] for h in hits.json()["results"]] == [label]
+            for k, label in enumerate(SLUG_LABELS):
+                data = jpeg_bytes(shape_image(k, 9450 + k))
+                r = c.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg"), "label": (None, label)},
+                           headers=auth)
+                assert r.status_code == 201, r.text
+                folder = r.json()["path"].split("/")[0]
+                assert r.json()["label"] == label and folder == label_folder(label) != label
+                added[r.json()["path"]] = label
+            # a label spelled as another label's folder: that folder is the other label's
+            taken = label_folder(SLUG_LABELS[0])
+            r = c.post("/v1/images", files={"file": ("a.jpg", jpeg_bytes(shape_image(4, 9460)), "image/jpeg"),
+                                            "label": (None, taken)}, headers=auth)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "path_conflict", r.text
             # over the label field of this collection: Milvus refuses the row; the client's fault
             data = jpeg_bytes(shape_image(3, 9500))
             r = c.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg"), "label": (None, "a" * 20)},
@@ -176,5 +192,5 @@ def test_api_labels_survive_reindex_and_a_refused_entry_is_422(repo18, triton, t
     settings_env.setenv("IMGSEARCH_MODEL_REPOSITORY", str(repo18))
     settings_env.setenv("IMGSEARCH_MILVUS_URI", str(tmp_path / "fresh.db"))
     run = index_cli(root, "--recreate")
-    assert run.rc == 0 and run.report["indexed"] == len(ODD_LABELS), run.err
+    assert run.rc == 0 and run.report["indexed"] == len(ODD_LABELS) + len(SLUG_LABELS), run.err
     assert _entries(str(tmp_path / "fresh.db")) == added
