@@ -35,6 +35,7 @@ from .metrics import Metrics, MetricsMiddleware
 from .routes import router
 from .security import SecurityHeadersMiddleware
 from .state import Runtime
+from .writes import prepare_locks
 
 log = logging.getLogger("gateway")
 
@@ -61,6 +62,8 @@ def create_app(settings: Settings) -> FastAPI:
                                 timeout_s=settings.triton_timeout_s, ensemble_name=settings.ensemble_name)
         store = VectorStore.from_settings(settings)
         rt = Runtime(settings, card, labels, encoder, store, metrics)
+        if settings.api_key is not None:  # writes enabled: POST /v1/images keeps files under the root
+            await rt.in_decode_pool(prepare_locks, rt.image_root)
         try:
             await rt.open_store()
         except CollectionMismatch:

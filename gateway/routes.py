@@ -30,7 +30,7 @@ from .search import encode_upload, search_image, similar_to
 from .security import bearer, check_api_key, check_bearer
 from .state import Runtime
 from .uploads import read_upload
-from .writes import KeyLocks, is_own_upload, store_file, upload_name
+from .writes import ContentLocks, is_own_upload, store_file, upload_name
 
 log = logging.getLogger("gateway")
 router = APIRouter()
@@ -62,7 +62,7 @@ THUMB_CONTENT = {"content": {"image/jpeg": {"schema": {"type": "string", "format
                  "description": "a JPEG thumbnail, longest side IMGSEARCH_THUMB_MAX_SIDE"}
 
 
-_adding = KeyLocks()  # content id -> lock: the same image added twice at once makes one file
+_adding = ContentLocks()  # the same image added twice at once, in any process, makes one file
 
 
 STREAM_CHUNK = 256 * 1024
@@ -217,7 +217,7 @@ async def add_image(request: Request, rt: Rt, credentials: Creds) -> Any:
     label = clean_label(upload.fields["label"])
     encoded, _, _ = await encode_upload(rt, data)  # validates the image too
     id_ = content_id(data)
-    async with _adding.hold(id_):
+    async with _adding.hold(rt.image_root, id_, rt.in_decode_pool):
         existing = await rt.store_call(rt.store.existing, [id_])
         created = id_ not in existing
         wrote = False

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import tempfile
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
+from typing import Any
 
 from imgsearch.labels import read_folder_label, write_label_file
 
@@ -106,3 +108,56 @@ class KeyLocks:
             users[0] -= 1
             if users[0] == 0:
                 del self._locks[key]
+
+
+LOCK_DIR = ".imgsearch-locks"  # hidden: the scan skips it
+LOCK_STRIPES = 64
+
+
+def prepare_locks(root: Path) -> None:
+    """Create the stripe files up front (at start-up), so adds do not add files beside the images."""
+    try:
+        (root / LOCK_DIR).mkdir(exist_ok=True)
+        for i in range(LOCK_STRIPES):
+            (root / LOCK_DIR / f"{i:02d}.lock").touch(exist_ok=True)
+    except OSError:
+        pass  # a read-only or missing root: adds will say so
+
+
+def _lock_stripe(root: Path, key: int) -> int | None:
+    """Open and lock (blocking) the stripe file of ``key``; None when the root cannot hold one."""
+    try:
+        folder = root / LOCK_DIR
+        folder.mkdir(exist_ok=True)
+        fd = os.open(folder / f"{key % LOCK_STRIPES:02d}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        return None  # a read-only root: no file will be written, so nothing to keep apart
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class ContentLocks:
+    """Adds of the same content serialise across every process sharing the image root (gateway
+    workers, pods on a shared volume): one file and one entry, whichever labels they carry.
+
+    Across processes: an ``flock`` on one of ``LOCK_STRIPES`` files under the root (contents that
+    share a stripe only wait for each other's short critical section). Inside a process an
+    asyncio lock per stripe goes first, so at most one thread per stripe waits in ``flock``.
+    """
+
+    def __init__(self) -> None:
+        self._local = KeyLocks()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, root: Path, key: int, run_blocking: Callable[..., Awaitable[Any]]) -> AsyncIterator[None]:
+        async with self._local.hold(key % LOCK_STRIPES):
+            fd = await run_blocking(_lock_stripe, root, key)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)  # closing the descriptor releases its flock

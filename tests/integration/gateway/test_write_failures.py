@@ -106,6 +106,42 @@ def test_same_new_image_added_twice_at_once_leaves_one_file(wstack):
             assert c.get(f"/v1/images/{id_}").content == images[k]
 
 
+def test_same_new_image_added_at_once_through_two_gateway_processes_leaves_one_file(wstack, triton, repo18):
+    """Two gateway processes (as --workers 2, or two pods on one volume) share the image root
+    and the Milvus server: the lock that keeps one file per content holds across processes."""
+    root, milvus, _, gw = wstack
+    other = start_gateway(gateway_env(repo18, triton.grpc_url, milvus.uri, root, api_key=API_KEY))
+    images = [jpeg_bytes(shape_image(k % 4, 2600 + k)) for k in range(16)]
+
+    async def pair(a: httpx.AsyncClient, b: httpx.AsyncClient, k: int, data: bytes) -> list[httpx.Response]:
+        def post(c: httpx.AsyncClient, label: str):
+            return c.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg"), "label": (None, label)},
+                          headers=AUTH)
+        async with room:  # a few pairs at a time: the CPU Triton's queue, not the lock, is not under test
+            return await asyncio.gather(post(a, f"one{k}"), post(b, f"two{k}"))
+
+    async def all_pairs() -> list[list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as a, \
+                httpx.AsyncClient(base_url=other.url, timeout=60) as b:
+            return await asyncio.gather(*[pair(a, b, k, d) for k, d in enumerate(images)])
+
+    room = asyncio.Semaphore(2)
+
+    try:
+        results = asyncio.run(all_pairs())
+    finally:
+        other.stop()
+    orphans = []
+    for k, (a, b) in enumerate(results):
+        assert {a.status_code, b.status_code} == {200, 201}, (a.text, b.text)  # one created it
+        id_ = content_id(images[k])
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob(f"upload-{id_}.*"))
+        created = a.json() if a.status_code == 201 else b.json()
+        if files != [created["path"]]:
+            orphans.append((created["path"], files))
+    assert not orphans, orphans  # no copy under the other process's label
+
+
 def test_full_disk_is_503_and_nothing_is_left_behind(wstack, triton, repo18):
     root, milvus, _, _ = wstack
     gw = start_gateway(gateway_env(repo18, triton.grpc_url, milvus.uri, root, api_key=API_KEY),
