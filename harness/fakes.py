@@ -118,8 +118,9 @@ class FakeStore:
     """VectorStore's methods over rows in memory: exact cosine, ties in insertion order.
 
     ``down = True`` makes every call raise :class:`StoreUnavailable`, as a Milvus that went
-    away does; ``loaded`` is what :meth:`is_ready` answers once the collection is open.
-    ``calls`` counts the calls by method name.
+    away does, and ``failing`` the calls it names (``"upsert"``: Milvus fails mid-write);
+    ``loaded`` is what :meth:`is_ready` answers once the collection is open. ``calls`` counts
+    the calls by those names.
     """
 
     def __init__(self, collection: str = "images", uri: str = "fake-milvus.db") -> None:
@@ -130,12 +131,13 @@ class FakeStore:
         self.model_sha: str | None = None
         self.loaded = False
         self.down = False
+        self.failing: set[str] = set()
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def _call(self, what: str) -> None:
         self.calls[what] += 1
-        if self.down:
+        if self.down or what in self.failing:
             self.loaded = False
             raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: connection refused")
 
