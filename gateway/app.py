@@ -47,20 +47,26 @@ Write endpoints need `Authorization: Bearer <IMGSEARCH_API_KEY>` and are disable
 when no key is configured."""
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
+               store: VectorStore | None = None) -> FastAPI:
+    """The gateway app; ``encoder`` / ``store`` stand in for the Triton client and the Milvus store
+    the settings name (anything with their methods: tests run the routes over in-process fakes).
+    The app closes them with its lifespan, as it does its own."""
     if not settings.triton_url:
         raise ModelRepositoryError(
             "IMGSEARCH_TRITON_URL is not set: run `imgsearch serve` (it starts the local Triton) "
             "or point the gateway at a running Triton (host:port of its gRPC endpoint)")
     metrics = Metrics()
+    given_encoder, given_store = encoder, store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         card = read_card(settings.model_repository, settings.model_name)
         labels = read_labels(settings.model_repository, settings.model_name) if card.has_probs else []
-        encoder = TritonEncoder(settings.triton_url, settings.model_name, settings.triton_protocol,
-                                timeout_s=settings.triton_timeout_s, ensemble_name=settings.ensemble_name)
-        store = VectorStore.from_settings(settings)
+        encoder = given_encoder if given_encoder is not None else TritonEncoder(
+            settings.triton_url, settings.model_name, settings.triton_protocol,
+            timeout_s=settings.triton_timeout_s, ensemble_name=settings.ensemble_name)
+        store = given_store if given_store is not None else VectorStore.from_settings(settings)
         rt = Runtime(settings, card, labels, encoder, store, metrics)
         if settings.api_key is not None:  # writes enabled: POST /v1/images keeps files under the root
             await rt.in_decode_pool(prepare_locks, rt.image_root)

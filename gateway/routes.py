@@ -11,7 +11,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -268,21 +269,23 @@ async def delete_image(id: ImageId, request: Request, rt: Rt, credentials: Creds
 # --- operations ------------------------------------------------------------------------
 
 NOT_READY = {"triton": "Triton (the model server) is not ready", "milvus": "Milvus (the vector database) is not ready"}
-_ready: dict[int, tuple[float, Any]] = {}  # id(runtime) -> (monotonic time, readiness)
+# runtime -> (clock time, readiness); weak, so a later runtime at a recycled address starts afresh
+_ready: weakref.WeakKeyDictionary[Runtime, tuple[float, Any]] = weakref.WeakKeyDictionary()
 _ready_lock = asyncio.Lock()
+clock: Callable[[], float] = time.monotonic  # a module attribute: tests step the cache's time by hand
 
 
 async def _readiness(rt: Runtime) -> tuple[dict[str, bool], dict[str, str]]:
     """``rt.readiness()``, shared by the probes of the same second (one check at a time)."""
     async with _ready_lock:
-        at, value = _ready.get(id(rt), (float("-inf"), None))
-        if time.monotonic() - at >= READY_TTL_S:
+        at, value = _ready.get(rt, (float("-inf"), None))
+        if clock() - at >= READY_TTL_S:
             checks, detail = await rt.readiness()
             if detail:
                 log.warning("not ready: %s", "; ".join(f"{k}: {v}" for k, v in detail.items()))
             # the public sees which backend, not its address or its error text (the log has them)
             value = checks, {k: NOT_READY.get(k, "not ready") for k in detail}
-            _ready[id(rt)] = (time.monotonic(), value)
+            _ready[rt] = (clock(), value)
     return value
 
 
