@@ -21,9 +21,10 @@ import torch
 import torchvision
 from imgsearch.export.model import mlp_head
 from imgsearch.export.onnx_export import export_model
+from imgsearch.export.templates.encoder_torch import TorchEncoder
 from imgsearch.export.triton_config import GPU_PYTHON_DEFAULTS, gpu_python_config
 
-from harness.data import load_module, random_pixels
+from harness.data import load_version_module, random_pixels
 from imgsearch.errors import LauncherError
 from imgsearch.model_card import read_card
 from imgsearch.triton_client import TritonEncoder
@@ -103,7 +104,8 @@ def test_parity_gate_refuses_weights_that_disagree_with_the_onnx(tmp_path, repo1
 
 
 def load_engine_module(model_dir: Path):
-    return load_module(model_dir / "1" / "model.py", "encoder_model")
+    """The exported folder's torch engine, imported from the folder alone (no Triton, no project import)."""
+    return load_version_module(model_dir / "1", "encoder_torch")
 
 
 def test_torch_engine_rebuilds_heads_and_embedding_kinds(tmp_path):
@@ -115,8 +117,8 @@ def test_torch_engine_rebuilds_heads_and_embedding_kinds(tmp_path):
                        model_name="dogs", labels=list("abcde"))
     d = res.model_dir
     assert "probs" in (d / "configs" / "gpu.pbtxt").read_text()
-    mod = load_engine_module(d)
-    assert mod.pb_utils is None  # importable outside Triton (the raw-model benchmark uses it)
+    mod = load_engine_module(d)  # importable outside Triton: the raw-model benchmark uses it
+    assert Path(mod.__file__).parent == d / "1"
     enc = mod.TorchEncoder(str(d / "1" / "weights.pt"), "cpu", "fp32", cuda_graphs=True, buckets=BUCKETS)
     assert not enc.cuda_graphs  # no graphs on the CPU, buckets still used
     x = random_pixels(11, seed=3)  # 11 > 8: two pieces, 8 and 3 padded to 4
@@ -131,10 +133,8 @@ def test_torch_engine_rebuilds_heads_and_embedding_kinds(tmp_path):
 
 
 def test_pieces_cover_the_batch_in_order():
-    mod = load_module(Path(__file__).resolve().parents[2] / "export" / "templates" / "encoder_model.py",
-                      "encoder_template")
     parts = [torch.arange(n) + 100 * i for i, n in enumerate([3, 9, 1, 4])]
-    pieces = mod.TorchEncoder._pieces(parts, 8)
+    pieces = TorchEncoder._pieces(parts, 8)
     assert [sum(len(p) for p in piece) for piece in pieces] == [8, 8, 1]
     assert torch.equal(torch.cat([p for piece in pieces for p in piece]), torch.cat(parts))
 
