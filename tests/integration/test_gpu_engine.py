@@ -33,12 +33,16 @@ from imgsearch.triton_server import LocalTriton
 
 MODEL = "resnet152"
 BUCKETS = (1, 2, 4, 8)
+# fp32 ResNet-18 on a CPU shared with other jobs can keep a request queued past the 10 s
+# default and the client's 30 s: these tests check which rows come back, not how fast
+SLOW_CPU_S = 180
 
 
 def torch_cpu_repo(dest: Path, src: Path) -> Path:
     """Only the encoder, with configs/torchcpu.pbtxt: engine torch, KIND_CPU, fp32, buckets, no graphs."""
     shutil.copytree(src / MODEL, dest / MODEL)
-    b = dataclasses.replace(GPU_PYTHON_DEFAULTS, max_batch_size=16, preferred=(4, 8, 16), instances=1)
+    b = dataclasses.replace(GPU_PYTHON_DEFAULTS, max_batch_size=16, preferred=(4, 8, 16), instances=1,
+                            queue_timeout_us=SLOW_CPU_S * 1_000_000)
     cfg = gpu_python_config(read_card(dest, MODEL), b, instance_kind="KIND_CPU", engine="torch", precision="fp32",
                             cuda_graphs=False, buckets=BUCKETS)
     (dest / MODEL / "configs" / "torchcpu.pbtxt").write_text(cfg)
@@ -64,7 +68,7 @@ def test_requests_of_a_dynamic_batch_get_their_own_rows(torch_triton, repo18):
     before = fetch_model_stats(torch_triton.metrics_url, MODEL)
 
     async def go():
-        enc = TritonEncoder(torch_triton.grpc_url, MODEL)
+        enc = TritonEncoder(torch_triton.grpc_url, MODEL, timeout_s=SLOW_CPU_S)
         try:
             return await asyncio.gather(*[enc.encode(x) for x in inputs])
         finally:
@@ -157,7 +161,7 @@ def test_export_without_onnx_is_served_by_the_torch_engine(tmp_path, repo18):
         log = server.log_text()
 
         async def go():
-            enc = TritonEncoder(server.grpc_url, MODEL)
+            enc = TritonEncoder(server.grpc_url, MODEL, timeout_s=SLOW_CPU_S)
             try:
                 return await enc.encode(pixels)
             finally:
