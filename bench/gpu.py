@@ -11,7 +11,7 @@ Phases (each timed; one that fails is recorded and the next still runs):
    ``configs/gpu.pbtxt`` for the encoder (torch engine: fp16, CUDA graphs per bucket),
    ``preprocess`` (nvJPEG) and the ``image_search`` ensemble; plus ``<model>_nobatch``,
    the same encoder without a dynamic_batching block.
-2. raw: the same torch engine class as Triton runs (``1/model.py``), outside Triton:
+2. raw: the same torch engine class as Triton runs (``1/encoder_torch.py``), outside Triton:
    graph replay on device-resident data per batch size, and host-in/host-out batches.
 3. triton: the wheel's tritonserver with ``--model-config-name gpu``.
 4. sweep: single-image gRPC requests at several concurrencies, dynamic batching vs none,
@@ -214,12 +214,10 @@ def export() -> Path:
 
 
 def load_engine(repo: Path):
-    import importlib.util
+    """The exported folder's torch engine module (``1/encoder_torch.py``, as Triton's stub imports it)."""
+    from harness.data import load_version_module
 
-    spec = importlib.util.spec_from_file_location("encoder_model", repo / MODEL / "1" / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_version_module(repo / MODEL / "1", "encoder_torch")
 
 
 @phase("raw", 40)

@@ -6,7 +6,8 @@ head). ONNX Runtime is checked against PyTorch on 8 images before anything is wr
 min cosine >= 0.9999 (fp32) or 0.999 (fp16).
 
 writes <repository>/<model-name>/:
-  1/model.onnx  1/model.py  config.pbtxt (GPU, onnxruntime + TensorRT FP16)
+  1/model.onnx  1/weights.pt  1/model.py (+ the encoder_*.py modules it imports)
+  config.pbtxt (GPU, onnxruntime + TensorRT FP16)
   configs/cpu.pbtxt (Python backend + ONNX Runtime)  labels.txt  model_card.json
 
 --weights auto (the default) takes torchvision's ImageNet ResNet-152 when it is in the torch

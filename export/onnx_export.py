@@ -35,7 +35,8 @@ from imgsearch.model_card import (
 from . import checkpoint as ckpts
 from . import pretrained
 from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel, norm_constants
-from .templates.encoder_model import WEIGHTS_FORMAT, parity_images
+from .templates.encoder_parity import parity_images
+from .templates.encoder_torch import WEIGHTS_FORMAT
 from .triton_config import (
     CPU_DEFAULTS,
     GPU_DEFAULTS,
@@ -57,10 +58,13 @@ PARITY_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999}
 PARITY_IMAGES = 8
 PARITY_SEED = 1234
 OPSET = 17
-# copied to 1/model.py; imported here too (numpy only outside Triton) for its parity images
-# and the weights.pt format its torch engine reads, so the two sides cannot drift apart
-TEMPLATE = Path(__file__).parent / "templates" / "encoder_model.py"
-PREPROCESS_TEMPLATE = Path(__file__).parent / "templates" / "preprocess_model.py"
+TEMPLATES = Path(__file__).parent / "templates"
+# copied to 1/model.py, with the modules it imports beside it (Triton copies nothing else);
+# two of those are imported here too, for the parity images and the weights.pt format the
+# torch engine reads, so the two sides cannot drift apart
+TEMPLATE = TEMPLATES / "encoder_model.py"
+ENCODER_MODULES = ("encoder_engines.py", "encoder_parity.py", "encoder_torch.py")
+PREPROCESS_TEMPLATE = TEMPLATES / "preprocess_model.py"
 
 
 class ParityError(CheckpointError):
@@ -209,6 +213,8 @@ def export_model(
             for stale in (out_dir / "1" / "model.onnx", out_dir / "config.pbtxt", out_dir / "configs" / "cpu.pbtxt"):
                 stale.unlink(missing_ok=True)
         os.replace(weights_path, out_dir / "1" / "weights.pt")
+        for module in ENCODER_MODULES:  # before model.py, which imports them
+            shutil.copyfile(TEMPLATES / module, out_dir / "1" / module)
         shutil.copyfile(TEMPLATE, out_dir / "1" / "model.py")
         if onnx:
             (out_dir / "config.pbtxt").write_text(gpu_config(card, gpu_batching))

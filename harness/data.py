@@ -102,6 +102,24 @@ def load_module(path: Path, name: str):
     return mod
 
 
+def load_version_module(version_dir: Path, module: str, package: str = "triton_model_version"):
+    """Import ``module`` from a Triton model version folder the way Triton does: the folder is a
+    package (Triton imports ``1/model.py`` as ``1.model``), so the modules' relative imports
+    resolve inside it. The package is rebuilt on each call: another folder loaded under the
+    same name must not be answered from ``sys.modules``."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        del sys.modules[name]
+    spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+    spec.submodule_search_locations = [str(version_dir)]
+    sys.modules[package] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{package}.{module}")
+
+
 def make_tiny_queue_repo(src: Path, dest: Path, model: str = "resnet152") -> Path:
     """A copy of ``src``'s model whose CPU config batches one request and queues at most 2:
     a handful of concurrent requests overflows Triton's queue."""

@@ -14,14 +14,15 @@ import pytest
 import torch
 import torchvision
 from imgsearch.export.model import mlp_head
-from imgsearch.export.onnx_export import export_model
+from imgsearch.export.onnx_export import ENCODER_MODULES, export_model
 
 from imgsearch.model_card import read_card, read_labels
 
 
 def test_export_writes_repository_and_card(repo18):
     d = repo18 / "resnet152"
-    for f in ("1/model.onnx", "1/model.py", "config.pbtxt", "configs/cpu.pbtxt", "labels.txt", "model_card.json"):
+    for f in ("1/model.onnx", "1/model.py", "config.pbtxt", "configs/cpu.pbtxt", "labels.txt", "model_card.json",
+              *(f"1/{m}" for m in ENCODER_MODULES)):  # the modules model.py imports: Triton copies nothing else
         assert (d / f).is_file(), f
     card = read_card(repo18, "resnet152")
     assert (card.arch, card.embedding_dim, card.num_classes, card.weights) == ("resnet18", 512, 0, "random:0")
