@@ -84,12 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, extra, help_ in COMMANDS:
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            # the part's package is absent (an image built without it) or one of its
-            # extra's distributions is; anything else is a bug to show as it is
-            part_absent = e.name is not None and module.startswith(e.name + ".")
-            if extra is None or not (part_absent or missing_from_extra(extra)):
-                raise
+        except ModuleNotFoundError:
+            if not (extra and missing_from_extra(extra)):
+                raise  # not for want of an extra: a bug to show as it is
             mod = None
         if mod is None or (extra and missing_from_extra(extra)):
             # listed all the same; takes any arguments, and main says what to install
