@@ -11,19 +11,41 @@ PYTEST_ARGS ?=
 
 .PHONY: setup test demo demo-data export index serve loadtest bench clean help
 help:
-	@echo "make setup     create $(VENV) and install everything (idempotent)"
+	@echo "make setup     create $(VENV) and install everything, as locked in uv.lock (idempotent)"
+	@echo "make lock      re-resolve uv.lock after a change to the dependencies; export requirements/*.txt"
 	@echo "make test      setup + the whole test suite (real Triton, Milvus Lite, uvicorn, chromium)"
 	@echo "make demo      setup, export, build demo images, index, serve on :$(PORT)"
 	@echo "               WEIGHTS=auto|packaged|imagenet|random|/path/ckpt.pth  DATA=demo|stanford-dogs|/path/folder"
 	@echo "make loadtest  30 s Locust smoke against the stack 'make demo' started"
 	@echo "make gpu-prepare | gpu-dry | gpu-sim   the GPU device check: carry, CPU dry run, rehearsal (docs/gpu.md)"
 
+# The locked install: uv.lock, exported for pip as requirements/dev.txt (hashes). uv when it
+# is on PATH (markedly faster: README, "Set-up"), else pip; `make setup UV=` forces pip.
+UV      ?= $(shell command -v uv 2>/dev/null)
 setup: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml uv.lock requirements/dev.txt
+ifneq ($(strip $(UV)),)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --extra dev --python $(PY)
+else
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --require-hashes -r requirements/dev.txt
+	$(BIN)/python -m pip install --no-deps -e .
+endif
 	@touch $(STAMP)
+
+# After editing the dependencies in pyproject.toml: re-resolve uv.lock (keeping every pin
+# it can) and export it for pip. LOCK_ARGS="--upgrade" moves everything to the newest.
+# uv: from PATH, else the one the [dev] extra installs in $(VENV).
+LOCK_ARGS ?=
+UV_LOCK  = $(or $(strip $(UV)),$(BIN)/uv)
+EXPORT   = $(UV_LOCK) export --frozen --no-emit-project
+.PHONY: lock
+lock:
+	@test -x "$(UV_LOCK)" || { echo "make lock needs uv: pip install uv" >&2; exit 2; }
+	$(UV_LOCK) lock $(LOCK_ARGS)
+	$(EXPORT) --extra dev -o requirements/dev.txt
+	$(EXPORT) --extra gateway -o requirements/gateway.txt
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,30 +1,68 @@
 """``imgsearch``: one command, a subcommand per part.
 
 Each part owns its subcommand in its own ``cli.py`` (``add_arguments`` + ``run``); this
-module only wires them, importing nothing heavy until a subcommand runs.
+module only wires them, importing nothing heavy until a subcommand runs. Every subcommand
+is listed whatever was installed: one whose extra (pyproject.toml) is missing says which
+to install and exits 2, instead of failing on a missing import halfway.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata as md
 import logging
+import re
 import sys
+from functools import cache
 
 from .errors import ImgsearchError
 
-COMMANDS: list[tuple[str, str, str]] = [
-    ("export", "imgsearch.export.cli", "export a ResNet to ONNX + Triton configs into the model repository"),
-    ("triton", "imgsearch.triton_cli", "run the local tritonserver (from the nvidia-pytriton wheel)"),
-    ("index", "imgsearch.indexer.cli", "encode an image folder through Triton into Milvus"),
-    ("collection", "imgsearch.indexer.collection_cli", "inspect or drop the Milvus collection"),
-    ("serve", "imgsearch.gateway.cli", "run the search gateway (and the local Triton unless IMGSEARCH_TRITON_URL is set)"),
-    ("demo-data", "imgsearch.indexer.demo_data", "build a demo image set from scikit-image's sample photos"),
-    ("fetch", "imgsearch.indexer.fetch", "download and verify Stanford Dogs (needs internet)"),
-    ("loadtest", "imgsearch.loadtest.cli", "run Locust against the gateway and write an HTML report with plots"),
-    ("finetune", "imgsearch.export.finetune_cli", "fine-tune layer4 + head on an ImageFolder dataset"),
-    ("eval", "imgsearch.export.eval_cli", "measure retrieval quality through the served model"),
+# name, module, the extra it needs beyond the core (None: the core suffices), help
+COMMANDS: list[tuple[str, str, str | None, str]] = [
+    ("export", "imgsearch.export.cli", "export", "export a ResNet to ONNX + Triton configs into the model repository"),
+    ("triton", "imgsearch.triton_cli", "local", "run the local tritonserver (from the nvidia-pytriton wheel)"),
+    ("index", "imgsearch.indexer.cli", "gateway", "encode an image folder through Triton into Milvus"),
+    ("collection", "imgsearch.indexer.collection_cli", None, "inspect or drop the Milvus collection"),
+    ("serve", "imgsearch.gateway.cli", "gateway",
+     "run the search gateway (and the local Triton unless IMGSEARCH_TRITON_URL is set)"),
+    ("demo-data", "imgsearch.indexer.demo_data", "demo", "build a demo image set from scikit-image's sample photos"),
+    ("fetch", "imgsearch.indexer.fetch", "gateway", "download and verify Stanford Dogs (needs internet)"),
+    ("loadtest", "imgsearch.loadtest.cli", "loadtest", "run Locust against the gateway and write an HTML report with plots"),
+    ("finetune", "imgsearch.export.finetune_cli", "export", "fine-tune layer4 + head on an ImageFolder dataset"),
+    ("eval", "imgsearch.export.eval_cli", "export", "measure retrieval quality through the served model"),
 ]
+
+_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_EXTRA = re.compile(r"""\bextra\s*==\s*["']([^"']+)["']""")
+
+
+@cache
+def missing_from_extra(extra: str) -> tuple[str, ...]:
+    """The distributions that imgsearch's ``extra`` requires and are not installed.
+
+    Empty when imgsearch has no installed metadata (a bare source tree): nothing to judge by.
+    """
+    try:
+        requires = md.requires("imgsearch") or []
+    except md.PackageNotFoundError:
+        return ()
+    missing = []
+    for line in requires:
+        marker = _EXTRA.search(line)
+        if not marker or marker.group(1) != extra:
+            continue
+        name = _NAME.match(line).group(1)
+        try:
+            md.distribution(name)
+        except md.PackageNotFoundError:
+            missing.append(name)
+    return tuple(missing)
+
+
+def needs_extra(command: str, extra: str) -> str:
+    return f"imgsearch {command} needs the [{extra}] extra: pip install 'imgsearch[{extra}]'"
+
 
 EPILOG = """\
 typical session:
@@ -43,13 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, help_ in COMMANDS:
+    for name, module, extra, help_ in COMMANDS:
         try:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                continue  # a part not built yet
-            raise
+        except ModuleNotFoundError:
+            if not (extra and missing_from_extra(extra)):
+                raise  # not for want of an extra: a bug to show as it is
+            mod = None
+        if mod is None or (extra and missing_from_extra(extra)):
+            # listed all the same; takes any arguments, and main says what to install
+            p = sub.add_parser(name, help=f"{help_} [needs the {extra} extra]",
+                               description=f"{help_}\n\n{needs_extra(name, extra)}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            p.set_defaults(_run=None, _extra=extra)
+            continue
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
@@ -59,11 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "_run", True) is not None:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not getattr(args, "_run", None):
+    if not getattr(args, "command", None):
         parser.print_help()
+        return 2
+    if args._run is None:
+        missing = missing_from_extra(args._extra)
+        print(needs_extra(args.command, args._extra) + (f" (missing: {', '.join(missing)})" if missing else ""),
+              file=sys.stderr)
         return 2
     try:
         return int(args._run(args) or 0)

@@ -41,7 +41,7 @@ class TritonPaths:
 def find_triton() -> TritonPaths:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise LauncherError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0 (make setup does)")
+        raise LauncherError("nvidia-pytriton is not installed: pip install 'imgsearch[local]' (make setup does)")
     pkg = Path(next(iter(spec.submodule_search_locations)))
     root = pkg / "tritonserver"
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -6,7 +6,9 @@
   name, tensor names and dims;
 - Prometheus scrapes the compose services on their ports; the Grafana dashboard reads only
   metric names (and labels) that the gateway and Triton export;
-- the gateway image's dependency list covers every module the image imports, without torch.
+- the gateway image's dependency list (the [gateway] extra as uv.lock pins it) covers every
+  module the image imports, without torch; the subcommands of the other roles say which
+  extra they need.
 
 The Triton inference metric names are checked against a live tritonserver in
 tests/integration/test_deploy_metrics.py.
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,9 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "imgsearch.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DATASOURCES = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DOCKERFILE = ROOT / "gateway" / "Dockerfile"
-REQUIREMENTS = ROOT / "gateway" / "requirements.txt"
+# What the image installs: the [gateway] extra, exported from uv.lock (tests/unit/test_dependencies.py
+# checks it is the lock's)
+REQUIREMENTS = ROOT / "requirements" / "gateway.txt"
 
 # What a user puts in .env for the required variables (any non-empty values).
 REQUIRED_VALUES = {
@@ -552,18 +557,27 @@ def test_label_parser_sees_selectors_groupings_and_legends():
 
 # ------------------------------------------------------------- gateway image
 
+def locked(requirements: Path) -> list[str]:
+    """``name==version ; marker`` of each requirement in a file ``uv export`` wrote (hashes dropped)."""
+    return [line.rstrip(" \\") for line in requirements.read_text().splitlines()
+            if line and not line[0].isspace() and not line.startswith(("#", "-"))]
+
+
 def test_dockerfile_is_slim_and_torch_free():
     text = DOCKERFILE.read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
     assert base.startswith("python:3.11-slim"), base
-    reqs = [line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines()]
-    names = {re.split(r"[\[=<>!~; ]", r, maxsplit=1)[0].lower() for r in reqs if r}
-    assert not names & {"torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "nvidia-pytriton"}
+    pins = {re.split(r"[\[=<>!~; ]", r, maxsplit=1)[0].lower(): r for r in locked(REQUIREMENTS)}
+    assert not set(pins) & {"torch", "torchvision", "timm", "onnx", "onnxruntime", "onnxruntime-gpu", "nvidia-pytriton",
+                            "locust", "matplotlib", "scikit-image"}
     for needed in ("fastapi", "uvicorn", "tritonclient", "pymilvus", "pillow", "numpy", "pydantic-settings",
                    "prometheus-client", "python-multipart"):
-        assert needed in names, needed
-    numpy_pin = next(r for r in reqs if r.lower().startswith("numpy"))
-    assert re.search(r"==1\.|<2", numpy_pin), "numpy<2 across the project (docs/design.md)"
+        assert needed in pins, needed
+    assert all("==" in r for r in pins.values()), "every version pinned"
+    assert re.match(r"numpy==1\.", pins["numpy"]), "numpy<2 across the project (docs/design.md)"
+    # installed from the lock, hashes checked; the project itself adds no dependency
+    assert f"COPY {REQUIREMENTS.relative_to(ROOT)} " in text
+    assert re.search(r"pip install --require-hashes -r \S+", text)
     assert "pip install --no-deps ." in text
     assert re.search(r'^CMD \["imgsearch", "serve"\]', text, re.M)
     assert re.search(r"^USER \S+", text, re.M), "run as an unprivileged user"
@@ -572,10 +586,7 @@ def test_dockerfile_is_slim_and_torch_free():
 def test_dockerfile_copies_nothing_dockerignore_excludes():
     ignored = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
-    copied = []
-    for line in DOCKERFILE.read_text().splitlines():
-        if line.startswith("COPY") and "--from" not in line:
-            copied += line.split()[1:-1]
+    copied = [src for src, _ in dockerfile_copies()]
     assert copied
     for src in copied:
         assert (ROOT / src).exists(), src
@@ -584,40 +595,45 @@ def test_dockerfile_copies_nothing_dockerignore_excludes():
         assert secret.rstrip("/") in ignored
 
 
-IMAGE_PACKAGES = ("imgsearch", "gateway", "indexer")  # what gateway/Dockerfile copies
+# the folders of the wheel's packages (setuptools package-dir): the image copies them all
+PACKAGE_DIRS = sorted(set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()))
 
 
-def _image_env_check(requirements: Path = REQUIREMENTS) -> str:
-    """Python run in a child: only modules from requirements.txt (+ their deps) and stdlib import."""
+def dockerfile_copies() -> list[tuple[str, str]]:
+    """(source, destination) of each COPY from the build context."""
+    out = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY") and "--from" not in line:
+            *sources, dest = line.split()[1:]
+            out += [(src, dest) for src in sources]
+    return out
+
+
+def test_image_copies_every_package_of_the_wheel():
+    """`pip install --no-deps .` builds the wheel, and setuptools fails on a missing package folder."""
+    copied = {src: dest for src, dest in dockerfile_copies()}
+    assert "export" in PACKAGE_DIRS and "gateway" in PACKAGE_DIRS
+    for folder in PACKAGE_DIRS:
+        assert copied.get(folder) == f"./{folder}", f"gateway/Dockerfile does not COPY {folder} ./{folder}"
+    assert copied.get("pyproject.toml") == "./" and copied.get("README.md") == "./"
+
+
+def _image_env_check(pins: list[str]) -> str:
+    """Python run in a child: only the distributions pinned in ``pins`` (and the stdlib) import,
+    and importlib.metadata sees no other: ``pip install 'imgsearch[gateway]'``, as in the image."""
     return textwrap.dedent(f"""
-        import importlib, importlib.abc, importlib.metadata as md, pkgutil, sys
+        import importlib, importlib.abc, importlib.metadata as md, io, pkgutil, sys
+        from contextlib import redirect_stderr
         from packaging.requirements import Requirement
         from packaging.utils import canonicalize_name as canon
 
-        roots = []
-        for line in open({str(requirements)!r}):
-            line = line.split("#")[0].strip()
-            if line:
-                roots.append(Requirement(line))
-        # markers are evaluated when a requirement is queued, with the extras of its parent
-        allowed, todo = set(), [(r, set(r.extras)) for r in roots if r.marker is None or r.marker.evaluate()]
-        while todo:
-            req, extras = todo.pop()
-            name = canon(req.name)
-            if (name, frozenset(extras)) in allowed:
-                continue
-            allowed.add((name, frozenset(extras)))
-            for sub in md.requires(req.name) or []:
-                r = Requirement(sub)
-                if r.marker is None or any(r.marker.evaluate({{"extra": e}}) for e in (extras or {{""}})):
-                    todo.append((r, set(r.extras)))
-        allowed_dists = {{n for n, _ in allowed}}
+        allowed_dists = {{canon(r.name) for r in map(Requirement, {pins!r}) if r.marker is None or r.marker.evaluate()}}
+        allowed_dists.add("imgsearch")
         provided = {{}}
         for top, dists in md.packages_distributions().items():
             provided.setdefault(top, set()).update(canon(d) for d in dists)
-        ours = {IMAGE_PACKAGES!r}
-        blocked = {{top for top, dists in provided.items() if not dists & allowed_dists and top not in ours}}
-        blocked |= {{"imgsearch.export", "imgsearch.loadtest", "harness", "bench", "tests"}}  # not in the image
+        blocked = {{top for top, dists in provided.items() if not dists & allowed_dists and top != "imgsearch"}}
+        blocked |= {{"harness", "bench", "tests"}}  # not in the wheel
 
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -625,38 +641,61 @@ def _image_env_check(requirements: Path = REQUIREMENTS) -> str:
                     raise ModuleNotFoundError(f"No module named {{name!r}} (not in the gateway image)", name=name)
                 return None
 
+        real_distribution = md.distribution
+        def distribution(name):
+            if canon(name) not in allowed_dists:
+                raise md.PackageNotFoundError(name)
+            return real_distribution(name)
+
         sys.meta_path.insert(0, Block())
+        md.distribution = distribution
         import imgsearch.cli
         parser = imgsearch.cli.build_parser()
         for pkg in ("imgsearch.gateway", "imgsearch.indexer"):
             mod = importlib.import_module(pkg)
             for info in pkgutil.walk_packages(mod.__path__, pkg + "."):
                 importlib.import_module(info.name)
-        assert "torch" not in sys.modules, "torch was imported"
         print("commands:", " ".join(sorted(parser._subparsers._group_actions[0].choices)))
+        for line in parser.format_help().splitlines():
+            print("help:", line)
+        for argv in (["export", "--weights", "random"], ["loadtest", "--run-time", "5s"], ["finetune"]):
+            err = io.StringIO()
+            with redirect_stderr(err):
+                code = imgsearch.cli.main(argv)
+            print(f"ran {{argv[0]}}: exit {{code}}: {{err.getvalue().strip()}}")
+        assert "torch" not in sys.modules, "torch was imported"
     """)
 
 
+def _run_image_check(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}, timeout=120)
+
+
 def test_gateway_image_requirements_cover_what_it_imports(tmp_path):
-    """Simulates the image: imports the CLI and every gateway/indexer module with every
-    installed distribution hidden except those gateway/requirements.txt pulls in."""
-    res = subprocess.run([sys.executable, "-c", _image_env_check()], capture_output=True, text=True,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    """Simulates the image: imports the CLI and every gateway/indexer module with every installed
+    distribution hidden except the [gateway] extra's locked ones; the other roles' subcommands
+    are listed and say which extra they need, without importing torch."""
+    res = _run_image_check(_image_env_check(locked(REQUIREMENTS)), tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    commands = res.stdout.split("commands:", 1)[1].split()
-    assert "index" in commands
+    commands = res.stdout.split("commands:", 1)[1].split("\n", 1)[0].split()
+    assert {"index", "collection", "export", "loadtest", "finetune", "eval"} <= set(commands)
     if (ROOT / "gateway" / "cli.py").exists():
         assert "serve" in commands
-    assert "export" not in commands  # export/ (torch) is not in the image
+    help_ = {line.split()[1]: line for line in res.stdout.splitlines() if re.match(r"help:\s+[a-z-]+\s{2}", line)}
+    assert help_["export"].endswith("[needs the export extra]"), help_
+    assert help_["loadtest"].endswith("[needs the loadtest extra]"), help_
+    assert "[needs" not in help_["index"], help_
+    for command, extra in (("export", "export"), ("loadtest", "loadtest"), ("finetune", "export")):
+        expected = f"ran {command}: exit 2: imgsearch {command} needs the [{extra}] extra: pip install 'imgsearch[{extra}]'"
+        assert expected in res.stdout, res.stdout[-2000:]
 
 
 def test_image_check_would_catch_a_missing_requirement(tmp_path):
     """The simulation is not vacuous: without fastapi in the list, the gateway cannot import."""
-    reqs = tmp_path / "requirements.txt"
-    reqs.write_text("".join(line + "\n" for line in REQUIREMENTS.read_text().splitlines()
-                            if not line.startswith("fastapi")))
-    res = subprocess.run([sys.executable, "-c", _image_env_check(reqs)], capture_output=True, text=True,
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    pins = [r for r in locked(REQUIREMENTS) if not r.startswith("fastapi==")]
+    assert len(pins) == len(locked(REQUIREMENTS)) - 1
+    res = _run_image_check(_image_env_check(pins), tmp_path)
     assert res.returncode != 0
     assert "No module named 'fastapi" in res.stderr and "not in the gateway image" in res.stderr, res.stderr[-2000:]
 

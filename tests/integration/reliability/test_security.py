@@ -187,18 +187,22 @@ def test_cors_allows_only_the_configured_origin(sec_gw):
 @pytest.mark.parametrize("dist", sorted(FIXED))
 def test_installed_and_pinned_versions_are_past_the_fixed_advisories(dist):
     assert Version(version(dist)) >= FIXED[dist], f"installed {dist} {version(dist)}"
-    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     reqs = [Requirement(d) for d in deps if Requirement(d).name == dist]
     assert reqs, f"pyproject.toml does not pin {dist}"
     for req in reqs:
         floor = [Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")]
         assert floor and max(floor) >= FIXED[dist], f"pyproject.toml: {req} allows a vulnerable {dist}"
-    # the gateway image installs exact versions
-    pins = {Requirement(ln).name: Requirement(ln) for ln in
-            (REPO_ROOT / "gateway" / "requirements.txt").read_text().splitlines()
-            if ln.strip() and not ln.startswith("#")}
+    # the lock, and the gateway image's export of it, install exact versions
+    lock = tomllib.loads((REPO_ROOT / "uv.lock").read_text())
+    locked = [Version(p["version"]) for p in lock["package"] if p["name"] == dist]
+    assert locked and locked[0] >= FIXED[dist], f"uv.lock: {dist} {locked}"
+    image = REPO_ROOT / "requirements" / "gateway.txt"
+    pins = {Requirement(ln.rstrip(" \\")).name: Requirement(ln.rstrip(" \\")) for ln in image.read_text().splitlines()
+            if ln.strip() and not ln[0].isspace() and not ln.startswith("#")}
     pinned = [Version(s.version) for s in pins[dist].specifier if s.operator == "=="]
-    assert pinned and pinned[0] >= FIXED[dist], f"gateway/requirements.txt: {pins[dist]}"
+    assert pinned and pinned[0] >= FIXED[dist], f"requirements/gateway.txt: {pins[dist]}"
 
 
 def _control_mode(args: list[str]) -> list[str]:
