@@ -13,7 +13,9 @@ Inputs, all written by ``imgsearch loadtest`` into one folder:
 
 Latency figures are of *served* requests (outcome ok): a shed request (429/503 with
 Retry-After) answers in microseconds and would flatter the percentiles; it is counted
-in the shed ratio instead, and failures in the failure ratio.
+in the shed ratio instead, and failures in the failure ratio. Percentiles computed here
+are nearest-rank (:mod:`imgsearch.stats`); Locust's own, copied from its CSV, are not (see
+:func:`locust_csvs`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgsearch.stats import percentiles as nearest_rank
 
 from .scenario import SHED_PREFIX
 
@@ -132,12 +136,11 @@ def read_request_log(path: str | Path) -> RequestLog:
 
 
 def percentiles(ms: np.ndarray) -> dict[str, float | None]:
-    """p50/p95/p99/max/mean; 'higher' = an observed latency, never an interpolated one."""
+    """p50/p95/p99 (nearest rank: an observed latency, never an interpolated one), max and mean."""
     if len(ms) == 0:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
-    p = np.percentile(ms, [50, 95, 99], method="higher")
-    return {"p50_ms": float(p[0]), "p95_ms": float(p[1]), "p99_ms": float(p[2]),
-            "max_ms": float(ms.max()), "mean_ms": float(ms.mean())}
+    p50, p95, p99 = nearest_rank(ms, [50, 95, 99])
+    return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": float(ms.max()), "mean_ms": float(ms.mean())}
 
 
 def counts(log: RequestLog, duration_s: float) -> dict[str, Any]:
@@ -333,6 +336,14 @@ def _num(v: Any) -> float | None:
 
 
 def locust_csvs(out_dir: Path, prefix: str = LOCUST_PREFIX) -> dict:
+    """Locust's own totals, per-request rows and failures, as its CSVs give them.
+
+    Locust's percentiles are its own definition, not this module's: each response time is
+    first rounded to about two significant digits (147 ms counts as 150), and the q-th
+    percentile of n requests is the rounded time at 0-based position ``int(n * q / 100)``
+    in sorted order. They cover every request, shed ones included, so they are a
+    cross-check only; the report's percentiles are nearest rank over served requests.
+    """
     stats = _read_csv(out_dir / f"{prefix}_stats.csv")
     agg = next((r for r in stats if r.get("Name") == "Aggregated"), None)
     history = _read_csv(out_dir / f"{prefix}_stats_history.csv")
