@@ -56,6 +56,7 @@ from typing import Any
 import httpx
 from imgsearch.loadtest.scenario import multipart_body
 
+from harness.drive import drive
 from harness.stack import (
     GatewayProc,
     LockHolder,
@@ -69,6 +70,7 @@ from harness.stack import (
     shape_jpeg,
     start_gateway,
 )
+from imgsearch.stats import percentile
 from imgsearch.triton_metrics import metric_sum
 
 SCENARIOS = ("flood", "triton_queue", "triton_kill", "milvus_down", "milvus_locked", "shutdown")
@@ -114,16 +116,12 @@ async def search_once(c: httpx.AsyncClient, data: bytes, sent_at: float | None =
 
 async def closed_loop(url: str, data: bytes, concurrency: int, duration_s: float) -> tuple[list[Reply], float]:
     """``concurrency`` clients, each sending its next search when the last one is answered."""
-    out: list[Reply] = []
     start = time.monotonic()
-    deadline = start + duration_s
     async with make_client(url, concurrency) as c:
-        async def worker() -> None:
-            while time.monotonic() < deadline:
-                out.append(await search_once(c, data))
-
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-    return out, time.monotonic() - start
+        # search_once answers every HTTP failure as a Reply: anything raised is a bug, and ends the run
+        load = await drive(lambda i: search_once(c, data), concurrency=concurrency, seconds=duration_s,
+                           raise_errors=True)
+    return [call.result for call in load.calls], time.monotonic() - start
 
 
 async def open_loop(url: str, data: bytes, rate: float, duration_s: float,
@@ -151,16 +149,8 @@ async def open_loop(url: str, data: bytes, rate: float, duration_s: float,
 
 async def burst(url: str, data: bytes, n: int) -> list[Reply]:
     async with make_client(url, n) as c:
-        return list(await asyncio.gather(*[search_once(c, data) for _ in range(n)]))
-
-
-def percentile(xs: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of ``xs``; None when empty."""
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, int(-(-q * len(s) // 100)) - 1))
-    return s[k]
+        return (await drive(lambda i: search_once(c, data), concurrency=n, requests=n,
+                            raise_errors=True)).results()
 
 
 def ms(x: float | None) -> float | None:

@@ -32,17 +32,17 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 from imgsearch.loadtest.scenario import image_files
 
+from harness.drive import drive
 from harness.stack import gateway_env, index_images, start_gateway
 from imgsearch.imaging import decode_image, sniff_format
 from imgsearch.settings import get_settings
+from imgsearch.stats import percentiles
 from imgsearch.triton_client import TritonEncoder
 
 
@@ -80,33 +80,19 @@ def load_images(root: Path, limit: int) -> list[bytes]:
 
 
 async def run_round(mode: str, worker, images: list[bytes], concurrency: int, seconds: float) -> Round:
-    r = Round(mode)
-    stop = time.perf_counter() + seconds
-    counter = iter(range(10**12))
-
-    async def loop() -> None:
-        while time.perf_counter() < stop:
-            data = images[next(counter) % len(images)]
-            t0 = time.perf_counter()
-            status = await worker(data)
-            r.latencies_ms.append((time.perf_counter() - t0) * 1000)
-            r.statuses[status] = r.statuses.get(status, 0) + 1
-            r.requests += 1
-            if status != "200":
-                r.errors += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*[loop() for _ in range(concurrency)])
-    r.seconds = time.perf_counter() - t0
-    return r
+    """``concurrency`` clients for ``seconds``; ``worker`` answers a status string, "200" is success."""
+    load = await drive(lambda i: worker(images[i % len(images)]), concurrency=concurrency, seconds=seconds,
+                       outcome=str, ok="200", keep_results=False)
+    return Round(mode, load.requests, load.error_count, load.wall_s, [x * 1000 for x in load.latencies_s],
+                 load.counts)
 
 
 def summarize(mode: str, rounds: list[Round]) -> Summary:
-    lat = np.array([x for r in rounds for x in r.latencies_ms]) if rounds else np.array([0.0])
+    lat = [x for r in rounds for x in r.latencies_ms] or [0.0]
     ok = sum(r.requests - r.errors for r in rounds)
     secs = sum(r.seconds for r in rounds) or 1.0
-    return Summary(mode, sum(r.requests for r in rounds), sum(r.errors for r in rounds), ok / secs,
-                   float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
+    p50, p99 = percentiles(lat, [50, 99])
+    return Summary(mode, sum(r.requests for r in rounds), sum(r.errors for r in rounds), ok / secs, p50, p99)
 
 
 async def bench(args: argparse.Namespace, gateway_url: str, triton_url: str) -> dict:

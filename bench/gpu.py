@@ -135,7 +135,9 @@ def phase(name: str, need_s: float):
 
 
 def pct(values, q) -> float:
-    return round(float(np.percentile(np.asarray(values) * 1000.0, q)), 2) if len(values) else float("nan")
+    from imgsearch.stats import percentile
+
+    return round(percentile(values, q) * 1000.0, 2) if len(values) else float("nan")
 
 
 # --- 0. environment ---------------------------------------------------------------------------
@@ -322,29 +324,18 @@ def _triton_worker(url: str, model: str, conc: int, secs: float, batch: int, see
 
 
 async def _triton_clients(url, model, conc, secs, batch, seed, start_at):
+    from harness.drive import drive
     from imgsearch.triton_client import TritonEncoder
 
     enc = TritonEncoder(url, model, timeout_s=60)
     x = np.random.default_rng(seed).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-    lat, errors = [], Counter()
     try:
         await enc.encode(x)  # channel up, metadata cached
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        deadline = max(start_at, time.time()) + secs
-
-        async def one():
-            while time.time() < deadline:
-                t = time.perf_counter()
-                try:
-                    await enc.encode(x)
-                    lat.append(time.perf_counter() - t)
-                except Exception as e:  # noqa: BLE001 - counted, not fatal
-                    errors[type(e).__name__] += 1
-
-        await asyncio.gather(*[one() for _ in range(conc)])
+        load = await drive(lambda i: enc.encode(x), concurrency=conc, seconds=secs, start_at=start_at,
+                           keep_results=False)
     finally:
         await enc.close()
-    return lat, dict(errors), time.time()
+    return load.ok_latencies_s, load.errors, time.time()
 
 
 def split(conc: int, procs: int) -> list[int]:
@@ -645,8 +636,10 @@ def _search_worker(url: str, conc: int, secs: float, files: list[str], start_at:
 async def _search_clients(url, conc, secs, files, start_at, seed):
     import aiohttp
 
+    from harness.drive import drive
+
     blobs = [Path(f).read_bytes() for f in files]
-    lat, codes, stages = [], Counter(), Counter()
+    stages = Counter()
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc), timeout=timeout) as s:
         async def post(i):
@@ -656,30 +649,18 @@ async def _search_clients(url, conc, secs, files, start_at, seed):
                 body = await r.read()
                 return r.status, body
 
+        def outcome(answer) -> str:  # after the clock stopped: parsing the timings is not the server's time
+            status, body = answer
+            if status == 200:
+                for k2, v in json.loads(body).get("timings_ms", {}).items():
+                    stages[k2] += float(v)
+                stages["n"] += 1
+            return str(status)
+
         await post(seed)
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        deadline = max(start_at, time.time()) + secs
-
-        async def one(k):
-            i = seed * 1000 + k
-            while time.time() < deadline:
-                i += 7
-                t = time.perf_counter()
-                try:
-                    status, body = await post(i)
-                except Exception as e:  # noqa: BLE001
-                    codes[type(e).__name__] += 1
-                    continue
-                codes[status] += 1
-                if status == 200:
-                    lat.append(time.perf_counter() - t)
-                    tm = json.loads(body).get("timings_ms", {})
-                    for k2, v in tm.items():
-                        stages[k2] += float(v)
-                    stages["n"] += 1
-
-        await asyncio.gather(*[one(k) for k in range(conc)])
-    return lat, {str(k): v for k, v in codes.items()}, dict(stages), time.time()
+        load = await drive(lambda i: post(seed * 1000 + 7 * (i + 1)), concurrency=conc, seconds=secs,
+                           start_at=start_at, outcome=outcome, ok="200", keep_results=False)
+    return load.ok_latencies_s, load.counts, dict(stages), time.time()
 
 
 def start_search_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path, collection: str):

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.drive import drive
 from imgsearch.errors import ImageError
 from imgsearch.imaging import decode_image
 from imgsearch.labels import IMAGE_SUFFIXES
@@ -69,16 +70,13 @@ async def raw_triton(url: str, model: str, protocol: str, pixels: np.ndarray, ba
     enc = TritonEncoder(url, model, protocol)
     try:
         await enc.encode(pixels[:batch])  # warm-up: connection, metadata, first execution
-        sem = asyncio.Semaphore(in_flight)
 
-        async def one(i: int) -> int:
-            async with sem:
-                res = await with_backoff(lambda: enc.encode(pixels[i : i + batch]))
-                return res.embeddings.shape[0]
+        async def one(k: int) -> int:
+            res = await with_backoff(lambda: enc.encode(pixels[k * batch : (k + 1) * batch]))
+            return res.embeddings.shape[0]
 
-        t0 = time.perf_counter()
-        done = sum(await asyncio.gather(*[one(i) for i in range(0, len(pixels), batch)]))
-        dt = time.perf_counter() - t0
+        load = await drive(one, concurrency=in_flight, requests=-(-len(pixels) // batch), raise_errors=True)
+        done, dt = sum(load.results()), load.wall_s
     finally:
         await enc.close()
     return {"images": done, "seconds": round(dt, 3), "images_per_s": round(done / dt, 2)}

@@ -33,6 +33,7 @@ import httpx
 import psutil
 
 from bench.search import build_collection
+from harness.drive import drive_threads
 from harness.stack import (
     MilvusServer,
     copy_db,
@@ -69,10 +70,9 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dic
             if profile:
                 gw.proc.send_signal(signal.SIGUSR1)  # bench.profiled: start now
                 time.sleep(0.2)
-            c0, t0 = cpu_s(gw.pid), time.perf_counter()
-            for i in range(n):
-                send(c, i)
-            cpu, wall = cpu_s(gw.pid) - c0, time.perf_counter() - t0
+            c0 = cpu_s(gw.pid)
+            load = drive_threads(lambda i: send(c, i), concurrency=1, requests=n, keep_results=False)
+            cpu, wall = cpu_s(gw.pid) - c0, load.wall_s
     finally:
         gw.stop(30)
     out = {"requests": n, "gateway_cpu_ms_per_request": round(cpu / n * 1000, 3),

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.drive import drive
 from harness.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
 from imgsearch.imaging import decode_image
 from imgsearch.triton_server import LocalTriton
@@ -79,15 +80,15 @@ def imgsearch(*args: str, env: dict[str, str]) -> None:
 async def search_all(url: str, files: list[Path], concurrency: int = 4) -> list[list[str]]:
     import httpx
 
-    sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        async def one(p: Path) -> list[str]:
-            async with sem:
-                r = await client.post("/v1/search", params={"top_k": TOP_K},
-                                      files={"file": (p.name, p.read_bytes(), "image/png")})
-                r.raise_for_status()
-                return [h["path"] for h in r.json()["results"]]
-        return list(await asyncio.gather(*(one(p) for p in files)))
+        async def one(i: int) -> list[str]:
+            p = files[i]
+            r = await client.post("/v1/search", params={"top_k": TOP_K},
+                                  files={"file": (p.name, p.read_bytes(), "image/png")})
+            r.raise_for_status()
+            return [h["path"] for h in r.json()["results"]]
+
+        return (await drive(one, concurrency=concurrency, requests=len(files), raise_errors=True)).results()
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from harness.vectors import (
     vectors_card_repo,
 )
 from imgsearch.model_card import read_card
+from imgsearch.stats import percentile
 from imgsearch.store import VectorStore
 from imgsearch.triton_metrics import metric_sum
 from imgsearch.triton_server import free_port
@@ -82,7 +83,7 @@ def build_collection(db: Path, vectors: np.ndarray, sha: str, extra_rows=()) -> 
     return ids, {"insert_s": round(insert_s, 2), "build_index_s": round(build_s, 2),
                  "search_ms_before_index": [round(x * 1000, 1) for x in before],
                  "search_ms_after_index": [round(x * 1000, 1) for x in after],
-                 "slowdown_before_index": round(float(np.median(before) / np.median(after)), 1),
+                 "slowdown_before_index": round(percentile(before, 50) / percentile(after, 50), 1),
                  "index_state": state}
 
 

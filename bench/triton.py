@@ -22,12 +22,13 @@ import platform
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from harness.drive import drive
 from imgsearch.settings import get_settings
+from imgsearch.stats import percentiles
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats
 from imgsearch.triton_server import LocalTriton
@@ -49,29 +50,12 @@ def make_repository(src: Path, model: str, dest: Path) -> tuple[str, str]:
 
 
 async def closed_loop(enc: TritonEncoder, pixels: np.ndarray, concurrency: int, seconds: float) -> dict:
-    lat: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-
-    async def worker(i: int) -> None:
-        nonlocal errors
-        k = i
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            try:
-                await enc.encode(pixels[k % len(pixels)][None])
-                lat.append((time.perf_counter() - t0) * 1000)
-            except Exception:  # noqa: BLE001 - counted, the benchmark goes on
-                errors += 1
-            k += concurrency
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*[worker(i) for i in range(concurrency)])
-    wall = time.perf_counter() - t0
-    arr = np.array(lat) if lat else np.array([np.nan])
-    return {"images": len(lat), "errors": errors, "seconds": round(wall, 3),
-            "img_s": round(len(lat) / wall, 2), "p50_ms": round(float(np.percentile(arr, 50)), 1),
-            "p99_ms": round(float(np.percentile(arr, 99)), 1)}
+    load = await drive(lambda i: enc.encode(pixels[i % len(pixels)][None]), concurrency=concurrency,
+                       seconds=seconds, keep_results=False)
+    lat = [x * 1000 for x in load.ok_latencies_s]
+    p50, p99 = percentiles(lat, [50, 99]) if lat else (float("nan"), float("nan"))
+    return {"images": len(lat), "errors": load.error_count, "seconds": round(load.wall_s, 3),
+            "img_s": round(len(lat) / load.wall_s, 2), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
 
 
 async def sweep(server: LocalTriton, models: tuple[str, str], levels: list[int], seconds: float) -> list[dict]:

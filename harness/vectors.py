@@ -9,12 +9,12 @@ depends on the index settings.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from harness.drive import drive_threads
 from imgsearch.model_card import CARD_FILE, ModelCard, model_dir
 from imgsearch.store import Row, SearchQuery, VectorStore, is_lite
 
@@ -64,12 +64,9 @@ def fill(store: VectorStore, vectors: np.ndarray, model_sha: str, first_id: int 
 
 def time_searches(store: VectorStore, queries: np.ndarray, top_k: int = 10) -> list[float]:
     """Seconds per single-vector search, one after another."""
-    out = []
-    for q in queries:
-        t = time.perf_counter()
-        store.search_many([SearchQuery(q, top_k)])
-        out.append(time.perf_counter() - t)
-    return out
+    load = drive_threads(lambda i: store.search_many([SearchQuery(queries[i], top_k)]), concurrency=1,
+                         requests=len(queries), raise_errors=True, keep_results=False)
+    return load.latencies_s
 
 
 def exact_top_k(vectors: np.ndarray, ids: Sequence[int], queries: np.ndarray, k: int = 10) -> list[list[int]]:

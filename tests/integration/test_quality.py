@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from imgsearch.loadtest import bench_quality
+
+from bench import quality as bench_quality
 
 pytestmark = pytest.mark.integration
 
