@@ -296,7 +296,7 @@ class LockHolder:
 
 def export_repo(dest: Path, *extra: str) -> Path:
     """``imgsearch export --arch resnet18`` (random weights) into ``dest``, with extra CLI flags."""
-    cmd = [sys.executable, "-m", "imgsearch.cli", "export", "--arch", "resnet18", "--repository", str(dest),
+    cmd = [sys.executable, "-m", "imgsearch.cli", "export", "--arch", "resnet18", "--weights", "random", "--repository", str(dest),
            "--model-name", MODEL, *extra]
     res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if res.returncode != 0:

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     milvus_token: SecretStr | None = Field(None, description="user:password or API token of a Milvus server")
     collection: str = Field("images", description="the Milvus collection")
     milvus_timeout_s: float = Field(10.0, description="deadline of every Milvus call (a hung Milvus -> 503)")
+    milvus_load_timeout_s: float = Field(300.0, description="deadline of loading the collection into memory "
+                                                            "(opening it; minutes for a large one)")
 
     # --- images ---------------------------------------------------------------------
     image_root: Path = Field(Path("data/images"), description="indexed paths are relative to it; images are served from it only")

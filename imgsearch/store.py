@@ -166,11 +166,15 @@ class _WithDeadline:
 class VectorStore:
     """One collection of image embeddings bound to one model (dim + model card sha)."""
 
-    def __init__(self, uri: str, collection: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(self, uri: str, collection: str, token: str | None = None, timeout_s: float = 10.0,
+                 load_timeout_s: float = 300.0) -> None:
         self.uri = uri
         self.collection = collection
         self.token = token
         self.timeout_s = timeout_s
+        # loading reads every segment into memory (and may finish an index): minutes for a large
+        # collection, so not the deadline of one request's search
+        self.load_timeout_s = max(timeout_s, load_timeout_s)
         self._client = None
         self._lock = threading.Lock()
 
@@ -179,7 +183,7 @@ class VectorStore:
         """The store ``IMGSEARCH_MILVUS_URI`` / ``_TOKEN`` / ``_COLLECTION`` name."""
         token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
         return cls(settings.milvus_uri, collection or settings.collection, token=token,
-                   timeout_s=settings.milvus_timeout_s)
+                   timeout_s=settings.milvus_timeout_s, load_timeout_s=settings.milvus_load_timeout_s)
 
     # --- the boundary ---------------------------------------------------------------
     def _connect(self):
@@ -255,7 +259,10 @@ class VectorStore:
         else:
             self._finish_half_created(dim, model_sha, model)
             self.check(dim, model_sha)
-        self._call("load_collection", lambda c: c.load_collection(self.collection))
+        self._load()
+
+    def _load(self) -> None:
+        self._call("load_collection", lambda c: c.load_collection(self.collection, timeout=self.load_timeout_s))
 
     def check(self, dim: int, model_sha: str) -> None:
         props = self.properties()
@@ -288,7 +295,7 @@ class VectorStore:
         so it is finished for this one. A non-empty one without them stays a mismatch."""
         if PROP_SHA in self.properties():
             return
-        self._call("load_collection", lambda c: c.load_collection(self.collection))  # count(*) needs it
+        self._load()  # count(*) needs it
         if self.count() > 0:
             return
         log.warning("collection %s has no model properties and no entries (its creation was cut short): "
@@ -428,11 +435,11 @@ class VectorStore:
         Lite builds it when the collection loads (release, load).
         """
         t0 = time.perf_counter()
-        self._call("flush", lambda c: c.flush(self.collection))
+        self._call("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
         if is_lite(self.uri):
             def reload(c) -> None:
                 c.release_collection(self.collection)
-                c.load_collection(self.collection)
+                c.load_collection(self.collection, timeout=timeout_s)  # Lite builds the index here
 
             self._call("load_collection", reload)
         else:
