@@ -1,4 +1,5 @@
-"""Gateway CPU per request, and where it goes: the gateway under a profiler, one client at a time.
+"""Gateway CPU per request, and where it goes: one client at a time (under a profiler too), and
+with ``--clients`` concurrent clients, where search batching shares Milvus calls between requests.
 
 CPU per request = the gateway process' own CPU time (user + system, all its threads) over
 a run of sequential requests, divided by their number. Milvus runs as a server in its own
@@ -58,7 +59,7 @@ def cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
-def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dict:
+def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, clients: int = 1) -> dict:
     prof = tmp / f"{name}.prof"
     gw = start_gateway(env, log_level="warning", log_path=tmp / f"{name}.log",
                        python_args=["-m", "bench.profiled", str(prof)] if profile else ())
@@ -71,11 +72,11 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool) -> dic
                 gw.proc.send_signal(signal.SIGUSR1)  # bench.profiled: start now
                 time.sleep(0.2)
             c0 = cpu_s(gw.pid)
-            load = drive_threads(lambda i: send(c, i), concurrency=1, requests=n, keep_results=False)
+            load = drive_threads(lambda i: send(c, i), concurrency=clients, requests=n, keep_results=False)
             cpu, wall = cpu_s(gw.pid) - c0, load.wall_s
     finally:
         gw.stop(30)
-    out = {"requests": n, "gateway_cpu_ms_per_request": round(cpu / n * 1000, 3),
+    out = {"requests": n, "clients": clients, "gateway_cpu_ms_per_request": round(cpu / n * 1000, 3),
            "wall_ms_per_request": round(wall / n * 1000, 3)}
     if profile and prof.exists():
         buf = io.StringIO()
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=500, help="sequential requests per run (default: %(default)s)")
     p.add_argument("--vectors", type=int, default=5000, help="similar: collection size (default: %(default)s)")
     p.add_argument("--skip-search", action="store_true")
+    p.add_argument("--clients", type=int, nargs="*", default=[32],
+                   help="also measure CPU per request with this many concurrent clients, search batching "
+                        "on as by default: where a host's capacity is decided (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/results/gateway-cpu.json"), help="(default: %(default)s)")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="profile-gateway-"))
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
 
     res["similar"] = {"cpu": measure(env, similar, args.requests, tmp, "similar", False),
+                      "cpu_concurrent": [measure(env, similar, args.requests, tmp, f"similar-{k}", False, k)
+                                         for k in args.clients],
                       "profiled": measure(env, similar, args.requests, tmp, "similar-prof", True)}
 
     if not args.skip_search:
@@ -122,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                               files={"file": ("q.jpg", files[i % len(files)], "image/jpeg")})
 
             res["search_bytes"] = {"cpu": measure(senv, search, args.requests, tmp, "search", False),
+                                   "cpu_concurrent": [measure(senv, search, args.requests, tmp, f"search-{k}", False, k)
+                                                      for k in args.clients],
                                    "profiled": measure(senv, search, args.requests, tmp, "search-prof", True)}
     milvus.stop()
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
@@ -130,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     for k, v in res.items():
         if isinstance(v, dict) and "cpu" in v:
-            print(f"{k}: {v['cpu']['gateway_cpu_ms_per_request']} ms gateway CPU per request "
-                  f"({v['cpu']['wall_ms_per_request']} ms wall)")
+            for m in [v["cpu"], *v["cpu_concurrent"]]:
+                print(f"{k}, {m['clients']} client(s): {m['gateway_cpu_ms_per_request']} ms gateway CPU per request "
+                      f"({m['wall_ms_per_request']} ms wall)")
             print("\n".join(v["profiled"].get("profile", [])))
     print(f"wrote {args.out}")
     return 0

@@ -59,7 +59,8 @@ def cell(n: int, dim: int, args: argparse.Namespace, tmp: Path) -> dict:
            "insert_s": index["insert_s"], "build_index_s": index["build_index_s"],
            "search_ms_before_index": index["search_ms_before_index"],
            "search_ms_after_index": index["search_ms_after_index"],
-           "recall_at_10": round(recall, 4), "recall_queries": args.queries}
+           "recall_at_10": round(recall, 4), "recall_queries": args.queries,
+           "search_ef_top10": search_ef(10)}  # per cell: a file may hold cells measured at another ef
     with gateway_pair(repo, f"127.0.0.1:{free_port()}", db, tmp, args.window_ms, args.batch_max, tmp) as gws:
         for c in (1, args.clients):
             out[f"similar_{c}"] = asyncio.run(compare(gws, similar_worker(10), pick, c, args.seconds, args.rounds))
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         todo = [tuple(int(x) for x in s.lower().split("x")) for s in args.only]
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     cells = {(c["vectors"], c["dim"]): c for c in res.get("cells", [])}
-    res.update({"note": NOTE, "index": {**HNSW, "search_ef_top10": search_ef(10)},
+    for c in cells.values():  # cells written when the file recorded one ef for all of them
+        c.setdefault("search_ef_top10", res.get("index", {}).get("search_ef_top10"))
+    res.update({"note": NOTE, "index": dict(HNSW),
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                             "python": platform.python_version()}})
     for n, d in todo:
