@@ -38,7 +38,6 @@ import io
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -170,6 +169,7 @@ def export() -> Path:
         ensemble_config,
         gpu_python_config,
         preprocess_config,
+        without_dynamic_batching,
     )
 
     from imgsearch.model_card import read_card
@@ -203,9 +203,7 @@ def export() -> Path:
     for f in (repo / MODEL / "1").iterdir():
         os.link(f, nb / "1" / f.name)
     cfg = gpu_python_config(dataclasses.replace(card, name=NOBATCH), b, **{**kw, "buckets": (1,)})
-    cfg = re.sub(r"dynamic_batching \{.*?\n\}\n", "", cfg, flags=re.S)
-    assert "dynamic_batching" not in cfg
-    (nb / "configs" / "gpu.pbtxt").write_text(cfg)
+    (nb / "configs" / "gpu.pbtxt").write_text(without_dynamic_batching(cfg))
     R["model"] = {"arch": card.arch, "embedding_dim": card.embedding_dim, "onnx": with_onnx, "onnx_parity": card.parity}
     return repo
 
@@ -277,6 +275,24 @@ def raw(repo: Path) -> None:
 # --- 3. Triton --------------------------------------------------------------------------------
 
 
+def on_gpu_instances(config: Path) -> bool:
+    from imgsearch.export.triton_config import parse_config
+
+    return any(g.kind == g.KIND_GPU for g in parse_config(config.read_text()).instance_group)
+
+
+def cpu_instances_on_cuda(text: str) -> str:
+    """The config with KIND_CPU instances whose model computes on cuda (parameter ``device``)."""
+    from imgsearch.export.triton_config import parse_config, render_config
+
+    cfg = parse_config(text)
+    for g in cfg.instance_group:
+        if g.kind == g.KIND_GPU:
+            g.kind = g.KIND_CPU
+    cfg.parameters["device"].string_value = "cuda"
+    return render_config(cfg)
+
+
 @phase("triton", 60)
 def start_triton(repo: Path):
     from imgsearch.triton_server import LocalTriton
@@ -296,14 +312,13 @@ def start_triton(repo: Path):
     try:
         server.start()
     except Exception as e:  # noqa: BLE001 - one more try with CPU instances that compute on the GPU
-        if DRY or "KIND_GPU" not in "".join(p.read_text() for p in repo.glob("*/configs/gpu.pbtxt")):
+        if DRY or not any(on_gpu_instances(p) for p in repo.glob("*/configs/gpu.pbtxt")):
             raise
         R["notes"].append(f"GPU instances failed to load ({type(e).__name__}: {str(e)[-600:]}); "
                           "retried as KIND_CPU instances with parameter device=cuda")
         log(R["notes"][-1])
         for p in repo.glob("*/configs/gpu.pbtxt"):
-            p.write_text(p.read_text().replace("KIND_GPU", "KIND_CPU")
-                         + 'parameters { key: "device" value: { string_value: "cuda" } }\n')
+            p.write_text(cpu_instances_on_cuda(p.read_text()))
         server.stop()
         server.start()
     R["triton_start_s"] = round(time.monotonic() - t, 1)
