@@ -53,7 +53,8 @@ GPU_CHECK_DRY=1 GPU_CHECK_USE_CARRY=1 GPU_CHECK_CARRY_DIR=.carry-sim PY="$SIM/bi
 import json, pathlib, sys
 res = json.loads(next(pathlib.Path(sys.argv[1]).glob("gpu-*-dry.json")).read_text())
 bad = {k: v["status"] for k, v in res["phases"].items() if v.get("status") != "ok"}
-missing = [k for k in ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s", "search_req_s")
+missing = [k for k in ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s", "bytes_path_img_s",
+                      "search_req_s")
            if not isinstance(res.get(k), (int, float))]
 print("gpu_sim: phases", {k: v["status"] for k, v in res["phases"].items()}, "triton_input", res.get("triton_input"))
 if bad or missing:
