@@ -20,7 +20,8 @@ PY=${PY:-.venv/bin/python}
 PYVER=${PYVER:-3.12}
 LIMIT_MB=${LIMIT_MB:-60}
 mkdir -p "$CARRY"
-grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
+# kept out of git (the device tool carries it by name); .gitignore already covers .carry*/
+git check-ignore -q "$CARRY/" || echo "/$CARRY/" >> "$(git rev-parse --git-path info/exclude)"
 
 # the device is Python 3.12 on x86-64 (glibc 2.35+)
 PLAT=(--python-version "$PYVER" --implementation cp --only-binary=:all: --no-deps

@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 SIM=${SIM_IMAGE:-/tmp/imgsearch-gpu-sim-image}
 OUT=${OUT:-$REPO/loadtest/out/gpu-sim}
-VENV_SITE=$(.venv/bin/python -c "import site;print(site.getsitepackages()[0])")
+# where torch is installed: the venv's own site-packages, or the one it sees through a .pth
+VENV_SITE=$(.venv/bin/python -c "import pathlib, torch;print(pathlib.Path(torch.__file__).parents[1])")
 PYVER=$(.venv/bin/python -c "import sys;print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 
 if [ ! -x "$SIM/bin/python" ] || [ ! -f "$SIM/.ready" ]; then
