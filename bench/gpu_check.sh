@@ -11,10 +11,11 @@
 #
 # On the device: Python 3.12 with torch/torchvision/numpy 2.5; .carry/ brings the wheel's
 # tritonserver, the launcher-side packages (tritonclient, gateway stack, pymilvus +
-# milvus-lite + faiss) and numpy<2 for the Python-backend stub. The stub takes its packages
-# from the first python3 on the server's PATH (PYTHONPATH is not honoured there), so it gets
-# a small environment of its own: numpy 1.26 first, then the image's site-packages and this
-# repository (for imgsearch, which the preprocess model imports).
+# milvus-lite + faiss), numpy<2 for the Python-backend stub, and this project installed
+# (project.tar.xz). The stub takes its packages from the first python3 on the server's PATH
+# (PYTHONPATH is not honoured there), so it gets a small environment of its own: numpy 1.26
+# first, then the image's site-packages and the installed project (for imgsearch, which the
+# preprocess model imports).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ rm -rf "$T" && mkdir -p "$T"
 export GPU_CHECK_WORK=$T/work
 
 CARRY=${GPU_CHECK_CARRY_DIR:-.carry}
+PROJECT=$REPO  # where the stub finds imgsearch: the venv's editable install maps it to the repository
 if [ "${GPU_CHECK_DRY:-}" = 1 ] && [ "${GPU_CHECK_USE_CARRY:-}" != 1 ]; then
   PY=${PY:-$REPO/.venv/bin/python}
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
@@ -38,19 +40,24 @@ else
     "$PY" -c "import sys,torch,torchvision,numpy;print(sys.version.split()[0],torch.__version__,torchvision.__version__,numpy.__version__,torch.cuda.get_device_name())"
   } > "$OUT/env.txt" 2>&1
   cat "$OUT/env.txt"
-  for f in tritonbin site stubnumpy; do
+  for f in tritonbin site stubnumpy project; do
     [ -s "$CARRY/$f.tar.xz" ] || { echo "missing $CARRY/$f.tar.xz: run bench/gpu_prepare.sh and carry $CARRY" >&2; exit 2; }
   done
   "$PY" - "$T" "$CARRY" <<'EOF' || exit 2
 import sys, tarfile
 t, carry = sys.argv[1], sys.argv[2]
-for name, dest in (("tritonbin", "tb"), ("site", "site"), ("stubnumpy", "stubnumpy")):
+for name, dest in (("tritonbin", "tb"), ("site", "site"), ("stubnumpy", "stubnumpy"), ("project", "project")):
     with tarfile.open(f"{carry}/{name}.tar.xz") as tf:
         tf.extractall(f"{t}/{dest}")
 EOF
-  # the launcher (and uvicorn, milvus-lite, clients) import the carried packages first; the
-  # pytriton/ folder of the packed binary is found as a namespace package by LocalTriton
-  export PYTHONPATH=$T/site:$T/tb:$REPO${PYTHONPATH:+:$PYTHONPATH}
+  # the launcher (and uvicorn, milvus-lite, clients) import the carried packages first, then
+  # the installed project; the pytriton/ folder of the packed binary is found as a namespace
+  # package by LocalTriton; the repository last, for bench/ and harness/ (not installed).
+  # PYTHONSAFEPATH: `python -m` must not put the working directory (the repository, whose
+  # imgsearch/ lacks the components) before the installed project, here or in any child.
+  PROJECT=$T/project
+  export PYTHONPATH=$T/site:$PROJECT:$T/tb:$REPO${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONSAFEPATH=1
 fi
 
 # the stub's environment: a venv-shaped folder whose python3 is the base interpreter
@@ -62,7 +69,7 @@ mkdir -p "$T/stubenv/bin" "$SP"
 ln -sf "$BASE" "$T/stubenv/bin/python3"
 printf 'home = %s\ninclude-system-site-packages = false\nversion = %s\n' "$(dirname "$BASE")" "$VER" > "$T/stubenv/pyvenv.cfg"
 [ -d "$T/stubnumpy" ] && cp -r "$T/stubnumpy"/. "$SP"/
-printf 'import site; site.addsitedir(%s)\n%s\n' "'$SITE'" "$REPO" > "$SP/zz_imgsearch.pth"
+printf 'import site; site.addsitedir(%s)\n%s\n' "'$SITE'" "$PROJECT" > "$SP/zz_imgsearch.pth"
 export GPU_CHECK_STUB_PYTHON=$T/stubenv/bin
 # the stub links libpython<ver>.so.1.0: where the interpreter keeps it (the calibration found it in
 # /usr/lib/x86_64-linux-gnu on the device; a pyenv build keeps it in its own lib/)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .carry/: what bench/gpu_check.sh needs on a lent GPU box that its image lacks.
 #
-#   bench/gpu_prepare.sh            # here, once (downloads from PyPI: ~150 MB, packs ~50 MB)
+#   bench/gpu_prepare.sh            # here, before each device call (downloads from PyPI once: ~150 MB, packs ~50 MB)
 #   then the device call:  command "bash bench/gpu_check.sh", carry [".carry"], timeout_s 480
 #
 # The GPU image (Python 3.12, torch 2.11, torchvision, numpy 2.5, aiohttp, grpcio, pandas,
@@ -9,7 +9,9 @@
 # pydantic-settings, pymilvus + milvus-lite (+ faiss-cpu), and a numpy<2 for the
 # Python-backend stub (with numpy 2 the stub crashes on BYTES inputs and corrupts numpy
 # tensors). Everything travels as .tar.xz of unpacked wheels (xz beats the wheels' zip by
-# ~2x), under the device tool's 64 MiB limit for the whole working tree.
+# ~2x), under the device tool's 64 MiB limit for the whole working tree. The project itself
+# travels installed too (project.tar.xz): its components import as imgsearch.gateway,
+# imgsearch.export, ... only once installed (package-dir), not from the repository on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.carry}
@@ -18,7 +20,8 @@ PY=${PY:-.venv/bin/python}
 PYVER=${PYVER:-3.12}
 LIMIT_MB=${LIMIT_MB:-60}
 mkdir -p "$CARRY"
-grep -qxF "/$CARRY/" .git/info/exclude 2>/dev/null || echo "/$CARRY/" >> .git/info/exclude
+# kept out of git (the device tool carries it by name); .gitignore already covers .carry*/
+git check-ignore -q "$CARRY/" || echo "/$CARRY/" >> "$(git rev-parse --git-path info/exclude)"
 
 # the device is Python 3.12 on x86-64 (glibc 2.35+)
 PLAT=(--python-version "$PYVER" --implementation cp --only-binary=:all: --no-deps
@@ -62,6 +65,18 @@ if [ ! -s "$CARRY/tritonbin.tar.xz" ]; then
 fi
 pack site "${SITE_PKGS[@]}"
 pack stubnumpy "${STUB_PKGS[@]}"
+
+# the working tree as it is now, installed (pure Python: any interpreter builds it); repacked
+# on every run so that the device never serves an older copy of the code
+proj=$(mktemp -d)
+had_build=$([ -e build ] && echo 1 || true)
+"$PY" -m pip install -q --no-deps --no-compile --target "$proj/site" . 2>&1 | grep -v "^WARNING: Location" || true
+[ -n "$had_build" ] || rm -rf build  # setuptools builds in the tree; not part of it
+[ -d "$proj/site/imgsearch/gateway" ] || { echo "the project did not install into $proj/site" >&2; exit 1; }
+rm -rf "$proj/site/bin"
+XZ_OPT=-9e tar -C "$proj/site" -cJf "$CARRY/project.tar.xz" .
+rm -rf "$proj"
+ls -la "$CARRY/project.tar.xz"
 
 total=$(du -cm "$CARRY"/*.tar.xz | tail -1 | cut -f1)
 tree_kb=$(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)

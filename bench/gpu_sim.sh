@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 SIM=${SIM_IMAGE:-/tmp/imgsearch-gpu-sim-image}
 OUT=${OUT:-$REPO/loadtest/out/gpu-sim}
-VENV_SITE=$(.venv/bin/python -c "import site;print(site.getsitepackages()[0])")
+# where torch is installed: the venv's own site-packages, or the one it sees through a .pth
+VENV_SITE=$(.venv/bin/python -c "import pathlib, torch;print(pathlib.Path(torch.__file__).parents[1])")
 PYVER=$(.venv/bin/python -c "import sys;print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 
 if [ ! -x "$SIM/bin/python" ] || [ ! -f "$SIM/.ready" ]; then
@@ -53,7 +54,8 @@ GPU_CHECK_DRY=1 GPU_CHECK_USE_CARRY=1 GPU_CHECK_CARRY_DIR=.carry-sim PY="$SIM/bi
 import json, pathlib, sys
 res = json.loads(next(pathlib.Path(sys.argv[1]).glob("gpu-*-dry.json")).read_text())
 bad = {k: v["status"] for k, v in res["phases"].items() if v.get("status") != "ok"}
-missing = [k for k in ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s", "search_req_s")
+missing = [k for k in ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s", "bytes_path_img_s",
+                      "search_req_s")
            if not isinstance(res.get(k), (int, float))]
 print("gpu_sim: phases", {k: v["status"] for k, v in res["phases"].items()}, "triton_input", res.get("triton_input"))
 if bad or missing:

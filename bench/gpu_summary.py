@@ -104,6 +104,8 @@ def markdown(r: dict) -> str:
                     [[x["path"], x.get("img_s"), x.get("indexed", x.get("images")),
                       _stages(x.get("stages_s") or x.get("stage_s_summed")) or x.get("error")]
                      for x in r.get("indexer_table", [])])
+    lines += ["", f"`indexer_img_s` (the `imgsearch index` run): {_fmt(r.get('indexer_img_s'))} img/s; "
+              f"`bytes_path_img_s` ({r.get('bytes_path_measured', 'not run')}): {_fmt(r.get('bytes_path_img_s'))} img/s."]
 
     lines += ["", "### `/v1/search` (multipart JPEG, top_k 10)", ""]
     rows = []

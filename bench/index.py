@@ -48,6 +48,7 @@ from imgsearch.imaging import decode_image
 from imgsearch.labels import IMAGE_SUFFIXES
 from imgsearch.settings import Settings
 from imgsearch.triton_client import TritonEncoder, with_backoff
+from imgsearch.triton_server import triton_for
 
 
 def list_images(root: Path, limit: int | None) -> list[Path]:
@@ -144,13 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         files = list_images(root, args.limit)
         if not files:
             sys.exit(f"no images under {root}")
-        url = settings.triton_url
-        triton_pid = None  # known only for a Triton started here: then CPU per image is measured too
-        if not url:
-            from imgsearch.triton_server import LocalTriton
-
-            server = stack.enter_context(LocalTriton(settings.model_repository, settings.model_config_name))
-            url, triton_pid = server.grpc_url, server.proc.pid
+        triton = stack.enter_context(triton_for(settings))
+        url = triton.url
+        # known only for a Triton started here: then CPU per image is measured too
+        triton_pid = triton.server.proc.pid if triton.server else None
         print(f"{len(files)} files under {root}; Triton {url}; batch {args.batch_size}, in flight {args.in_flight}",
               flush=True)
         pixels = decode_all(files, settings.image_size)

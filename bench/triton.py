@@ -19,12 +19,12 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from imgsearch.export.triton_config import without_dynamic_batching
 
 from harness.drive import drive
 from imgsearch.settings import get_settings
@@ -42,10 +42,7 @@ def make_repository(src: Path, model: str, dest: Path) -> tuple[str, str]:
         cfg = dest / name / "configs" / "cpu.pbtxt"
         text = cfg.read_text()
         cfg.unlink()  # a symlink to the original: replace, never write through it
-        if name == nobatch:
-            text = re.sub(r'name: "[^"]+"', f'name: "{nobatch}"', text, count=1)
-            text = re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.S)
-        cfg.write_text(text)
+        cfg.write_text(without_dynamic_batching(text, name=nobatch) if name == nobatch else text)
     return model, nobatch
 
 

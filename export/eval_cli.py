@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     from imgsearch.errors import ModelRepositoryError
     from imgsearch.model_card import read_card, read_labels
-    from imgsearch.triton_server import LocalTriton
+    from imgsearch.triton_server import LocalTriton, triton_for
 
     from . import evaluate as ev
 
@@ -93,12 +93,8 @@ def run(args: argparse.Namespace) -> int:
             url, protocol = server.grpc_url, "grpc"
         else:
             repo, names = args.repository, [args.model_name]
-            if s.triton_url:
-                url, protocol = s.triton_url, s.triton_protocol
-            else:
-                server = stack.enter_context(LocalTriton(repo, s.model_config_name,
-                                                         exit_timeout_s=s.triton_exit_timeout_s))
-                url, protocol = server.grpc_url, "grpc"
+            triton = stack.enter_context(triton_for(s, repo))
+            url, protocol = triton.url, triton.protocol
         for name in names:
             try:
                 card = read_card(repo, name)

@@ -1,9 +1,18 @@
-"""Triton model configs rendered from the model card, so the two can never disagree."""
+"""Triton model configs built from the model card, so the two can never disagree.
+
+Each config is a ``ModelConfig`` message (Triton's own protobuf, as tritonclient ships it)
+written in protobuf text format; ``parse_config`` reads one back the way Triton does.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from imgsearch.errors import ModelRepositoryError
 from imgsearch.model_card import (
     BYTES_INPUT,
     EMBEDDING_NAME,
@@ -31,80 +40,112 @@ CPU_DEFAULTS = BatchingOptions(max_batch_size=64, preferred=(8, 16, 32), queue_d
                                max_queue_size=256, instances=1)
 
 
-def _io(card: ModelCard) -> str:
-    outs = [f'  {{ name: "{EMBEDDING_NAME}" data_type: TYPE_FP32 dims: [ {card.embedding_dim} ] }}']
+_ACCELERATOR = mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator
+# REJECT is the enum's zero, which text format leaves out: the header says it instead
+QUEUE_NOTE = "default_queue_policy.timeout_action: REJECT (the proto default, so not printed)"
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    """A ``config.pbtxt`` as Triton reads it (comments are not kept)."""
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as e:
+        raise ModelRepositoryError(f"not a Triton model config: {e}") from None
+
+
+def render_config(cfg: mc.ModelConfig, header: Sequence[str] = ()) -> str:
+    """``cfg`` in protobuf text format, after ``header`` as ``#`` comment lines."""
+    body = text_format.MessageToString(cfg, use_index_order=True, use_short_repeated_primitives=True)
+    return "".join(f"# {line}\n" for line in header) + body
+
+
+def without_dynamic_batching(text: str, name: str | None = None) -> str:
+    """The config ``text`` without its ``dynamic_batching`` block (Triton then runs each request
+    alone), renamed to ``name`` if given."""
+    cfg = parse_config(text)
+    cfg.ClearField("dynamic_batching")
+    if name is not None:
+        cfg.name = name
+    return render_config(cfg)
+
+
+def _tensor(cls, name: str, data_type: str, dims: Sequence[int]):
+    return cls(name=name, data_type=mc.DataType.Value(data_type), dims=list(dims))
+
+
+def _outputs(card: ModelCard) -> list[mc.ModelOutput]:
+    outs = [_tensor(mc.ModelOutput, EMBEDDING_NAME, "TYPE_FP32", [card.embedding_dim])]
     if card.has_probs:
-        outs.append(f'  {{ name: "{PROBS_NAME}" data_type: TYPE_FP32 dims: [ {card.num_classes} ] }}')
+        outs.append(_tensor(mc.ModelOutput, PROBS_NAME, "TYPE_FP32", [card.num_classes]))
+    return outs
+
+
+def _encoder(card: ModelCard, b: BatchingOptions, instance_kind: str) -> mc.ModelConfig:
+    """What every encoder config shares: name, tensors from the card, instances, batching."""
     s = card.input_size
-    return (
-        f'input [\n  {{ name: "{card.input_name}" data_type: TYPE_UINT8 dims: [ {s}, {s}, 3 ] }}\n]\n'
-        "output [\n" + ",\n".join(outs) + "\n]\n"
+    return mc.ModelConfig(
+        name=card.name,
+        max_batch_size=b.max_batch_size,
+        input=[_tensor(mc.ModelInput, card.input_name, "TYPE_UINT8", [s, s, 3])],
+        output=_outputs(card),
+        instance_group=[_instances(instance_kind, b)],
+        dynamic_batching=_batching(b),
     )
 
 
-def _batching(b: BatchingOptions) -> str:
-    prefs = ", ".join(str(p) for p in b.preferred if p <= b.max_batch_size)
-    return (
-        "dynamic_batching {\n"
-        f"  preferred_batch_size: [ {prefs} ]\n"
-        f"  max_queue_delay_microseconds: {b.queue_delay_us}\n"
-        "  default_queue_policy {\n"
-        "    timeout_action: REJECT\n"
-        f"    default_timeout_microseconds: {b.queue_timeout_us}\n"
-        "    allow_timeout_override: true\n"
-        f"    max_queue_size: {b.max_queue_size}\n"
-        "  }\n"
-        "}\n"
+def _instances(kind: str, b: BatchingOptions) -> mc.ModelInstanceGroup:
+    return mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.Kind.Value(kind), count=b.instances)
+
+
+def _batching(b: BatchingOptions) -> mc.ModelDynamicBatching:
+    return mc.ModelDynamicBatching(
+        preferred_batch_size=[p for p in b.preferred if p <= b.max_batch_size],
+        max_queue_delay_microseconds=b.queue_delay_us,
+        default_queue_policy=mc.ModelQueuePolicy(
+            timeout_action=mc.ModelQueuePolicy.REJECT,
+            default_timeout_microseconds=b.queue_timeout_us,
+            allow_timeout_override=True,
+            max_queue_size=b.max_queue_size,
+        ),
     )
+
+
+def _set_params(cfg: mc.ModelConfig, params: dict[str, str]) -> None:
+    for k, v in params.items():
+        cfg.parameters[k].string_value = v
+
+
+def _card_line(card: ModelCard) -> str:
+    return f"Generated by imgsearch export from model_card.json ({card.arch}, {card.embedding})."
 
 
 def gpu_config(card: ModelCard, b: BatchingOptions = GPU_DEFAULTS) -> str:
     """Production: native onnxruntime backend, TensorRT FP16, on the GPU."""
     s = card.input_size
-    return (
-        f'# Generated by imgsearch export from model_card.json ({card.arch}, {card.embedding}).\n'
-        f'name: "{card.name}"\n'
-        'platform: "onnxruntime_onnx"\n'
-        'default_model_filename: "model.onnx"\n'
-        f"max_batch_size: {b.max_batch_size}\n"
-        + _io(card)
-        + f"instance_group [\n  {{ kind: KIND_GPU count: {b.instances} }}\n]\n"
-        + _batching(b)
-        + "optimization {\n"
-        "  execution_accelerators {\n"
-        "    gpu_execution_accelerator: [ {\n"
-        '      name: "tensorrt"\n'
-        '      parameters { key: "precision_mode" value: "FP16" }\n'
-        '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-        '      parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-        '      parameters { key: "trt_engine_cache_path" value: "/tmp/trt_cache" }\n'
-        "    } ]\n"
-        "  }\n"
-        "}\n"
-        "model_warmup [\n"
-        "  {\n"
-        '    name: "warmup_batch"\n'
-        f"    batch_size: {min(32, b.max_batch_size)}\n"
-        f'    inputs {{ key: "{card.input_name}" value: {{ data_type: TYPE_UINT8 dims: [ {s}, {s}, 3 ] zero_data: true }} }}\n'
-        "  }\n"
-        "]\n"
-    )
+    cfg = _encoder(card, b, "KIND_GPU")
+    cfg.platform = "onnxruntime_onnx"
+    cfg.default_model_filename = "model.onnx"
+    trt = _ACCELERATOR(name="tensorrt", parameters={
+        "precision_mode": "FP16",
+        "max_workspace_size_bytes": "4294967296",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": "/tmp/trt_cache",
+    })
+    cfg.optimization.execution_accelerators.gpu_execution_accelerator.append(trt)
+    cfg.model_warmup.append(mc.ModelWarmup(
+        name="warmup_batch",
+        batch_size=min(32, b.max_batch_size),
+        inputs={card.input_name: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[s, s, 3], zero_data=True)},
+    ))
+    return render_config(cfg, [_card_line(card), QUEUE_NOTE])
 
 
 def cpu_config(card: ModelCard, b: BatchingOptions = CPU_DEFAULTS, intra_op_threads: int = 0) -> str:
     """Local: Python backend running the same ONNX in ONNX Runtime (1/model.py)."""
-    return (
-        f'# Generated by imgsearch export from model_card.json ({card.arch}, {card.embedding}).\n'
-        f'# Selected with: tritonserver --model-config-name cpu\n'
-        f'name: "{card.name}"\n'
-        'backend: "python"\n'
-        f"max_batch_size: {b.max_batch_size}\n"
-        + _io(card)
-        + f"instance_group [\n  {{ kind: KIND_CPU count: {b.instances} }}\n]\n"
-        + _batching(b)
-        + f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{intra_op_threads}" }} }}\n'
-        + 'parameters { key: "onnx_file" value: { string_value: "model.onnx" } }\n'
-    )
+    cfg = _encoder(card, b, "KIND_CPU")
+    cfg.backend = "python"
+    _set_params(cfg, {"intra_op_threads": str(intra_op_threads), "onnx_file": "model.onnx"})
+    return render_config(cfg, [_card_line(card), "Selected with: tritonserver --model-config-name cpu", QUEUE_NOTE])
 
 
 # --- GPU box without Docker: the wheel's tritonserver + the Python backend ------------------
@@ -119,10 +160,6 @@ PREPROCESS_CPU = BatchingOptions(max_batch_size=64, preferred=(8, 16, 32), queue
                                  max_queue_size=256, instances=2)
 PREPROCESS_GPU = BatchingOptions(max_batch_size=128, preferred=(32, 64, 128), queue_delay_us=2000,
                                  max_queue_size=1024, instances=2)
-
-
-def _params(params: dict[str, str]) -> str:
-    return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in params.items())
 
 
 def graph_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -161,17 +198,14 @@ def gpu_python_config(
         "parity_min_cosine": str(parity_min_cosine),
         "parity_images": "4",
     }
-    return (
-        f'# Generated by imgsearch export from model_card.json ({card.arch}, {card.embedding}).\n'
-        f'# Selected with: tritonserver --model-config-name gpu (the wheel\'s server on a GPU box, no Docker)\n'
-        f'name: "{card.name}"\n'
-        'backend: "python"\n'
-        f"max_batch_size: {b.max_batch_size}\n"
-        + _io(card)
-        + f"instance_group [\n  {{ kind: {instance_kind} count: {b.instances} }}\n]\n"
-        + _batching(b)
-        + _params(params)
-    )
+    cfg = _encoder(card, b, instance_kind)
+    cfg.backend = "python"
+    _set_params(cfg, params)
+    return render_config(cfg, [
+        _card_line(card),
+        "Selected with: tritonserver --model-config-name gpu (the wheel's server on a GPU box, no Docker)",
+        QUEUE_NOTE,
+    ])
 
 
 def preprocess_config(input_size: int = 224, b: BatchingOptions = PREPROCESS_CPU, *, instance_kind: str = "KIND_CPU",
@@ -180,45 +214,42 @@ def preprocess_config(input_size: int = 224, b: BatchingOptions = PREPROCESS_CPU
     """Encoded image files (BYTES) -> uint8 [size, size, 3]. decoder: pillow | nvjpeg | torchvision."""
     s = input_size
     where = "gpu" if instance_kind == "KIND_GPU" else "cpu"
-    return (
-        "# Generated by imgsearch export. Decodes file bytes in Triton (the image_search ensemble's first step).\n"
-        f"# Selected with: tritonserver --model-config-name {where}\n"
-        f'name: "{name}"\n'
-        'backend: "python"\n'
-        f"max_batch_size: {b.max_batch_size}\n"
-        f'input [\n  {{ name: "{BYTES_INPUT}" data_type: TYPE_STRING dims: [ 1 ] }}\n]\n'
-        f'output [\n  {{ name: "{output_name}" data_type: TYPE_UINT8 dims: [ {s}, {s}, 3 ] }}\n]\n'
-        f"instance_group [\n  {{ kind: {instance_kind} count: {b.instances} }}\n]\n"
-        + _batching(b)
-        + _params({"decoder": decoder, "size": str(s), "max_pixels": str(max_pixels)})
+    cfg = mc.ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=b.max_batch_size,
+        input=[_tensor(mc.ModelInput, BYTES_INPUT, "TYPE_STRING", [1])],
+        output=[_tensor(mc.ModelOutput, output_name, "TYPE_UINT8", [s, s, 3])],
+        instance_group=[_instances(instance_kind, b)],
+        dynamic_batching=_batching(b),
     )
+    _set_params(cfg, {"decoder": decoder, "size": str(s), "max_pixels": str(max_pixels)})
+    return render_config(cfg, [
+        "Generated by imgsearch export. Decodes file bytes in Triton (the image_search ensemble's first step).",
+        f"Selected with: tritonserver --model-config-name {where}",
+        QUEUE_NOTE,
+    ])
 
 
 def ensemble_config(card: ModelCard, max_batch_size: int, *, name: str = ENSEMBLE_NAME,
                     preprocess: str = PREPROCESS_NAME) -> str:
     """image_search: file bytes -> preprocess -> the encoder. Same outputs as the encoder."""
-    outs = [f'  {{ name: "{EMBEDDING_NAME}" data_type: TYPE_FP32 dims: [ {card.embedding_dim} ] }}']
-    maps = [f'      output_map {{ key: "{EMBEDDING_NAME}" value: "{EMBEDDING_NAME}" }}']
-    if card.has_probs:
-        outs.append(f'  {{ name: "{PROBS_NAME}" data_type: TYPE_FP32 dims: [ {card.num_classes} ] }}')
-        maps.append(f'      output_map {{ key: "{PROBS_NAME}" value: "{PROBS_NAME}" }}')
-    return (
-        f"# Generated by imgsearch export: {preprocess} -> {card.name}. Clients send encoded files as\n"
-        f'# "{BYTES_INPUT}" BYTES [N, 1] (TritonEncoder.encode_bytes).\n'
-        f'name: "{name}"\n'
-        'platform: "ensemble"\n'
-        f"max_batch_size: {max_batch_size}\n"
-        f'input [\n  {{ name: "{BYTES_INPUT}" data_type: TYPE_STRING dims: [ 1 ] }}\n]\n'
-        "output [\n" + ",\n".join(outs) + "\n]\n"
-        "ensemble_scheduling {\n  step [\n"
-        "    {\n"
-        f'      model_name: "{preprocess}"\n      model_version: -1\n'
-        f'      input_map {{ key: "{BYTES_INPUT}" value: "{BYTES_INPUT}" }}\n'
-        f'      output_map {{ key: "{card.input_name}" value: "pixels" }}\n'
-        "    },\n"
-        "    {\n"
-        f'      model_name: "{card.name}"\n      model_version: -1\n'
-        f'      input_map {{ key: "{card.input_name}" value: "pixels" }}\n'
-        + "\n".join(maps) + "\n"
-        "    }\n  ]\n}\n"
+    outputs = _outputs(card)
+    steps = [
+        mc.ModelEnsembling.Step(model_name=preprocess, model_version=-1, input_map={BYTES_INPUT: BYTES_INPUT},
+                                output_map={card.input_name: "pixels"}),
+        mc.ModelEnsembling.Step(model_name=card.name, model_version=-1, input_map={card.input_name: "pixels"},
+                                output_map={o.name: o.name for o in outputs}),
+    ]
+    cfg = mc.ModelConfig(
+        name=name,
+        platform="ensemble",
+        max_batch_size=max_batch_size,
+        input=[_tensor(mc.ModelInput, BYTES_INPUT, "TYPE_STRING", [1])],
+        output=outputs,
+        ensemble_scheduling=mc.ModelEnsembling(step=steps),
     )
+    return render_config(cfg, [
+        f"Generated by imgsearch export: {preprocess} -> {card.name}. Clients send encoded files as",
+        f'"{BYTES_INPUT}" BYTES [N, 1] (TritonEncoder.encode_bytes).',
+    ])

@@ -21,7 +21,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -57,28 +56,23 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     from imgsearch.store import is_lite
-    from imgsearch.triton_server import LocalTriton
+    from imgsearch.triton_server import triton_for
 
     s = get_settings()
     if args.workers > 1 and is_lite(s.milvus_uri):
         raise LauncherError(
             f"--workers {args.workers} with Milvus Lite ({s.milvus_uri}): a Lite file can be opened by one "
             "process only. Use --workers 1, or IMGSEARCH_MILVUS_URI=http://host:19530 (Milvus standalone).")
-    with contextlib.ExitStack() as stack:
-        if s.triton_url:
-            triton_url = s.triton_url
-            log.info("using Triton at %s (IMGSEARCH_TRITON_URL)", triton_url)
+    if not s.triton_url:
+        log.info("starting the local tritonserver for %s (config %s)...", s.model_repository, s.model_config_name)
+    with triton_for(s, fixed_ports=True) as triton:
+        if triton.server is None:
+            log.info("using Triton at %s (IMGSEARCH_TRITON_URL)", triton.url)
         else:
-            log.info("starting the local tritonserver for %s (config %s)...", s.model_repository, s.model_config_name)
-            triton = stack.enter_context(LocalTriton(
-                s.model_repository, s.model_config_name, http_port=s.local_triton_http_port,
-                grpc_port=s.local_triton_grpc_port, metrics_port=s.local_triton_metrics_port,
-                exit_timeout_s=s.triton_exit_timeout_s))
-            triton_url = triton.client_url(s.triton_protocol)
-            log.info("triton ready: grpc %s  http %s  metrics %s  (log %s)",
-                     triton.grpc_url, triton.http_url, triton.metrics_url, triton.log_path)
+            log.info("triton ready: grpc %s  http %s  metrics %s  (log %s)", triton.server.grpc_url,
+                     triton.server.http_url, triton.server.metrics_url, triton.server.log_path)
         # the factory (and every worker) reads its settings from the environment
-        os.environ["IMGSEARCH_TRITON_URL"] = triton_url
+        os.environ["IMGSEARCH_TRITON_URL"] = triton.url
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         base = f"http://{shown}:{args.port}"
         log.info("gateway on %s/  (API docs %s/docs, metrics %s/metrics, readiness %s/readyz)",

@@ -1,7 +1,8 @@
 """Run the real ``tritonserver`` binary shipped in the nvidia-pytriton wheel, no Docker.
 
 ``LocalTriton`` is a context manager (tests, ``imgsearch serve``, the indexer) and the
-engine of ``imgsearch triton``. It prepares what the wheel leaves to its own launcher:
+engine of ``imgsearch triton``; ``triton_for`` picks between ``IMGSEARCH_TRITON_URL`` and a
+``LocalTriton`` the way every command that needs Triton does. It prepares what the wheel leaves to its own launcher:
 a backend directory holding the Python-backend stub for this interpreter, the library
 path, and a ``PATH`` whose first ``python3`` is this environment's (the stub finds its
 packages through it, not through ``PYTHONPATH``).
@@ -22,10 +23,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LauncherError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -302,3 +308,31 @@ class LocalTriton:
         self.stop()
         if self.log_path.is_relative_to(self._tmp):
             self.cleanup()
+
+
+@dataclass(frozen=True)
+class TritonEndpoint:
+    """Where a command reaches Triton: ``url`` (host:port) over ``protocol``."""
+
+    url: str
+    protocol: str
+    server: LocalTriton | None  # the tritonserver started for the command; None with IMGSEARCH_TRITON_URL
+
+
+@contextlib.contextmanager
+def triton_for(settings: Settings, repository: str | Path | None = None, *,
+               fixed_ports: bool = False) -> Iterator[TritonEndpoint]:
+    """``IMGSEARCH_TRITON_URL`` when set; else a local tritonserver serving ``repository``
+    (default ``settings.model_repository``, config ``settings.model_config_name``) for the block.
+
+    ``fixed_ports``: the ``IMGSEARCH_LOCAL_TRITON_*_PORT`` ports (a server others connect to),
+    instead of free ones (a server only this process uses).
+    """
+    if settings.triton_url:
+        yield TritonEndpoint(settings.triton_url, settings.triton_protocol, None)
+        return
+    ports = dict(http_port=settings.local_triton_http_port, grpc_port=settings.local_triton_grpc_port,
+                 metrics_port=settings.local_triton_metrics_port) if fixed_ports else {}
+    with LocalTriton(repository if repository is not None else settings.model_repository, settings.model_config_name,
+                     exit_timeout_s=settings.triton_exit_timeout_s, **ports) as server:
+        yield TritonEndpoint(server.client_url(settings.triton_protocol), settings.triton_protocol, server)

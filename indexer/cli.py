@@ -43,11 +43,9 @@ error that tells you to use --recreate or another --collection.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from .scan import Shard, parse_shard
@@ -88,21 +86,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long to keep retrying an unreachable Triton before stopping (default: 30)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full report (every failed file) as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-@contextlib.contextmanager
-def triton_endpoint(settings) -> Iterator[str]:
-    """IMGSEARCH_TRITON_URL when set, else a local tritonserver on free ports for this run."""
-    if settings.triton_url:
-        yield settings.triton_url
-        return
-    from imgsearch.triton_server import LocalTriton
-
-    print(f"IMGSEARCH_TRITON_URL is not set: starting the local tritonserver on "
-          f"{settings.model_repository} (config {settings.model_config_name})...", file=sys.stderr)
-    with LocalTriton(settings.model_repository, settings.model_config_name,
-                     exit_timeout_s=settings.triton_exit_timeout_s) as server:
-        yield server.client_url(settings.triton_protocol)
 
 
 def quiet_libraries() -> None:
@@ -148,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from imgsearch.settings import Settings
     from imgsearch.store import VectorStore
     from imgsearch.triton_client import TritonEncoder
+    from imgsearch.triton_server import triton_for
 
     from .pipeline import (
         INTERRUPTED,
@@ -192,8 +176,11 @@ def run(args: argparse.Namespace) -> int:
                             image_size=card.input_size, max_pixels=settings.max_pixels,
                             triton_input=settings.triton_input,
                             sync=args.sync, progress=not args.no_progress)
-        with triton_endpoint(settings) as url:
-            encoder = TritonEncoder(url, settings.model_name, settings.triton_protocol, settings.triton_timeout_s,
+        if not settings.triton_url:
+            print(f"IMGSEARCH_TRITON_URL is not set: starting the local tritonserver on "
+                  f"{settings.model_repository} (config {settings.model_config_name})...", file=sys.stderr)
+        with triton_for(settings) as triton:
+            encoder = TritonEncoder(triton.url, settings.model_name, triton.protocol, settings.triton_timeout_s,
                                     ensemble_name=settings.ensemble_name)
             report = run_index(store, encoder, card.embedding_dim, found, opts, pool)
     finally:

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("export", "raw", "triton", "sweep", "bytes_probe", "indexer", "search")
-FIGURES = ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s", "search_req_s", "search_p99_ms")
+FIGURES = ("raw_model_img_s", "triton_img_s", "dyn_vs_nobatch", "indexer_img_s", "bytes_path_img_s", "search_req_s",
+           "search_p99_ms")
 
 
 def test_gpu_check_dry_run_measures_every_phase(tmp_path):
@@ -52,6 +53,9 @@ def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     cli = next(row for row in res["indexer_table"] if row["path"].startswith("imgsearch index"))
     assert cli["indexed"] == res["images"]["files"] and cli["failed"] == 0, cli
     assert res["indexer_source"].startswith("imgsearch index CLI, bytes")
+    assert res["indexer_img_s"] == cli["img_s"]  # the CLI's own figure, not the stand-in's
+    stand_in = next(row for row in res["indexer_table"] if row["path"].startswith("bytes"))
+    assert res["bytes_path_img_s"] == stand_in["img_s"] and "not imgsearch index" in res["bytes_path_measured"]
     assert res["search_table"] and all(set(row["status"]) == {"200"} for row in res["search_table"]), res["search_table"]
     # the server logs come back next to the result file, as they would from the device
     assert (out / "tritonserver.log").stat().st_size > 0 and (out / "gpu_check.log").exists()

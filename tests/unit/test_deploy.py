@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from imgsearch.export.triton_config import parse_config
+from tritonclient.grpc import model_config_pb2 as mc
 
 from imgsearch import model_card
 from imgsearch.settings import Settings
@@ -149,14 +151,14 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
 
 
 def pbtxt_tensors(text: str) -> dict[str, tuple[str, list[int]]]:
-    return {name: (dtype, [int(d) for d in dims.split(",")])
-            for name, dtype, dims in re.findall(r'name: "(\w+)" data_type: (TYPE_\w+) dims: \[ ([\d, ]+) \]', text)}
+    cfg = parse_config(text)
+    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in [*cfg.input, *cfg.output]}
 
 
 def pbtxt_name(text: str) -> str:
-    m = re.search(r'^name: "([^"]+)"', text, re.M)
-    assert m, "config without a model name"
-    return m.group(1)
+    name = parse_config(text).name
+    assert name, "config without a model name"
+    return name
 
 
 # ----------------------------------------------------- docker-compose config
@@ -295,10 +297,12 @@ def test_triton_reserves_a_gpu(compose):
 
 def test_trt_cache_volume_is_where_config_pbtxt_puts_engines(compose):
     cfg = (ROOT / "model_repository" / Settings.model_fields["model_name"].default / "config.pbtxt").read_text()
-    m = re.search(r'key: "trt_engine_cache_path" value: "([^"]+)"', cfg)
-    assert m, "config.pbtxt has no TensorRT engine cache path"
-    assert m.group(1) in mounts(services(compose)["triton"])
-    assert mounts(services(compose)["triton"])[m.group(1)][0] in compose["volumes"]
+    paths = [a.parameters["trt_engine_cache_path"]
+             for a in parse_config(cfg).optimization.execution_accelerators.gpu_execution_accelerator
+             if "trt_engine_cache_path" in a.parameters]
+    assert paths, "config.pbtxt has no TensorRT engine cache path"
+    assert paths[0] in mounts(services(compose)["triton"])
+    assert mounts(services(compose)["triton"])[paths[0]][0] in compose["volumes"]
 
 
 # ----------------------------------------------------- model name and tensors
@@ -321,7 +325,9 @@ def test_checked_in_config_uses_the_model_card_tensor_names():
     assert tensors[model_card.INPUT_NAME] == ("TYPE_UINT8", [224, 224, 3])
     assert tensors[model_card.EMBEDDING_NAME][0] == "TYPE_FP32"
     assert set(tensors) <= {model_card.INPUT_NAME, model_card.EMBEDDING_NAME, model_card.PROBS_NAME}
-    assert 'platform: "onnxruntime_onnx"' in cfg and "KIND_GPU" in cfg
+    parsed = parse_config(cfg)
+    assert parsed.platform == "onnxruntime_onnx"
+    assert [g.kind for g in parsed.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
 
 
 def test_exported_config_dims_match_its_model_card(repo18):

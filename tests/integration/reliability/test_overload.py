@@ -8,9 +8,10 @@ same code) and assert bounds on what they measured.
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
+from imgsearch.export.triton_config import parse_config
+from tritonclient.grpc import model_config_pb2 as mc
 
 from bench.flood import flood, scrape, triton_queue
 from harness.data import make_tiny_queue_repo
@@ -104,9 +105,7 @@ def test_triton_queue_full_is_503_with_retry_after_and_counted(launch, tiny_queu
 
 @pytest.mark.parametrize("config", ["config.pbtxt", "configs/cpu.pbtxt", "configs/gpu.pbtxt"])
 def test_shipped_model_configs_bound_the_queue_and_reject(config):
-    text = (REPO_ROOT / "model_repository" / MODEL / config).read_text()
-    policy = re.search(r"default_queue_policy\s*\{([^}]*)\}", text)
-    assert policy, f"{config}: no default_queue_policy: Triton would queue without limit"
-    size = re.search(r"max_queue_size:\s*(\d+)", policy.group(1))
-    assert size and int(size.group(1)) > 0, config
-    assert re.search(r"timeout_action:\s*REJECT", policy.group(1)), config
+    batching = parse_config((REPO_ROOT / "model_repository" / MODEL / config).read_text()).dynamic_batching
+    assert batching.HasField("default_queue_policy"), f"{config}: no default_queue_policy: Triton would queue without limit"
+    assert batching.default_queue_policy.max_queue_size > 0, config
+    assert batching.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT, config
