@@ -9,11 +9,12 @@ ARCH    ?=
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo demo-data export index serve loadtest bench clean help
+.PHONY: setup lint test demo demo-data export index serve loadtest bench clean help
 help:
 	@echo "make setup     create $(VENV) and install everything, as locked in uv.lock (idempotent)"
 	@echo "make lock      re-resolve uv.lock after a change to the dependencies; export requirements/*.txt"
-	@echo "make test      setup + the whole test suite (real Triton, Milvus Lite, uvicorn, chromium)"
+	@echo "make test      setup + lint + the whole test suite (real Triton, Milvus Lite, uvicorn, chromium)"
+	@echo "make lint      ruff (pyflakes, import order: ruff.toml)"
 	@echo "make demo      setup, export, build demo images, index, serve on :$(PORT)"
 	@echo "               WEIGHTS=auto|packaged|imagenet|random|/path/ckpt.pth  DATA=demo|stanford-dogs|/path/folder"
 	@echo "make loadtest  30 s Locust smoke against the stack 'make demo' started"
@@ -47,7 +48,10 @@ lock:
 	$(EXPORT) --extra dev -o requirements/dev.txt
 	$(EXPORT) --extra gateway -o requirements/gateway.txt
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from imgsearch.loadtest.scenario import multipart_body
 
 from harness.drive import drive
 from harness.stack import (
@@ -70,6 +69,7 @@ from harness.stack import (
     shape_jpeg,
     start_gateway,
 )
+from imgsearch.loadtest.scenario import multipart_body
 from imgsearch.stats import percentile
 from imgsearch.triton_metrics import metric_sum
 

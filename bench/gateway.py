@@ -36,11 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from imgsearch.loadtest.scenario import image_files
-
 from harness.drive import drive
 from harness.stack import gateway_env, index_images, start_gateway
 from imgsearch.imaging import decode_image, sniff_format
+from imgsearch.loadtest.scenario import image_files
 from imgsearch.settings import get_settings
 from imgsearch.stats import percentiles
 from imgsearch.triton_client import TritonEncoder

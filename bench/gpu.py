@@ -175,7 +175,6 @@ def export() -> Path:
         preprocess_config,
         without_dynamic_batching,
     )
-
     from imgsearch.model_card import read_card
 
     repo = WORK / "repo"
@@ -226,6 +225,7 @@ def load_engine(repo: Path):
 def raw(repo: Path) -> None:
     """The engine Triton runs, outside Triton: device-only replay, and host batches in/out."""
     import torch
+
     from imgsearch.export.triton_config import GPU_PYTHON_DEFAULTS, graph_buckets
 
     mod = load_engine(repo)

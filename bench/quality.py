@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
     from imgsearch.export.checkpoint import packaged_model, random_model
     from imgsearch.export.copydetect import (
         build,

@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from imgsearch.export.triton_config import without_dynamic_batching
 
 from harness.drive import drive
+from imgsearch.export.triton_config import without_dynamic_batching
 from imgsearch.settings import get_settings
 from imgsearch.stats import percentiles
 from imgsearch.triton_client import TritonEncoder

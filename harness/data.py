@@ -127,7 +127,6 @@ def make_tiny_queue_repo(src: Path, dest: Path, model: str = "resnet152") -> Pat
     import shutil
 
     from imgsearch.export.triton_config import CPU_DEFAULTS, cpu_config
-
     from imgsearch.model_card import read_card
 
     shutil.copytree(src / model, dest / model)

@@ -315,7 +315,6 @@ def backend_bound_repo(dest: Path) -> Path:
     """
     from imgsearch.export.onnx_export import export_model
     from imgsearch.export.triton_config import CPU_DEFAULTS, cpu_config
-
     from imgsearch.model_card import read_card
 
     export_model(arch="resnet152", repository=dest, model_name=MODEL, parity_images_n=2)

@@ -138,10 +138,9 @@ def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
 @pytest.fixture(scope="module")
 def pretrained_stack(tmp_path_factory):
     """The packaged ImageNet EfficientNet-Lite0 (what make demo serves offline) over real photos."""
+    from bench.quality import MODEL, served_stack
     from imgsearch.export.copydetect import build
     from imgsearch.export.onnx_export import export_model
-
-    from bench.quality import MODEL, served_stack
 
     work = tmp_path_factory.mktemp("pretrained-page")
     cs = build(work / "set", variants=1, distractors=20, originals=10)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from imgsearch.export.triton_config import PREPROCESS_CPU, preprocess_config
 from PIL import Image
 
 from harness.data import (
@@ -29,6 +28,7 @@ from harness.data import (
     truncated_jpeg,
 )
 from imgsearch.errors import CorruptImage, ImageTooLarge, UnsupportedImage
+from imgsearch.export.triton_config import PREPROCESS_CPU, preprocess_config
 from imgsearch.imaging import decode_image
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats

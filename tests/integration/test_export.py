@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+
 from imgsearch.export.model import mlp_head
 from imgsearch.export.onnx_export import ENCODER_MODULES, export_model
-
 from imgsearch.model_card import read_card, read_labels
 
 

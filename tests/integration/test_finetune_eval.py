@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from imgsearch.export.checkpoint import load_into_model, read_checkpoint
-from imgsearch.export.evaluate import build_eval_set, evaluate_served
-from imgsearch.export.model import ServingModel, mlp_head
 
 from harness.data import make_dataset
 from imgsearch import cli
+from imgsearch.export.checkpoint import load_into_model, read_checkpoint
+from imgsearch.export.evaluate import build_eval_set, evaluate_served
+from imgsearch.export.model import ServingModel, mlp_head
 from imgsearch.imaging import decode_image
 from imgsearch.model_card import read_card, read_labels
 from imgsearch.settings import get_settings

@@ -19,13 +19,13 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+
+from harness.data import load_version_module, random_pixels
+from imgsearch.errors import LauncherError
 from imgsearch.export.model import mlp_head
 from imgsearch.export.onnx_export import export_model
 from imgsearch.export.templates.encoder_torch import TorchEncoder
 from imgsearch.export.triton_config import GPU_PYTHON_DEFAULTS, gpu_python_config
-
-from harness.data import load_version_module, random_pixels
-from imgsearch.errors import LauncherError
 from imgsearch.model_card import read_card
 from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_metrics import fetch_model_stats

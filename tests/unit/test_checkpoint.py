@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+
+from imgsearch.errors import CheckpointError
 from imgsearch.export.checkpoint import (
     FINETUNE_FORMAT,
     infer_arch,
@@ -12,8 +14,6 @@ from imgsearch.export.checkpoint import (
     read_checkpoint,
 )
 from imgsearch.export.model import build_net, mlp_head
-
-from imgsearch.errors import CheckpointError
 
 
 def test_plain_torchvision_state_dict(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image
+
 from imgsearch.export.copydetect import (
     DISTRACTOR_LABEL,
     EDITS,
@@ -17,7 +19,6 @@ from imgsearch.export.copydetect import (
     ranks_from_lists,
     ranks_from_scores,
 )
-from PIL import Image
 
 
 def test_originals_are_real_photos_from_the_packages():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from imgsearch.gateway.demo import card_matches
-
 from imgsearch.model_card import CARD_FILE, ModelCard
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from imgsearch.indexer.demo_data import PHOTOS, build, load_photos
 
 from imgsearch.imaging import decode_image
+from imgsearch.indexer.demo_data import PHOTOS, build, load_photos
 
 
 def digest(root) -> dict[str, str]:

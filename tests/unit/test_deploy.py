@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from imgsearch.export.triton_config import parse_config
 from tritonclient.grpc import model_config_pb2 as mc
 
 from imgsearch import model_card
+from imgsearch.export.triton_config import parse_config
 from imgsearch.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,11 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
+
+from harness.data import load_version_module
 from imgsearch.export.onnx_export import ENCODER_MODULES, TEMPLATE, TEMPLATES
 from imgsearch.export.templates import encoder_engines as eng
 from imgsearch.export.templates.encoder_parity import ParityGate, Reference, measure, parity_images
-
-from harness.data import load_version_module
 
 
 def context(**params: str) -> eng.EngineContext:

@@ -12,6 +12,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from harness.data import jpeg_bytes, make_dataset, shape_image
+from imgsearch.errors import CorruptImage
 from imgsearch.export.data import class_name, scan_folder, split_per_class
 from imgsearch.export.evaluate import (
     NEAR_DUP_KINDS,
@@ -26,10 +30,6 @@ from imgsearch.export.evaluate import (
     retrieval_metrics,
     top_k,
 )
-from PIL import Image
-
-from harness.data import jpeg_bytes, make_dataset, shape_image
-from imgsearch.errors import CorruptImage
 from imgsearch.imaging import decode_image
 from imgsearch.triton_client import Encoded
 

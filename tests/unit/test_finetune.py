@@ -8,6 +8,9 @@ import urllib.request
 import pytest
 import torch
 import torchvision
+
+from harness.data import make_dataset
+from imgsearch.errors import CheckpointError
 from imgsearch.export.checkpoint import FINETUNE_FORMAT, read_checkpoint
 from imgsearch.export.finetune import (
     FinetuneConfig,
@@ -20,9 +23,6 @@ from imgsearch.export.finetune import (
     set_train_mode,
 )
 from imgsearch.export.model import ServingModel, build_net, mlp_head, pixel_norm
-
-from harness.data import make_dataset
-from imgsearch.errors import CheckpointError
 
 ALLOWED = (torch.Tensor, str, int, float, bool, type(None))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from imgsearch.gateway.app import create_app
 
 from imgsearch.errors import ModelRepositoryError
+from imgsearch.gateway.app import create_app
 from imgsearch.settings import Settings
 
 

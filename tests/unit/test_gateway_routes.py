@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from imgsearch.gateway import routes
-from imgsearch.gateway.app import create_app
-from imgsearch.gateway.errors import PUBLIC_MESSAGES
-from imgsearch.gateway.uploads import OVERHEAD
 
 from harness.data import jpeg_bytes, shape_image, truncated_jpeg
 from harness.fakes import FakeEncoder, FakeStore, unit
 from imgsearch.errors import TritonInvalidInput, TritonOverloaded, TritonUnavailable
+from imgsearch.gateway import routes
+from imgsearch.gateway.app import create_app
+from imgsearch.gateway.errors import PUBLIC_MESSAGES
+from imgsearch.gateway.uploads import OVERHEAD
 from imgsearch.imaging import decode_image
 from imgsearch.model_card import CARD_FILE, LABELS_FILE, ModelCard
 from imgsearch.settings import Settings

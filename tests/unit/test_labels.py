@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imgsearch.indexer.scan import scan
-from imgsearch.labels import LABEL_FILE, folder_label, label_folder, read_folder_label, write_label_file
+from imgsearch.labels import LABEL_FILE, label_folder, read_folder_label, write_label_file
 
 LABELS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), min_size=1, max_size=120)
 

@@ -17,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from imgsearch.loadtest.scenario import classify, multipart_body
 
 from harness.data import jpeg_bytes, make_dataset, shape_image
 from imgsearch.cli import main
+from imgsearch.loadtest.scenario import classify, multipart_body
 
 THUMB = jpeg_bytes(shape_image(1, 1, 64))
 

@@ -8,7 +8,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from imgsearch.loadtest.scrape import Scraper, load_scrapes, select_samples
-
 from imgsearch.triton_server import free_port
 
 TRITON_PAGE = """# HELP nv_inference_count Number of inferences performed

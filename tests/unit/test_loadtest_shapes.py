@@ -4,6 +4,7 @@ would monkey-patch this process with gevent)."""
 from __future__ import annotations
 
 import pytest
+
 from imgsearch.loadtest.scenario import step_count, step_schedule
 
 

@@ -10,11 +10,11 @@ import asyncio
 
 import numpy as np
 import pytest
-from imgsearch.indexer.pipeline import Indexer, IndexOptions
-from imgsearch.indexer.scan import scan
 
 from harness.data import make_dataset
 from imgsearch.errors import StoreUnavailable, TritonOverloaded, TritonUnavailable
+from imgsearch.indexer.pipeline import Indexer, IndexOptions
+from imgsearch.indexer.scan import scan
 from imgsearch.store import Entry
 from imgsearch.triton_client import Encoded
 

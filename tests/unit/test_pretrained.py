@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from PIL import Image
+
+from imgsearch.errors import CheckpointError
 from imgsearch.export import pretrained
 from imgsearch.export.checkpoint import PACKAGED_ARCH, packaged_model, read_checkpoint
 from imgsearch.export.finetune import (
@@ -19,9 +22,6 @@ from imgsearch.export.finetune import (
 )
 from imgsearch.export.model import ServingModel, build_net, pixel_norm
 from imgsearch.export.onnx_export import export_model
-from PIL import Image
-
-from imgsearch.errors import CheckpointError
 from imgsearch.imaging import decode_image
 
 

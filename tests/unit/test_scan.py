@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from imgsearch.indexer.report import IndexReport
 from imgsearch.indexer.scan import label_for, scan, strip_synset
 

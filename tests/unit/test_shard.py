@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from imgsearch.indexer.scan import Shard, parse_shard, scan, shard_of
 
 from imgsearch.cli import main
+from imgsearch.indexer.scan import Shard, parse_shard, scan, shard_of
 
 
 def tree(root, n=240):
@@ -129,9 +129,8 @@ CARD = type("Card", (), {"name": "m", "arch": "resnet18", "weights": "random", "
 
 
 def test_a_shard_waits_out_another_shard_creating_the_collection(monkeypatch):
-    from imgsearch.indexer import cli
-
     from imgsearch.errors import CollectionMismatch, StoreUnavailable
+    from imgsearch.indexer import cli
 
     monkeypatch.setattr(cli.time, "sleep", lambda s: None)
     # created but not yet labelled with the model, then "already exists" from the create call
@@ -141,9 +140,8 @@ def test_a_shard_waits_out_another_shard_creating_the_collection(monkeypatch):
 
 
 def test_a_real_mismatch_is_not_waited_for(monkeypatch):
-    from imgsearch.indexer import cli
-
     from imgsearch.errors import CollectionMismatch
+    from imgsearch.indexer import cli
     from imgsearch.store import PROP_SHA
 
     monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("waited for a collection of another model"))

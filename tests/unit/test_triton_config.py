@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from imgsearch.errors import ModelRepositoryError
 from imgsearch.export.onnx_export import write_decode_models
 from imgsearch.export.triton_config import (
     CPU_DEFAULTS,
@@ -23,9 +26,6 @@ from imgsearch.export.triton_config import (
     preprocess_config,
     without_dynamic_batching,
 )
-from tritonclient.grpc import model_config_pb2 as mc
-
-from imgsearch.errors import ModelRepositoryError
 from imgsearch.model_card import ModelCard
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -293,7 +293,6 @@ class LoopGateway:
 @pytest.fixture
 def loop_gateway(settings_env, tmp_path, triton, repo18):
     from imgsearch.gateway.app import create_app
-
     from imgsearch.settings import Settings
 
     root = tmp_path / "images"

@@ -7,10 +7,10 @@ import io
 import httpx
 import numpy as np
 import pytest
-from imgsearch.gateway.search import breed_guess
 from PIL import Image
 
 from harness.gateway import CLASSES, INNER_LINK, PER_CLASS, label_of
+from imgsearch.gateway.search import breed_guess
 from imgsearch.store import Hit
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from imgsearch.indexer.fetch import FetchError, download, fetch
 
 from harness.data import jpeg_bytes, shape_image
+from imgsearch.indexer.fetch import FetchError, download, fetch
 
 
 def make_tar(path: Path, members: dict[str, bytes], extra: list[tarfile.TarInfo] | None = None) -> str:

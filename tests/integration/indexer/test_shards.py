@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from imgsearch.indexer.scan import label_for, scan, shard_of
 
 from harness.indexer import open_store
 from harness.stack import MilvusServer
+from imgsearch.indexer.scan import label_for, scan, shard_of
 from imgsearch.store import content_id
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from imgsearch.indexer.pipeline import IndexOptions, run_index
-from imgsearch.indexer.scan import scan
 
 from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.indexer import open_store
 from harness.stack import MilvusServer, gateway_env, start_gateway
+from imgsearch.indexer.pipeline import IndexOptions, run_index
+from imgsearch.indexer.scan import scan
 from imgsearch.model_card import read_card
 from imgsearch.store import VectorStore, content_id
 from imgsearch.triton_client import TritonEncoder

@@ -14,10 +14,10 @@ import time
 
 import httpx
 import pytest
-from imgsearch.gateway.routes import READY_TTL_S
 
 from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.stack import MilvusServer, gateway_env, index_images, start_gateway
+from imgsearch.gateway.routes import READY_TTL_S
 from imgsearch.triton_server import LocalTriton
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from imgsearch.export.triton_config import parse_config
 from tritonclient.grpc import model_config_pb2 as mc
 
 from bench.flood import flood, scrape, triton_queue
@@ -24,6 +23,7 @@ from harness.stack import (
     shape_jpeg,
     start_gateway,
 )
+from imgsearch.export.triton_config import parse_config
 from imgsearch.triton_metrics import metric_sum
 from imgsearch.triton_server import LocalTriton
 
