@@ -175,7 +175,7 @@ class FakeStore:
             return len(self.rows)
 
     # --- data -----------------------------------------------------------------------
-    def upsert(self, rows: Sequence[Row]) -> int:
+    def upsert(self, rows: Sequence[Row], bulk: bool = False) -> int:
         if not rows:
             return 0
         for r in rows:

@@ -107,7 +107,7 @@ def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, mode
     store = VectorStore(str(milvus_uri), collection)
     try:
         store.open(card.embedding_dim, card.model_sha, card.name)
-        store.upsert(rows + list(extra))
+        store.upsert(rows + list(extra), bulk=True)
     finally:
         store.close()
         if is_lite(str(milvus_uri)):

@@ -57,7 +57,7 @@ def fill(store: VectorStore, vectors: np.ndarray, model_sha: str, first_id: int 
     with tqdm(total=n, unit="vec", desc=f"insert {n}x{dim}", disable=not progress) as bar:
         for i in range(0, n, batch):
             store.upsert([Row(ids[j], f"synthetic/{ids[j]}.jpg", f"c{ids[j] % 7}", vectors[j])
-                          for j in range(i, min(n, i + batch))])
+                          for j in range(i, min(n, i + batch))], bulk=True)
             bar.update(min(batch, n - i))
     return ids
 

@@ -65,7 +65,7 @@ class FakeStore:
     def existing(self, ids):
         return {i: self.rows[i].path for i in ids if i in self.rows}
 
-    def upsert(self, rows):
+    def upsert(self, rows, bulk=False):
         self.upserts += 1
         if self.fail_on_upsert is not None and self.upserts >= self.fail_on_upsert:
             raise StoreUnavailable("Milvus (fake.db) failed during upsert: connection refused")

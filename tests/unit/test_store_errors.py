@@ -1,0 +1,60 @@
+"""The Milvus boundary tells a refused row from a Milvus that did not answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgsearch.errors import EntryRefused, StoreUnavailable
+from imgsearch.store import BULK_WRITE_TIMEOUT_S, Row, VectorStore
+
+DEADLINE = ("<_InactiveRpcError of RPC that terminated with:\n\tstatus = StatusCode.DEADLINE_EXCEEDED\n"
+            '\tdetails = "Stream removed (Deadline Exceeded)"')
+REFUSED = "the length (56) of varchar field exceeds max_length=40"
+
+
+class Client:
+    """Answers has_collection; its upsert fails with the given message, recording its deadline."""
+
+    def __init__(self, upsert_error: str) -> None:
+        self.upsert_error = upsert_error
+        self.timeouts: list[float] = []
+
+    def has_collection(self, name, timeout=None):
+        return True
+
+    def upsert(self, collection, rows, timeout=None):
+        self.timeouts.append(timeout)
+        raise Exception(self.upsert_error)
+
+    def close(self):
+        pass
+
+
+def store_with(client: Client) -> VectorStore:
+    store = VectorStore("http://127.0.0.1:1", "images", timeout_s=2.0)
+    store._client = client
+    return store
+
+
+def row() -> Row:
+    return Row(1, "a/b.jpg", "a", np.zeros(4, np.float32))
+
+
+def test_a_write_milvus_did_not_answer_in_time_is_unavailable_not_refused():
+    with pytest.raises(StoreUnavailable, match="failed during upsert"):
+        store_with(Client(DEADLINE)).upsert([row()])
+
+
+def test_a_row_milvus_answered_no_to_is_refused():
+    with pytest.raises(EntryRefused, match="max_length"):
+        store_with(Client(REFUSED)).upsert([row()])
+
+
+def test_bulk_writes_get_the_batch_deadline_requests_their_own():
+    client = Client(REFUSED)
+    store = store_with(client)
+    for bulk in (False, True):
+        with pytest.raises(EntryRefused):
+            store.upsert([row()], bulk=bulk)
+    assert client.timeouts == [2.0, BULK_WRITE_TIMEOUT_S]
