@@ -182,6 +182,7 @@ class VectorStore:
         self.load_timeout_s = max(timeout_s, load_timeout_s)
         self._client = None
         self._lock = threading.Lock()
+        self._opening = threading.local()  # .deadline: open()'s, for the calls made inside it
 
     @classmethod
     def from_settings(cls, settings: Settings, collection: str | None = None) -> VectorStore:
@@ -210,7 +211,8 @@ class VectorStore:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             client = self._connect()
-            return fn(_WithDeadline(client, self.timeout_s), *args, **kwargs)
+            deadline = getattr(self._opening, "deadline", None) or self.timeout_s
+            return fn(_WithDeadline(client, deadline), *args, **kwargs)
         except (StoreError, ValueError):
             raise
         except Exception as e:  # noqa: BLE001 - pymilvus, grpc and milvus-lite all raise their own types
@@ -257,15 +259,23 @@ class VectorStore:
         return dict(desc.get("properties") or {})
 
     def open(self, dim: int, model_sha: str, model: str = "", *, recreate: bool = False) -> None:
-        """Create the collection if needed, or check it was built by this model."""
-        if recreate and self.exists():
-            self.drop()
-        if not self.exists():
-            self._create(dim, model_sha, model)
-        else:
-            self._finish_half_created(dim, model_sha, model)
-            self.check(dim, model_sha)
-        self._load()
+        """Create the collection if needed, or check it was built by this model.
+
+        Every call of it has the load deadline: the first call on a Milvus Lite file waits for
+        the engine to read the whole file (over 10 s for 250k 2048-d vectors on 2 busy cores).
+        """
+        self._opening.deadline = self.load_timeout_s
+        try:
+            if recreate and self.exists():
+                self.drop()
+            if not self.exists():
+                self._create(dim, model_sha, model)
+            else:
+                self._finish_half_created(dim, model_sha, model)
+                self.check(dim, model_sha)
+            self._load()
+        finally:
+            self._opening.deadline = None
 
     def _load(self) -> None:
         self._call("load_collection", lambda c: c.load_collection(self.collection, timeout=self.load_timeout_s))

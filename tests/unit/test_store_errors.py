@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imgsearch.errors import EntryRefused, StoreUnavailable
-from imgsearch.store import BULK_WRITE_TIMEOUT_S, Row, VectorStore
+from imgsearch.store import BULK_WRITE_TIMEOUT_S, PROP_DIM, PROP_SHA, Row, VectorStore
 
 DEADLINE = ("<_InactiveRpcError of RPC that terminated with:\n\tstatus = StatusCode.DEADLINE_EXCEEDED\n"
             '\tdetails = "Stream removed (Deadline Exceeded)"')
@@ -58,3 +58,29 @@ def test_bulk_writes_get_the_batch_deadline_requests_their_own():
         with pytest.raises(EntryRefused):
             store.upsert([row()], bulk=bulk)
     assert client.timeouts == [2.0, BULK_WRITE_TIMEOUT_S]
+
+
+class Recording:
+    """An existing collection of this model; records each call's deadline."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[tuple[str, float]] = []
+
+    def __getattr__(self, name):
+        def call(*args, timeout=None, **kwargs):
+            self.timeouts.append((name, timeout))
+            if name == "describe_collection":
+                return {"properties": {PROP_SHA: "sha", PROP_DIM: "4"}}
+            return True
+        return call
+
+
+def test_opening_waits_as_long_as_loading_may_take_requests_do_not():
+    client = Recording()
+    store = VectorStore("http://127.0.0.1:1", "images", timeout_s=2.0, load_timeout_s=300.0)
+    store._client = client
+    store.open(4, "sha")
+    assert client.timeouts and {t for _, t in client.timeouts} == {300.0}, client.timeouts
+    client.timeouts.clear()
+    store.exists()
+    assert client.timeouts == [("has_collection", 2.0)]
