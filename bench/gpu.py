@@ -537,7 +537,7 @@ async def _bytes_pipeline(url: str, files: list[Path], uri: str | None, dim: int
     store = None
     if uri:
         store = VectorStore(uri, "bytes_path")
-        store.open(dim, sha, MODEL, recreate=True)
+        store.open(dim, sha, MODEL, recreate=True, patient=True)
     loop = asyncio.get_running_loop()
     io_pool = ThreadPoolExecutor(8)
     queue: asyncio.Queue = asyncio.Queue(maxsize=in_flight * 2)

@@ -49,7 +49,7 @@ def cell(n: int, dim: int, args: argparse.Namespace, tmp: Path) -> dict:
     ids, index = build_collection(db, vectors, read_card(repo, MODEL).model_sha)
     store = VectorStore(str(db), COLLECTION)
     try:
-        store.open(dim, read_card(repo, MODEL).model_sha)
+        store.open(dim, read_card(repo, MODEL).model_sha, patient=True)
         recall = recall_at_k(store, vectors, ids, queries, 10)
     finally:
         release(store)

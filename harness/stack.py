@@ -106,7 +106,7 @@ def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, mode
             for rel, b, e in zip(rels, blobs, emb)]
     store = VectorStore(str(milvus_uri), collection)
     try:
-        store.open(card.embedding_dim, card.model_sha, card.name)
+        store.open(card.embedding_dim, card.model_sha, card.name, patient=True)
         store.upsert(rows + list(extra), bulk=True)
     finally:
         store.close()

@@ -52,7 +52,7 @@ def fill(store: VectorStore, vectors: np.ndarray, model_sha: str, first_id: int 
     from tqdm import tqdm
 
     n, dim = vectors.shape
-    store.open(dim, model_sha, "synthetic", recreate=True)
+    store.open(dim, model_sha, "synthetic", recreate=True, patient=True)
     ids = list(range(first_id, first_id + n))
     with tqdm(total=n, unit="vec", desc=f"insert {n}x{dim}", disable=not progress) as bar:
         for i in range(0, n, batch):

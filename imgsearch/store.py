@@ -258,13 +258,17 @@ class VectorStore:
         desc = self._call("describe_collection", lambda c: c.describe_collection(self.collection))
         return dict(desc.get("properties") or {})
 
-    def open(self, dim: int, model_sha: str, model: str = "", *, recreate: bool = False) -> None:
+    def open(self, dim: int, model_sha: str, model: str = "", *, recreate: bool = False,
+             patient: bool = False) -> None:
         """Create the collection if needed, or check it was built by this model.
 
-        Every call of it has the load deadline: the first call on a Milvus Lite file waits for
-        the engine to read the whole file (over 10 s for 250k 2048-d vectors on 2 busy cores).
+        Loading it has the load deadline. ``patient`` (batch jobs: the indexer, benchmarks): so
+        does every other call made here, as the first call on a Milvus Lite file waits for the
+        engine to read the whole file (over 10 s for 250k 2048-d vectors on 2 busy cores). The
+        gateway opens impatiently: a hung Milvus must still be reported within a request's
+        deadline.
         """
-        self._opening.deadline = self.load_timeout_s
+        self._opening.deadline = self.load_timeout_s if patient else None
         try:
             if recreate and self.exists():
                 self.drop()

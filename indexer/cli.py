@@ -113,7 +113,7 @@ def open_store(store, card, recreate: bool, wait_for_creator: bool) -> None:
     deadline = time.monotonic() + (CREATE_RACE_WAIT_S if wait_for_creator else 0)
     while True:
         try:
-            store.open(card.embedding_dim, card.model_sha, description, recreate=recreate)
+            store.open(card.embedding_dim, card.model_sha, description, recreate=recreate, patient=True)
             return
         except CollectionMismatch:
             # a collection without model properties yet is one another shard is creating

@@ -75,11 +75,15 @@ class Recording:
         return call
 
 
-def test_opening_waits_as_long_as_loading_may_take_requests_do_not():
+def test_loading_waits_as_long_as_it_may_take_a_patient_open_too_requests_do_not():
     client = Recording()
     store = VectorStore("http://127.0.0.1:1", "images", timeout_s=2.0, load_timeout_s=300.0)
     store._client = client
-    store.open(4, "sha")
+    store.open(4, "sha")  # the gateway's: only the load itself may take long
+    assert client.timeouts[-1] == ("load_collection", 300.0)
+    assert {t for _, t in client.timeouts[:-1]} == {2.0}, client.timeouts
+    client.timeouts.clear()
+    store.open(4, "sha", patient=True)  # a batch job's
     assert client.timeouts and {t for _, t in client.timeouts} == {300.0}, client.timeouts
     client.timeouts.clear()
     store.exists()
