@@ -363,7 +363,7 @@ async def outage(url: str, data: bytes, kill: Callable[[], object], restart: Cal
         "readyz_200_after_backend_back_s": since(t_ready, t_back),
         "first_503_message": first_503.message if first_503 else None,
         "replies": replies, "during_replies": during,
-        "_t_kill": t_kill, "_t_back": t_back, "_t_recovered": t_ok,  # monotonic, for slicing replies
+        "_t_kill": t_kill, "_t_restart": t_restart, "_t_back": t_back, "_t_recovered": t_ok,  # monotonic, for slicing replies
     }
 
 

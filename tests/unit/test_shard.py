@@ -113,7 +113,7 @@ class CreatingStore:
     def __init__(self, failures: list[Exception], props: dict | None = None) -> None:
         self.failures, self.props, self.opened = list(failures), props or {}, 0
 
-    def open(self, dim, sha, description, recreate=False):
+    def open(self, dim, sha, description, recreate=False, patient=False):
         if self.failures:
             raise self.failures.pop(0)
         self.opened += 1
