@@ -25,7 +25,7 @@ from imgsearch.errors import (
     TritonUnavailable,
 )
 from imgsearch.imaging import decode_image
-from imgsearch.store import Entry, Hit, Row, SearchQuery, entry_problem, printable
+from imgsearch.store import Entry, Hit, Row, SearchQuery, check_rows
 from imgsearch.triton_client import Encoded
 
 GRID = 7  # an image's features: mean RGB of each cell of a GRID x GRID grid
@@ -178,10 +178,7 @@ class FakeStore:
     def upsert(self, rows: Sequence[Row], bulk: bool = False) -> int:
         if not rows:
             return 0
-        for r in rows:
-            problem = entry_problem(r.path, r.label)
-            if problem:
-                raise EntryRefused(f"{printable(r.path)}: {problem}")
+        check_rows(rows)
         with self._lock:
             self._call("upsert")
             for r in rows:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -329,3 +330,19 @@ def copy_db(template: Path, dest: Path) -> Path:
     with contextlib.suppress(FileNotFoundError):
         (dest / "LOCK").unlink()
     return dest
+
+
+def drip(socks: Sequence[socket.socket], chunk: bytes, every_s: float, stop: threading.Event) -> threading.Thread:
+    """Slow clients: send ``chunk`` on each socket every ``every_s`` seconds until ``stop`` is set
+    (a socket the server has closed is skipped). Returns the started thread."""
+    def run() -> None:
+        while not stop.wait(every_s):
+            for s in socks:
+                try:
+                    s.send(chunk)
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=run, name="drip", daemon=True)
+    t.start()
+    return t

@@ -55,6 +55,8 @@ def write_label_file(folder: Path, label: str) -> bool:
     fails if it exists): a concurrent reader never sees it empty, two writers never both win.
     """
     path = folder / LABEL_FILE
+    if path.exists():  # the common case, every later add to the label: no write at all
+        return read_folder_label(folder) == label
     fd, tmp = tempfile.mkstemp(prefix=".label-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:

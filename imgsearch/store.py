@@ -146,6 +146,14 @@ def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
 
 
+def check_rows(rows: Sequence[Row]) -> None:
+    """Refuse (EntryRefused) a row whose path or label Milvus would refuse, before sending any."""
+    for r in rows:
+        problem = entry_problem(r.path, r.label)
+        if problem:
+            raise EntryRefused(f"{printable(r.path)}: {problem}")
+
+
 class _WithDeadline:
     """The client, with ``timeout=`` on every call that goes to Milvus: pymilvus' constructor
     timeout covers connecting only, so a hung Milvus (paused, cut off) would block for ever."""
@@ -351,10 +359,7 @@ class VectorStore:
         deadline is BULK_WRITE_TIMEOUT_S rather than one request's."""
         if not rows:
             return 0
-        for r in rows:
-            problem = entry_problem(r.path, r.label)
-            if problem:
-                raise EntryRefused(f"{printable(r.path)}: {problem}")
+        check_rows(rows)
         timeout = max(self.timeout_s, BULK_WRITE_TIMEOUT_S) if bulk else self.timeout_s
         res = self._call("upsert", lambda c: c.upsert(self.collection, [r.to_dict() for r in rows], timeout=timeout))
         return int(res.get("upsert_count", len(rows)))

@@ -18,6 +18,7 @@ import pytest
 
 from harness.data import jpeg_bytes, shape_image
 from harness.gateway import gateway_env, start_gateway
+from harness.stack import drip
 
 pytestmark = pytest.mark.integration
 HEADER_TIMEOUT_S = 2.0
@@ -96,18 +97,10 @@ def test_slow_heads_are_cut_off_at_the_deadline_and_searches_go_on(tmp_path, tri
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             drippers.append(s)
 
-        def drip() -> None:
-            while not stop.wait(0.25):
-                for s in drippers:
-                    try:
-                        s.send(b"a")
-                    except OSError:
-                        pass
-
         slack = 1.5  # scheduling on a loaded 2-core machine; the dripping itself would go on for ever
         watcher = Watcher(silent + drippers, HEADER_TIMEOUT_S + slack + 1)
         watcher.start()
-        threading.Thread(target=drip, daemon=True).start()
+        drip(drippers, b"a", 0.25, stop)
         # searches on fresh connections are served while the slow ones hold theirs
         with httpx.Client(base_url=gw.url, timeout=30) as c:
             during = [c.post("/v1/search", files={"file": ("q.jpg", data, "image/jpeg")}).status_code

@@ -15,6 +15,7 @@ import pytest
 
 from harness.data import jpeg_bytes, shape_image
 from harness.gateway import gateway_env, start_gateway
+from harness.stack import drip
 
 pytestmark = pytest.mark.integration
 SLOW_CLIENTS = 40
@@ -58,16 +59,7 @@ def test_slow_uploads_neither_lock_searches_out_nor_stay(tmp_path, triton, repo1
             socks.append(s)
             started.append(time.monotonic())
 
-        def drip() -> None:
-            while not stop.wait(0.5):
-                for s in socks:
-                    try:
-                        s.send(b"\0")
-                    except OSError:
-                        pass
-
-        dripper = threading.Thread(target=drip, daemon=True)
-        dripper.start()
+        drip(socks, b"\0", 0.5, stop)
         during = _search_latencies(gw.url, 20, data)
         p50_during = statistics.median(t for _, t in during)
         print(f"\nsearch p50 {p50 * 1e3:.0f} ms before, {p50_during * 1e3:.0f} ms with {SLOW_CLIENTS} slow uploads "
