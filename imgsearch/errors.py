@@ -92,9 +92,17 @@ class StoreError(ImgsearchError):
 
 
 class StoreUnavailable(StoreError):
-    """Milvus cannot be reached or the collection is not loaded."""
+    """Milvus cannot be reached or the collection is not loaded.
+
+    ``answered``: Milvus answered the call with an error, as opposed to not answering in time or
+    at all; such a call may be worth repeating at once, a hung Milvus's is not.
+    """
 
     code = "milvus_unavailable"
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class EntryRefused(StoreError):

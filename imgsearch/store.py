@@ -233,7 +233,7 @@ class VectorStore:
                 # milvus-lite only logs why; the usual reason is its one-process-per-file lock
                 msg += (" (Milvus Lite could not open the .db: another process probably holds it; one process "
                         "per file: stop `imgsearch index` or the other server using it, or use a Milvus server URI)")
-            raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}") from None
+            raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}", answered=not no_answer) from None
 
     def _still_answers(self) -> bool:
         """After a failed write: does Milvus answer otherwise? Then it refused the data itself."""
@@ -463,7 +463,7 @@ class VectorStore:
         Lite builds it when the collection loads (release, load).
         """
         t0 = time.perf_counter()
-        self._call("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
+        self._flush(timeout_s)
         if is_lite(self.uri):
             def reload(c) -> None:
                 c.release_collection(self.collection)
@@ -494,6 +494,23 @@ class VectorStore:
                     log.warning("index of %s built, but its build record was not saved: %s", self.collection, e)
                 time.sleep(0.2 * (attempt + 1))
         return self.index_state()
+
+    def _flush(self, timeout_s: float, attempts: int = 3) -> None:
+        """Flush, again when Milvus answered with an error rather than not at all.
+
+        Flushing twice is harmless. Milvus Lite's server freezes its in-memory segment outside its
+        flush lock, so a flush racing one that another client's write triggered can fail with
+        "current_seq is monotonic" after the data were written: the next flush succeeds.
+        """
+        for attempt in range(attempts):
+            try:
+                self._call("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
+                return
+            except StoreUnavailable as e:
+                if attempt == attempts - 1 or not e.answered:
+                    raise
+                log.warning("flush of %s failed, flushing again: %s", self.collection, e)
+                time.sleep(0.2 * (attempt + 1))
 
     def count(self) -> int:
         res = self._call("count", lambda c: c.query(self.collection, filter="", output_fields=["count(*)"]))

@@ -88,3 +88,44 @@ def test_loading_waits_as_long_as_it_may_take_a_patient_open_too_requests_do_not
     client.timeouts.clear()
     store.exists()
     assert client.timeouts == [("has_collection", 2.0)]
+
+
+class Flushing:
+    """Its flushes fail with the given messages in turn, then succeed."""
+
+    def __init__(self, *errors: str) -> None:
+        self.errors = list(errors)
+        self.flushes = 0
+
+    def flush(self, collection, timeout=None):
+        self.flushes += 1
+        if self.errors:
+            raise Exception(self.errors.pop(0))
+
+    def close(self):
+        pass
+
+
+def flushing_store(client: Flushing, monkeypatch) -> VectorStore:
+    store = store_with(client)
+    monkeypatch.setattr(store, "_connect", lambda: client)  # a failed call drops its client
+    monkeypatch.setattr("imgsearch.store.time.sleep", lambda s: None)
+    return store
+
+
+def test_a_flush_milvus_answered_with_an_error_is_tried_again(monkeypatch):
+    # Milvus Lite's server, when two clients' flushes race
+    client = Flushing("<MilvusException: (code=1, message=current_seq is monotonic; tried to set 133 < 148)>")
+    flushing_store(client, monkeypatch)._flush(timeout_s=5.0)
+    assert client.flushes == 2
+
+
+def test_a_flush_that_keeps_failing_or_got_no_answer_is_reported(monkeypatch):
+    client = Flushing(*["<MilvusException: (code=1, message=disk full)>"] * 3)
+    with pytest.raises(StoreUnavailable, match="disk full"):
+        flushing_store(client, monkeypatch)._flush(timeout_s=5.0)
+    assert client.flushes == 3
+    hung = Flushing(DEADLINE)
+    with pytest.raises(StoreUnavailable, match="failed during flush"):
+        flushing_store(hung, monkeypatch)._flush(timeout_s=5.0)
+    assert hung.flushes == 1  # a Milvus that did not answer in time is not waited for again
