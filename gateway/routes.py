@@ -12,10 +12,10 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
@@ -38,10 +38,17 @@ router = APIRouter()
 
 MAX_ID = 2**63 - 1
 ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (int64 content hash)")]
-TopK = Annotated[int, Query(ge=1, le=100, description="number of results (1..100)")]
-MinScore = Annotated[float | None, Query(ge=-1.0, le=1.0, description="drop results under this cosine")]
-LabelQ = Annotated[str | None, Query(min_length=1, max_length=256, description="only results with this label")]
 
+ID_PARAM = {"name": "id", "in": "path", "required": True, "description": "image id (int64 content hash)",
+            "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}
+QUERY_PARAMS = [
+    {"name": "top_k", "in": "query", "required": False, "description": "number of results (1..100)",
+     "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}},
+    {"name": "min_score", "in": "query", "required": False, "description": "drop results under this cosine",
+     "schema": {"type": "number", "minimum": -1.0, "maximum": 1.0}},
+    {"name": "label", "in": "query", "required": False, "description": "only results with this label",
+     "schema": {"type": "string", "minLength": 1, "maxLength": 256}},
+]
 _FORM_PARAMS = {
     "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "description": "as the query parameter"},
     "min_score": {"type": "number", "minimum": -1, "maximum": 1, "description": "as the query parameter"},
@@ -50,7 +57,8 @@ _FORM_PARAMS = {
 _FILE = {"type": "string", "format": "binary",
          "description": "the image (JPEG, PNG, WebP, GIF or BMP; checked by content)"}
 SEARCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"], "properties": {"file": _FILE, **_FORM_PARAMS}}}}}}
+    "type": "object", "required": ["file"], "properties": {"file": _FILE, **_FORM_PARAMS}}}}},
+    "parameters": QUERY_PARAMS}
 ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "label"], "properties": {
         "file": _FILE,
@@ -78,17 +86,19 @@ Rt = Annotated[Runtime, Depends(runtime)]
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-# --- form values: the same rules as the query parameters ------------------------------
+# --- request values: query parameters and form fields, one set of rules ---------------
+# /v1/search and /similar read their parameters here rather than through FastAPI's parameter
+# solving, a visible share of their CPU; QUERY_PARAMS documents them in the OpenAPI schema.
 
 def _invalid(field: str, msg: str) -> ApiError:
     return ApiError(422, "invalid_request", f"{field}: {msg}")
 
 
-def form_int(fields: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    if name not in fields:
+def int_value(values: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    if name not in values:
         return default
     try:
-        v = int(fields[name].strip())
+        v = int(values[name].strip())
     except ValueError:
         raise _invalid(name, "not an integer") from None
     if not lo <= v <= hi:
@@ -96,11 +106,12 @@ def form_int(fields: dict[str, str], name: str, default: int, lo: int, hi: int) 
     return v
 
 
-def form_float(fields: dict[str, str], name: str, default: float | None, lo: float, hi: float) -> float | None:
-    if name not in fields or not fields[name].strip():
+def float_value(values: Mapping[str, str], name: str, default: float | None, lo: float, hi: float, *,
+                blank_is_default: bool = False) -> float | None:
+    if name not in values or (blank_is_default and not values[name].strip()):
         return default
     try:
-        v = float(fields[name].strip())
+        v = float(values[name].strip())
     except ValueError:
         raise _invalid(name, "not a number") from None
     if math.isnan(v) or not lo <= v <= hi:
@@ -108,10 +119,16 @@ def form_float(fields: dict[str, str], name: str, default: float | None, lo: flo
     return v
 
 
-def form_label(fields: dict[str, str], name: str, default: str | None) -> str | None:
-    if name not in fields:
+def label_value(values: Mapping[str, str], name: str, default: str | None) -> str | None:
+    if name not in values:
         return default
-    return clean_label(fields[name], name)
+    return clean_label(values[name], name)
+
+
+def image_id(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 19) or int(text) > MAX_ID:
+        raise _invalid("id", f"must be an integer in 0..{MAX_ID}")
+    return int(text)
 
 
 def clean_label(value: str, name: str = "label") -> str:
@@ -139,15 +156,18 @@ def require_file(upload_data: bytes | None) -> bytes:
     description="multipart `file` (+ `top_k`, `min_score`, `label` as form fields or query parameters; "
                 "form wins). Returns the nearest indexed images by cosine, a breed guess and per-stage timings.",
     responses=responses(408, 413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
-async def search(request: Request, top_k: TopK = 10, min_score: MinScore = None,
-                 label: LabelQ = None) -> Any:
+async def search(request: Request) -> Any:
     rt = runtime(request)  # not a Depends: FastAPI's dependency solving is a visible share of a search's CPU
+    q = request.query_params
+    top_k = int_value(q, "top_k", 10, 1, 100)
+    min_score = float_value(q, "min_score", None, -1.0, 1.0)
+    label = label_value(q, "label", None)
     upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
     data = require_file(upload.data)
-    f = upload.fields
-    top_k = form_int(f, "top_k", top_k, 1, 100)
-    min_score = form_float(f, "min_score", min_score, -1.0, 1.0)
-    label = form_label(f, "label", clean_label(label, "label") if label is not None else None)
+    f = upload.fields  # form fields win over query parameters
+    top_k = int_value(f, "top_k", top_k, 1, 100)
+    min_score = float_value(f, "min_score", min_score, -1.0, 1.0, blank_is_default=True)
+    label = label_value(f, "label", label)
     # built in SearchResponse's shape (the schema tests hold it to that): returned as it is, FastAPI
     # does not validate and serialise it through the model again, a visible share of a search's CPU
     return JSONResponse(await search_image(rt, data, top_k, min_score, label))
@@ -155,12 +175,16 @@ async def search(request: Request, top_k: TopK = 10, min_score: MinScore = None,
 
 @router.get(
     "/v1/images/{id}/similar", response_model=schemas.SearchResponse, tags=["search"],
-    summary="More like an indexed image", responses=responses(404, 422, 503))
-async def similar(id: ImageId, request: Request, top_k: TopK = 10, min_score: MinScore = None,
-                  label: LabelQ = None) -> Any:
+    summary="More like an indexed image", responses=responses(404, 422, 503),
+    openapi_extra={"parameters": [ID_PARAM, *QUERY_PARAMS]})
+async def similar(request: Request) -> Any:
     rt = runtime(request)
-    label = clean_label(label) if label is not None else None
-    return JSONResponse(await similar_to(rt, id, top_k, min_score, label))  # as in search
+    q = request.query_params
+    id_ = image_id(request.path_params["id"])
+    top_k = int_value(q, "top_k", 10, 1, 100)
+    min_score = float_value(q, "min_score", None, -1.0, 1.0)
+    label = label_value(q, "label", None)
+    return JSONResponse(await similar_to(rt, id_, top_k, min_score, label))  # as in search
 
 
 # --- images ----------------------------------------------------------------------------

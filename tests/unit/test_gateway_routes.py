@@ -350,7 +350,10 @@ def test_similar_to_an_unknown_or_invalid_id(gw):
     for bad in ("-1", str(2**63), "abc"):
         assert_error(gw.client.get(f"/v1/images/{bad}/similar"), 422, "invalid_request")
     id_ = next(iter(gw.files))
-    assert_error(gw.client.get(f"/v1/images/{id_}/similar", params={"top_k": 0}), 422, "invalid_request")
+    for params in ({"top_k": 0}, {"top_k": "2.5"}, {"min_score": ""}, {"min_score": "nan"}, {"label": ""},
+                   {"label": "a\x01b"}):
+        assert_error(gw.client.get(f"/v1/images/{id_}/similar", params=params), 422, "invalid_request")
+    assert gw.store.calls["search"] == 0
 
 
 # --- POST / DELETE /v1/images ----------------------------------------------------------
@@ -578,6 +581,14 @@ def test_docs_and_openapi_are_served(gw):
     assert {"/v1/search", "/v1/images", "/v1/images/{id}", "/v1/images/{id}/similar", "/readyz",
             "/healthz"} <= set(paths)
     assert "Retry-After" in paths["/v1/search"]["post"]["responses"]["503"]["headers"]
+    # the search routes read their parameters themselves: the schema still documents each, with its bounds
+    for path, method, names in (("/v1/search", "post", ["top_k", "min_score", "label"]),
+                                ("/v1/images/{id}/similar", "get", ["id", "top_k", "min_score", "label"])):
+        params = {p["name"]: p for p in paths[path][method]["parameters"]}
+        assert sorted(params) == sorted(names), (path, params)
+        assert params["top_k"]["schema"] | {"type": "integer", "minimum": 1, "maximum": 100} == params["top_k"]["schema"]
+        assert params["label"]["schema"]["maxLength"] == 256
+    assert paths["/v1/images/{id}/similar"]["get"]["parameters"][0]["schema"]["maximum"] == 2**63 - 1
     docs = gw.client.get("/docs")
     assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
     assert "/openapi.json" in docs.text or "/static/docs.js" in docs.text
