@@ -8,6 +8,9 @@ DATA    ?= demo
 ARCH    ?=
 PORT    ?= 8000
 PYTEST_ARGS ?=
+# test files run on this many workers (pytest-xdist; each file stays on one worker, so its
+# module fixtures are built once); TEST_WORKERS=0 runs them in this process, one after another
+TEST_WORKERS ?= 2
 
 .PHONY: setup lint test demo demo-data export index serve loadtest bench clean help
 help:
@@ -52,7 +55,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf data/ model_repository/*/1 model_repository/*/model_card.json model_repository/*/labels.txt .pytest_cache
