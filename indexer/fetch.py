@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import shutil
 import sys
 import tarfile
@@ -167,7 +168,13 @@ def extract(archive: Path, dest: Path) -> int:
                 target = (root / m.name).resolve()
                 if not target.is_relative_to(root):  # belt and braces after check_member
                     raise FetchError(f"archive member {m.name!r} resolves outside {root}")
-            tar.extractall(dest, members=members, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Python before 3.11.4 has no extraction filters: do what "data" does to modes and owners
+                for m in members:
+                    m.mode &= 0o755
+                    m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
+                tar.extractall(dest, members=members)
     except tarfile.TarError as e:
         raise FetchError(f"{archive} is not a readable tar archive: {e}") from None
     return sum(1 for m in members if m.isfile())

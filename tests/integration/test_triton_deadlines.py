@@ -15,7 +15,7 @@ import pytest
 from imgsearch.errors import TritonError, TritonUnavailable
 from imgsearch.triton_client import TritonEncoder
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 DEADLINE_S = 1.0
 HANG_LIMIT_S = 15.0  # a call still waiting this long has no deadline at all
 

@@ -18,7 +18,7 @@ import pytest
 from harness.gateway import MAX_UPLOAD
 from imgsearch.settings import Settings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 BOUNDARY = "b0undary"
 LINGER_BYTES = Settings.model_fields["lingering_close_bytes"].default  # the gw stack runs the defaults
 LINGER_S = Settings.model_fields["lingering_close_s"].default

@@ -11,7 +11,7 @@ import pytest
 from harness.data import huge_png, jpeg_bytes, shape_image
 from imgsearch.triton_metrics import metric_sum
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 
 
 def shed_count(c: httpx.Client) -> float:

@@ -47,7 +47,7 @@ from harness.stack import (
 from imgsearch.imaging import decode_image
 from imgsearch.triton_metrics import metric_sum
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 
 N_SEARCHES = 40
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1")  # gRPC connects over an AF_INET6 socket (IPv4-mapped)

@@ -20,7 +20,7 @@ from harness.data import jpeg_bytes, shape_image
 from harness.gateway import gateway_env, start_gateway
 from harness.stack import drip
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 HEADER_TIMEOUT_S = 2.0
 DRIPPERS = 8
 SILENT = 8

@@ -17,7 +17,7 @@ from harness.data import jpeg_bytes, shape_image
 from harness.gateway import gateway_env, start_gateway
 from harness.stack import drip
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 SLOW_CLIENTS = 40
 INFLIGHT = 8
 BODY_TIMEOUT_S = 4.0

@@ -20,7 +20,7 @@ from harness.stack import MilvusServer, gateway_env, index_images, start_gateway
 from imgsearch.gateway.routes import READY_TTL_S
 from imgsearch.triton_server import LocalTriton
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 DEADLINE_S = 2.0
 
 

@@ -27,7 +27,7 @@ from imgsearch.export.triton_config import parse_config
 from imgsearch.triton_metrics import metric_sum
 from imgsearch.triton_server import LocalTriton
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 
 MAX_INFLIGHT = 4  # IMGSEARCH_MAX_INFLIGHT of main_gw and flood_gw
 RSS_BOUND_MIB = 64
