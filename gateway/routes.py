@@ -37,9 +37,10 @@ log = logging.getLogger("gateway")
 router = APIRouter()
 
 MAX_ID = 2**63 - 1
-ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description="image id (int64 content hash)")]
+ID_DOC = "image id (int64 content hash)"
+ImageId = Annotated[int, Path(ge=0, le=MAX_ID, description=ID_DOC)]
 
-ID_PARAM = {"name": "id", "in": "path", "required": True, "description": "image id (int64 content hash)",
+ID_PARAM = {"name": "id", "in": "path", "required": True, "description": ID_DOC,
             "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}
 QUERY_PARAMS = [
     {"name": "top_k", "in": "query", "required": False, "description": "number of results (1..100)",
@@ -47,13 +48,9 @@ QUERY_PARAMS = [
     {"name": "min_score", "in": "query", "required": False, "description": "drop results under this cosine",
      "schema": {"type": "number", "minimum": -1.0, "maximum": 1.0}},
     {"name": "label", "in": "query", "required": False, "description": "only results with this label",
-     "schema": {"type": "string", "minLength": 1, "maxLength": 256}},
+     "schema": {"type": "string", "minLength": 1, "maxLength": LABEL_MAX}},
 ]
-_FORM_PARAMS = {
-    "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "description": "as the query parameter"},
-    "min_score": {"type": "number", "minimum": -1, "maximum": 1, "description": "as the query parameter"},
-    "label": {"type": "string", "minLength": 1, "maxLength": 256, "description": "as the query parameter"},
-}
+_FORM_PARAMS = {p["name"]: {**p["schema"], "description": "as the query parameter"} for p in QUERY_PARAMS}
 _FILE = {"type": "string", "format": "binary",
          "description": "the image (JPEG, PNG, WebP, GIF or BMP; checked by content)"}
 SEARCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -62,7 +59,7 @@ SEARCH_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 ADD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "label"], "properties": {
         "file": _FILE,
-        "label": {"type": "string", "minLength": 1, "maxLength": 256, "description": "class name, e.g. a breed"},
+        "label": {"type": "string", "minLength": 1, "maxLength": LABEL_MAX, "description": "class name, e.g. a breed"},
     }}}}}}
 IMAGE_CONTENT = {"content": {t: {"schema": {"type": "string", "format": "binary"}}
                              for t in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")},
@@ -125,16 +122,26 @@ def label_value(values: Mapping[str, str], name: str, default: str | None) -> st
     return clean_label(values[name], name)
 
 
+def search_values(values: Mapping[str, str], defaults: tuple[int, float | None, str | None] = (10, None, None),
+                  *, form: bool = False) -> tuple[int, float | None, str | None]:
+    """top_k, min_score and label of a search, each ``defaults``' when absent (a form's blank min_score too)."""
+    top_k, min_score, label = defaults
+    return (int_value(values, "top_k", top_k, 1, 100),
+            float_value(values, "min_score", min_score, -1.0, 1.0, blank_is_default=form),
+            label_value(values, "label", label))
+
+
 def image_id(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) <= 19) or int(text) > MAX_ID:
+    v = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else -1
+    if not 0 <= v <= MAX_ID:
         raise _invalid("id", f"must be an integer in 0..{MAX_ID}")
-    return int(text)
+    return v
 
 
 def clean_label(value: str, name: str = "label") -> str:
     v = value.strip()
-    if not 1 <= len(v) <= 256:
-        raise _invalid(name, "must be 1..256 characters")
+    if not 1 <= len(v) <= LABEL_MAX:
+        raise _invalid(name, f"must be 1..{LABEL_MAX} characters")
     if len(v.encode("utf-8")) > LABEL_MAX:  # what Milvus servers count
         raise _invalid(name, f"must be at most {LABEL_MAX} bytes in UTF-8")
     if any(ord(c) < 32 or ord(c) == 127 for c in v):
@@ -158,16 +165,10 @@ def require_file(upload_data: bytes | None) -> bytes:
     responses=responses(408, 413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
 async def search(request: Request) -> Any:
     rt = runtime(request)  # not a Depends: FastAPI's dependency solving is a visible share of a search's CPU
-    q = request.query_params
-    top_k = int_value(q, "top_k", 10, 1, 100)
-    min_score = float_value(q, "min_score", None, -1.0, 1.0)
-    label = label_value(q, "label", None)
+    query = search_values(request.query_params)
     upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
     data = require_file(upload.data)
-    f = upload.fields  # form fields win over query parameters
-    top_k = int_value(f, "top_k", top_k, 1, 100)
-    min_score = float_value(f, "min_score", min_score, -1.0, 1.0, blank_is_default=True)
-    label = label_value(f, "label", label)
+    top_k, min_score, label = search_values(upload.fields, query, form=True)  # form fields win
     # built in SearchResponse's shape (the schema tests hold it to that): returned as it is, FastAPI
     # does not validate and serialise it through the model again, a visible share of a search's CPU
     return JSONResponse(await search_image(rt, data, top_k, min_score, label))
@@ -179,11 +180,8 @@ async def search(request: Request) -> Any:
     openapi_extra={"parameters": [ID_PARAM, *QUERY_PARAMS]})
 async def similar(request: Request) -> Any:
     rt = runtime(request)
-    q = request.query_params
     id_ = image_id(request.path_params["id"])
-    top_k = int_value(q, "top_k", 10, 1, 100)
-    min_score = float_value(q, "min_score", None, -1.0, 1.0)
-    label = label_value(q, "label", None)
+    top_k, min_score, label = search_values(request.query_params)
     return JSONResponse(await similar_to(rt, id_, top_k, min_score, label))  # as in search
 
 

@@ -463,7 +463,7 @@ class VectorStore:
         Lite builds it when the collection loads (release, load).
         """
         t0 = time.perf_counter()
-        self._flush(timeout_s)
+        self._call_again("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
         if is_lite(self.uri):
             def reload(c) -> None:
                 c.release_collection(self.collection)
@@ -483,33 +483,29 @@ class VectorStore:
         built = {"rows": self.count(), "seconds": round(time.perf_counter() - t0, 3)}
         # Shards of one run finish at once and each records its build; Milvus Lite's server
         # writes the collection's schema file through one fixed temporary name, so concurrent
-        # property writes can collide. The record is informational: retry, then only warn.
-        for attempt in range(3):
-            try:
-                self._call("alter_collection_properties", lambda c: c.alter_collection_properties(
-                    self.collection, properties={PROP_BUILT: json.dumps(built)}))
-                break
-            except StoreError as e:
-                if attempt == 2:
-                    log.warning("index of %s built, but its build record was not saved: %s", self.collection, e)
-                time.sleep(0.2 * (attempt + 1))
+        # property writes can collide. The record is informational: tried again, then only warned of.
+        try:
+            self._call_again("alter_collection_properties", lambda c: c.alter_collection_properties(
+                self.collection, properties={PROP_BUILT: json.dumps(built)}))
+        except StoreError as e:
+            log.warning("index of %s built, but its build record was not saved: %s", self.collection, e)
         return self.index_state()
 
-    def _flush(self, timeout_s: float, attempts: int = 3) -> None:
-        """Flush, again when Milvus answered with an error rather than not at all.
+    def _call_again(self, what: str, fn, attempts: int = 3):
+        """``_call`` for a call that may be repeated: again while Milvus answers it with an error.
 
-        Flushing twice is harmless. Milvus Lite's server freezes its in-memory segment outside its
-        flush lock, so a flush racing one that another client's write triggered can fail with
-        "current_seq is monotonic" after the data were written: the next flush succeeds.
+        A Milvus that did not answer in time is not waited for again. Milvus Lite's server, for
+        one, freezes its in-memory segment outside its flush lock, so a flush racing one that
+        another client's write triggered can fail ("current_seq is monotonic") after the data
+        were written: the next flush succeeds.
         """
         for attempt in range(attempts):
             try:
-                self._call("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
-                return
+                return self._call(what, fn)
             except StoreUnavailable as e:
                 if attempt == attempts - 1 or not e.answered:
                     raise
-                log.warning("flush of %s failed, flushing again: %s", self.collection, e)
+                log.warning("%s on %s failed, trying again: %s", what, self.collection, e)
                 time.sleep(0.2 * (attempt + 1))
 
     def count(self) -> int:

@@ -475,7 +475,7 @@ class Indexer:
                 continue  # the store is gone: drain the queue, nothing to write to
             t = time.perf_counter()
             try:
-                await asyncio.to_thread(self.store.upsert, rows, True)
+                await asyncio.to_thread(self.store.upsert, rows, bulk=True)
             except EntryRefused as e:
                 log.info("Milvus refused a batch of %d rows (%s); upserting them one by one", len(rows), str(e)[:200])
                 rows = await self._upsert_one_by_one(rows)
