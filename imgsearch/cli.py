@@ -82,19 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, extra, help_ in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError:
-            if not (extra and missing_from_extra(extra)):
-                raise  # not for want of an extra: a bug to show as it is
-            mod = None
-        if mod is None or (extra and missing_from_extra(extra)):
+        missing = missing_from_extra(extra) if extra else ()
+        if missing:
             # listed all the same; takes any arguments, and main says what to install
             p = sub.add_parser(name, help=f"{help_} [needs the {extra} extra]",
                                description=f"{help_}\n\n{needs_extra(name, extra)}",
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-            p.set_defaults(_run=None, _extra=extra)
+            p.set_defaults(_run=None, _extra=extra, _missing=missing)
             continue
+        mod = importlib.import_module(module)  # with its extra installed, a failed import is a bug to show
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
@@ -113,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args._run is None:
-        missing = missing_from_extra(args._extra)
-        print(needs_extra(args.command, args._extra) + (f" (missing: {', '.join(missing)})" if missing else ""),
-              file=sys.stderr)
+        print(f"{needs_extra(args.command, args._extra)} (missing: {', '.join(args._missing)})", file=sys.stderr)
         return 2
     try:
         return int(args._run(args) or 0)
