@@ -35,7 +35,7 @@ from imgsearch.model_card import (
 from . import checkpoint as ckpts
 from . import pretrained
 from .model import RANDOM_SEED, EmbeddingKind, HeadKind, ServingModel, norm_constants
-from .templates.encoder_parity import parity_images
+from .templates.encoder_parity import min_cosine, parity_images
 from .templates.encoder_torch import WEIGHTS_FORMAT
 from .triton_config import (
     CPU_DEFAULTS,
@@ -124,11 +124,10 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, precision: str, n: int
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT_NAME: imgs})
     e_ref, e_got = ref[0], got[0]
-    cos = (e_ref * e_got).sum(1) / (np.linalg.norm(e_ref, axis=1) * np.linalg.norm(e_got, axis=1) + 1e-12)
     report = {
         "images": n,
         "max_abs_diff": float(np.abs(e_ref - e_got).max()),
-        "min_cosine": float(cos.min()),
+        "min_cosine": min_cosine(e_ref, e_got),
         "threshold": PARITY_MIN_COSINE[precision],
         "norm_max_dev": float(np.abs(np.linalg.norm(e_got, axis=1) - 1).max()),
     }

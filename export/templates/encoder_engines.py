@@ -209,16 +209,13 @@ class OnnxRuntimeEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         available = ort.get_available_providers()
-        if self.gpu:
-            if "CUDAExecutionProvider" in available:
-                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-            if "TensorrtExecutionProvider" in available:
-                cache = params.get("trt_cache_path", "/tmp/trt_cache")
-                providers.insert(0, ("TensorrtExecutionProvider", {
-                    "device_id": device_id, "trt_fp16_enable": params.get("precision", "fp16") == "fp16",
-                    "trt_engine_cache_enable": True, "trt_engine_cache_path": cache}))
-        elif self.ctx.kind == "GPU" and "CUDAExecutionProvider" in available:
+        if (self.gpu or self.ctx.kind == "GPU") and "CUDAExecutionProvider" in available:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        if self.gpu and "TensorrtExecutionProvider" in available:
+            cache = params.get("trt_cache_path", "/tmp/trt_cache")
+            providers.insert(0, ("TensorrtExecutionProvider", {
+                "device_id": device_id, "trt_fp16_enable": params.get("precision", "fp16") == "fp16",
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": cache}))
         return ort.InferenceSession(path, opts, providers=providers)
 
     def run(self, parts: list) -> list:
