@@ -352,7 +352,7 @@ async def _triton_clients(url, model, conc, secs, batch, seed, start_at):
                            keep_results=False)
     finally:
         await enc.close()
-    return load.ok_latencies_s, load.errors, time.time()
+    return load.ok_latencies_s, load.errors, load.ended_at
 
 
 def split(conc: int, procs: int) -> list[int]:
@@ -681,7 +681,7 @@ async def _search_clients(url, conc, secs, files, start_at, seed):
         await post(seed)
         load = await drive(lambda i: post(seed * 1000 + 7 * (i + 1)), concurrency=conc, seconds=secs,
                            start_at=start_at, outcome=outcome, ok="200", keep_results=False)
-    return load.ok_latencies_s, load.counts, dict(stages), time.time()
+    return load.ok_latencies_s, load.counts, dict(stages), load.ended_at
 
 
 def start_search_gateway(repo: Path, triton_url: str, milvus_uri: str, images: Path, collection: str):

@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         todo = [tuple(int(x) for x in s.lower().split("x")) for s in args.only]
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     cells = {(c["vectors"], c["dim"]): c for c in res.get("cells", [])}
-    for c in cells.values():  # cells written when the file recorded one ef for all of them
-        c.setdefault("search_ef_top10", res.get("index", {}).get("search_ef_top10"))
     res.update({"note": NOTE, "index": dict(HNSW),
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                             "python": platform.python_version()}})

@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -143,11 +144,7 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
 
 
 def _statuses(rounds) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for r in rounds:
-        for k, v in r.statuses.items():
-            total[k] = total.get(k, 0) + v
-    return total
+    return dict(sum((Counter(r.statuses) for r in rounds), Counter()))
 
 
 def similar_worker(top_k: int):

@@ -52,7 +52,7 @@ async def closed_loop(enc: TritonEncoder, pixels: np.ndarray, concurrency: int, 
     lat = [x * 1000 for x in load.ok_latencies_s]
     p50, p99 = percentiles(lat, [50, 99]) if lat else (float("nan"), float("nan"))
     return {"images": len(lat), "errors": load.error_count, "seconds": round(load.wall_s, 3),
-            "img_s": round(len(lat) / load.wall_s, 2), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
+            "img_s": round(load.throughput, 2), "p50_ms": round(p50, 1), "p99_ms": round(p99, 1)}
 
 
 async def sweep(server: LocalTriton, models: tuple[str, str], levels: list[int], seconds: float) -> list[dict]:
