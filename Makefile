@@ -7,12 +7,16 @@ WEIGHTS ?= auto
 DATA    ?= demo
 ARCH    ?=
 PORT    ?= 8000
+# PYTEST_ARGS goes to both runs below: paths, -k, -x; a marker expression goes in TEST_MARK
+# (e.g. TEST_MARK="not browser"), as a second -m would replace the first
 PYTEST_ARGS ?=
+TEST_MARK ?=
 # test files run on this many workers (pytest-xdist; each file stays on one worker, so its
 # module fixtures are built once); TEST_WORKERS=0 runs them in this process, one after another.
 # Files marked `alone` (bounds in wall-clock time) run afterwards, one at a time: a test file
-# beside them would be measured too. (pytest exits 5 when PYTEST_ARGS selects none of them.)
+# beside them would be measured too. (pytest exits 5 when the selection has none of them.)
 TEST_WORKERS ?= 2
+MARK_AND = $(if $(strip $(TEST_MARK)),($(TEST_MARK)) and ,)
 
 .PHONY: setup lint test demo demo-data export index serve loadtest bench clean help
 help:
@@ -57,8 +61,8 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not alone" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -m alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "$(MARK_AND)not alone" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "$(MARK_AND)alone" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 clean:
 	rm -rf data/ model_repository/*/1 model_repository/*/model_card.json model_repository/*/labels.txt .pytest_cache

@@ -32,7 +32,7 @@ from bench.flood import (
 from harness.stack import LockHolder, MilvusServer, copy_db, free_port, shape_jpeg
 from imgsearch.triton_server import LocalTriton
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 
 QUERY = shape_jpeg(1, 4242)
 
