@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata as md
-import re
 import sys
 import tomllib
 from pathlib import Path
@@ -21,6 +20,8 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name as canon
+
+from harness.deps import read_export
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -51,20 +52,10 @@ def lock_closure(extras: set[str]) -> dict[str, dict]:
 def exported(path: Path) -> dict[str, tuple[str, set[str]]]:
     """name -> (version, hashes) of the requirements in a file ``uv export`` wrote that apply here."""
     out: dict[str, tuple[str, set[str]]] = {}
-    current = None
-    for line in path.read_text().splitlines():
-        if not line or line.startswith("#") or line.lstrip().startswith("#"):
-            continue
-        if not line[0].isspace():
-            req = Requirement(line.rstrip(" \\"))
-            current = None
-            if req.marker is None or req.marker.evaluate():
-                (spec,) = req.specifier
-                assert spec.operator == "==", line
-                current = canon(req.name)
-                out[current] = (spec.version, set())
-        elif current and (m := re.match(r"\s+--hash=(\S+)", line)):
-            out[current][1].add(m.group(1))
+    for name, (req, hashes) in read_export(path).items():
+        (spec,) = req.specifier
+        assert spec.operator == "==", req
+        out[name] = (spec.version, hashes)
     return out
 
 

@@ -19,6 +19,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from harness.deps import read_export
 from harness.stack import shape_jpeg
 
 pytestmark = pytest.mark.integration
@@ -199,8 +200,7 @@ def test_installed_and_pinned_versions_are_past_the_fixed_advisories(dist):
     locked = [Version(p["version"]) for p in lock["package"] if p["name"] == dist]
     assert locked and locked[0] >= FIXED[dist], f"uv.lock: {dist} {locked}"
     image = REPO_ROOT / "requirements" / "gateway.txt"
-    pins = {Requirement(ln.rstrip(" \\")).name: Requirement(ln.rstrip(" \\")) for ln in image.read_text().splitlines()
-            if ln.strip() and not ln[0].isspace() and not ln.startswith("#")}
+    pins = {name: req for name, (req, _) in read_export(image, here=False).items()}
     pinned = [Version(s.version) for s in pins[dist].specifier if s.operator == "=="]
     assert pinned and pinned[0] >= FIXED[dist], f"requirements/gateway.txt: {pins[dist]}"
 
