@@ -84,8 +84,8 @@ GPU_PLAN = Plan(arch="resnet152", budget_s=float(os.environ.get("GPU_CHECK_BUDGE
                 raw_sizes=(1, 8, 32, 64, 128), n_images=12000, index_workers=10,
                 search_levels=(16, 64, 128, 256), gateway_workers=6)
 DRY_PLAN = Plan(arch="resnet18", budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", "900")), secs=2.0,
-                dyn_levels=(1, 8), nobatch_levels=(1, 8), bulk=(8, 2), index_batch=16, index_in_flight=2, client_procs=2,
-                raw_sizes=(1, 8), n_images=160, index_workers=2, search_levels=(2, 8), gateway_workers=2)
+                dyn_levels=(8,), nobatch_levels=(8,), bulk=(8, 2), index_batch=16, index_in_flight=2, client_procs=2,
+                raw_sizes=(1, 8), n_images=64, index_workers=2, search_levels=(2, 8), gateway_workers=2)
 PLAN = DRY_PLAN if DRY else GPU_PLAN
 T0 = time.monotonic()
 R: dict = {"mode": "dry-run on CPU (figures meaningless)" if DRY else "gpu", "plan": dataclasses.asdict(PLAN),
@@ -355,6 +355,18 @@ async def _triton_clients(url, model, conc, secs, batch, seed, start_at):
     return load.ok_latencies_s, load.errors, load.ended_at
 
 
+_STARTED: set = set()
+
+
+def start_at_for(worker) -> float:
+    """When a level's client processes start sending, so all start together. The first level
+    that a pool runs ``worker`` in waits for their imports (seconds on a loaded CPU); later
+    levels only for their connections."""
+    first = worker not in _STARTED
+    _STARTED.add(worker)
+    return time.time() + (5.0 if DRY and first else 1.0)
+
+
 def split(conc: int, procs: int) -> list[int]:
     procs = max(1, min(procs, conc))
     return [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
@@ -364,7 +376,7 @@ def triton_level(pool, server, model: str, conc: int, batch: int) -> dict:
     from imgsearch.triton_metrics import fetch_model_stats
 
     shares = split(conc, PLAN.client_procs)
-    start_at = time.time() + (1.0 if not DRY else 5.0)
+    start_at = start_at_for(_triton_worker)
     before = fetch_model_stats(server.metrics_url, model)
     t = time.time()
     parts = pool.starmap(_triton_worker, [(server.grpc_url, model, c, PLAN.secs, batch, i, start_at)
@@ -742,7 +754,7 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
                 R["notes"].append(f"search sweep cut short by the time budget before c={conc}")
                 break
             shares = split(conc, PLAN.client_procs)
-            start_at = time.time() + (1.0 if not DRY else 5.0)
+            start_at = start_at_for(_search_worker)
             parts = pool.starmap(_search_worker, [(url, c, PLAN.secs, files, start_at, i) for i, c in enumerate(shares)])
             wall = max(p[3] for p in parts) - start_at
             lat = [x for p in parts for x in p[0]]
