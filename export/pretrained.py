@@ -39,7 +39,7 @@ RANDOM = "random"
 AUTO_ARCH = "resnet152"
 PROBE_TIMEOUT_S = 3.0
 # ResNet-152's file is ~230 MB: 30 s takes a link of ~8 MB/s or better; slower links get the
-# packaged model at once rather than a demo that hangs on a download
+# packaged model after that, rather than a demo that waits minutes for a download
 DOWNLOAD_TIMEOUT_S = 30.0
 # the longest one wait for data may take (each socket read); the deadline is checked between
 # reads, so a download ends by DOWNLOAD_TIMEOUT_S + STALL_TIMEOUT_S at the latest
