@@ -69,9 +69,12 @@ STATUS_TABLE: list[tuple[type[ImgsearchError], int, str | None]] = [
 ]
 
 
-# What the public reads for a server-side error: never a backend's address or its own error
-# text (the log has both). Codes not listed here are the client's own errors, told as they are.
+# What the public reads for a server-side error, or for a client error a backend told in its own
+# words: never a backend's address or its error text (the log has both). Codes not listed here
+# are the client's own errors in the gateway's words, told as they are.
 PUBLIC_MESSAGES: dict[str, str] = {
+    "entry_refused": "the index refused this entry: its label or stored path does not fit the collection's "
+                     "schema (too long in UTF-8 bytes, or not valid UTF-8); use a shorter label",
     "triton_unavailable": "Triton (the model server) is unavailable; retry shortly",
     "milvus_unavailable": "Milvus (the vector database) is unavailable; retry shortly",
     "collection_mismatch": "the index was built by another model than the one served (see the gateway log)",
@@ -83,7 +86,7 @@ PUBLIC_MESSAGES: dict[str, str] = {
 
 
 def public_message(exc: ImgsearchError, status: int) -> str:
-    if status < 500:
+    if status < 500 and exc.code not in PUBLIC_MESSAGES:
         return str(exc)
     if exc.code == "overloaded":
         return "the service is overloaded; retry shortly"
@@ -131,7 +134,7 @@ def install_handlers(app: FastAPI) -> None:
     async def imgsearch_error(request: Request, exc: ImgsearchError) -> JSONResponse:
         status, reason = classify(exc)
         _count(request, exc.code, reason)
-        if status >= 500:
+        if status >= 500 or exc.code in PUBLIC_MESSAGES:  # the public reads less: the log keeps the detail
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc)
         return error_response(status, exc.code, public_message(exc, status), retry_after_s=_retry_after(request))
 

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from threading import Lock
 from typing import BinaryIO
 
-from imgsearch.imaging import sniff_format
+from imgsearch.imaging import DecodeBudget, sniff_format, thumbnail
 
 from .errors import ApiError
 
@@ -79,13 +79,6 @@ def open_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> tuple[
         raise
 
 
-def read_under(root: Path, rel: str, max_bytes: int = MAX_SERVE_BYTES) -> bytes:
-    """The whole file checked by :func:`resolve_under` (blocking: call from a thread)."""
-    f, _ = open_under(root, rel, max_bytes)
-    with f:
-        return f.read(max_bytes + 1)
-
-
 def open_image_under(root: Path, rel: str) -> tuple[BinaryIO, int, str]:
     """(open file, size, media type) of an indexed image, checked as :func:`open_under` does and
     refused unless its content is an allowed image; for streaming it (blocking: call from a thread)."""
@@ -97,6 +90,14 @@ def open_image_under(root: Path, rel: str) -> tuple[BinaryIO, int, str]:
         f.close()
         raise
     return f, size, kind
+
+
+def thumbnail_under(root: Path, rel: str, max_side: int, max_pixels: int, budget: DecodeBudget) -> bytes:
+    """A JPEG thumbnail of an indexed image, checked as :func:`open_image_under` does and read from
+    its file as it decodes, in ``budget`` (blocking: call from a thread)."""
+    f, _, _ = open_image_under(root, rel)
+    with f:
+        return thumbnail(f, max_side, max_pixels, budget)
 
 
 def media_type(data: bytes) -> str:

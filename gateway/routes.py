@@ -19,13 +19,14 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
-from imgsearch.imaging import sniff_format, thumbnail
+from imgsearch.errors import DecodeBusy
+from imgsearch.imaging import sniff_format
 from imgsearch.labels import label_folder
 from imgsearch.store import LABEL_MAX, Row, content_id
 
 from . import schemas
 from .errors import ApiError, responses
-from .images import media_type, open_image_under, read_under, resolve_under
+from .images import open_image_under, resolve_under, thumbnail_under
 from .metrics import CONTENT_TYPE
 from .search import encode_upload, search_image, similar_to
 from .security import bearer, check_api_key, check_bearer
@@ -187,11 +188,6 @@ async def similar(request: Request) -> Any:
 
 # --- images ----------------------------------------------------------------------------
 
-async def _image_bytes(rt: Runtime, id_: int) -> bytes:
-    entry = await rt.lookup(id_)
-    return await rt.in_decode_pool(read_under, rt.image_root, entry.path)
-
-
 @router.get("/v1/images/{id}", tags=["images"], summary="The indexed image file",
             response_class=Response, responses={200: IMAGE_CONTENT, **responses(403, 404, 422, 503)})
 async def get_image(id: ImageId, rt: Rt) -> Response:
@@ -212,10 +208,12 @@ async def get_image(id: ImageId, rt: Rt) -> Response:
 async def get_thumb(id: ImageId, rt: Rt) -> Response:
     thumb = rt.thumbs.get(id)
     if thumb is None:
-        data = await _image_bytes(rt, id)
-        media_type(data)  # refuses a non-image before Pillow sees it
+        entry = await rt.lookup(id)
         try:
-            thumb = await rt.in_decode_pool(thumbnail, data, rt.settings.thumb_max_side, rt.settings.max_pixels)
+            thumb = await rt.in_decode_pool(thumbnail_under, rt.image_root, entry.path, rt.settings.thumb_max_side,
+                                            rt.settings.max_pixels, rt.decode_budget)
+        except (ApiError, DecodeBusy):  # a path refused or gone; decode memory taken (503, as searches)
+            raise
         except Exception as e:  # noqa: BLE001 - a broken file in the index is not a client error
             log.warning("thumbnail of %d failed: %s", id, e)
             raise ApiError(404, "not_found", "the indexed file cannot be thumbnailed") from None

@@ -11,6 +11,8 @@ import io
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -93,16 +95,15 @@ def _has_alpha(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
 
 
-def _shrink_to_rgb(im: Image.Image, size: int) -> Image.Image | None:
-    """A loaded image at least twice ``size`` on both sides, averaged down by whole factors to
-    between 1x and 2x ``size`` *before* any conversion, as RGB; None when it is smaller.
+def _shrink_to_rgb(im: Image.Image, fx: int, fy: int) -> Image.Image | None:
+    """A loaded image averaged down by the whole factors ``fx`` x ``fy`` *before* any conversion,
+    as RGB; None when both are 1.
 
     Converting first (16-bit to float, alpha compositing, palette expansion) costs several
     copies of the full raster; here conversions run on strips of about a megapixel, so a
     decode needs little more than the loaded raster itself.
     """
     w, h = im.size
-    fx, fy = max(1, w // size), max(1, h // size)
     if fx == 1 and fy == 1:
         return None
     alpha = _has_alpha(im)
@@ -156,33 +157,79 @@ def decode_image(
     :class:`DecodeBusy` when the budget stays taken for its whole wait.
     """
     fmt = check_format(data)
+    with _pillow_errors(fmt):
+        im = _small_rgb(_open(io.BytesIO(data), fmt, max_pixels), fmt, size, budget, keep_aspect=False)
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    if arr.shape != (size, size, 3):  # pragma: no cover - defensive, Pillow promised RGB
+        raise CorruptImage(f"decoded to unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def thumbnail(
+    src: bytes | BinaryIO,
+    max_side: int = 256,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    budget: DecodeBudget | None = None,
+) -> bytes:
+    """A JPEG thumbnail (aspect kept, longest side ``max_side``) of an allow-listed image.
+
+    ``src`` is the file's bytes or an open binary file, which Pillow reads as it decodes
+    rather than all at once. Decoded as :func:`decode_image` decodes (draft, shrink before
+    converting, the same ``budget``) and raises the same errors.
+    """
+    if isinstance(src, bytes):
+        fmt, f = check_format(src), io.BytesIO(src)
+    else:
+        start = src.tell()
+        fmt, f = check_format(src.read(16)), src
+        src.seek(start)
+    with _pillow_errors(fmt):
+        im = _small_rgb(_open(f, fmt, max_pixels), fmt, max_side, budget, keep_aspect=True)
+        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def _open(f: BinaryIO, fmt: str, max_pixels: int) -> Image.Image:
+    """The image in ``f`` opened (not loaded) as ``fmt``, refused over ``max_pixels``."""
+    im = Image.open(f, formats=[fmt])
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise CorruptImage("image has no pixels")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (decompression bomb?)")
+    return im
+
+
+def _small_rgb(im: Image.Image, fmt: str, size: int, budget: DecodeBudget | None, keep_aspect: bool) -> Image.Image:
+    """The opened image loaded within ``budget`` and, when it is at least twice ``size``,
+    averaged down to between 1x and 2x ``size`` (the longest side when ``keep_aspect``, else each
+    side) before its colours are converted; as RGB, EXIF orientation applied."""
+    if fmt == "JPEG":
+        im.draft("RGB", (size, size))
+    with budget.hold(decode_bytes(im, size)) if budget is not None else contextlib.nullcontext():
+        im.seek(0)
+        im.load()
+        w, h = im.size
+        fx, fy = (max(1, max(w, h) // size),) * 2 if keep_aspect else (max(1, w // size), max(1, h // size))
+        small = _shrink_to_rgb(im, fx, fy)
+        if small is None:
+            return _to_rgb(ImageOps.exif_transpose(im) or im)
+        turn = _ORIENTATION.get(im.getexif().get(0x0112))
+        return small.transpose(turn) if turn is not None else small
+
+
+@contextlib.contextmanager
+def _pillow_errors(fmt: str) -> Iterator[None]:
+    """Pillow's exceptions as :mod:`imgsearch.errors`; its bomb warning as an error."""
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check only warns below 2x its limit: make it an error.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=[fmt])
-            w, h = im.size
-            if w <= 0 or h <= 0:
-                raise CorruptImage("image has no pixels")
-            if w * h > max_pixels:
-                raise ImageTooLarge(
-                    f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (decompression bomb?)"
-                )
-            if fmt == "JPEG":
-                im.draft("RGB", (size, size))
-            with budget.hold(decode_bytes(im)) if budget is not None else contextlib.nullcontext():
-                im.seek(0)
-                im.load()
-                small = _shrink_to_rgb(im, size)
-                if small is None:
-                    im = ImageOps.exif_transpose(im) or im
-                    im = _to_rgb(im)
-                else:
-                    turn = _ORIENTATION.get(im.getexif().get(0x0112))
-                    im = small.transpose(turn) if turn is not None else small
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
+            yield
     except (ImageTooLarge, CorruptImage, DecodeBusy):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -193,14 +240,12 @@ def decode_image(
         raise CorruptImage(f"undecodable {fmt}: {e}") from None
     except MemoryError:
         raise ImageTooLarge("image needs too much memory to decode") from None
-    if arr.shape != (size, size, 3):  # pragma: no cover - defensive, Pillow promised RGB
-        raise CorruptImage(f"decoded to unexpected shape {arr.shape}")
-    return np.ascontiguousarray(arr)
 
 
-def decode_bytes(im: Image.Image) -> int:
-    """Memory a decode of this (opened, not loaded) image may need: its raster as loaded (after
-    JPEG draft), plus the RGB raster it becomes when it is too small to be shrunk first."""
+def decode_bytes(im: Image.Image, size: int = 224) -> int:
+    """Memory a decode of this (opened, not loaded) image to ``size`` may need: its raster as
+    loaded (after JPEG draft), the strips converted while shrinking, and the RGB raster it
+    becomes (under twice ``size`` a side, shrunk or too small to be)."""
     w, h = im.size
     if im.mode == "P" or im.mode == "1":
         per_px = 1
@@ -208,7 +253,7 @@ def decode_bytes(im: Image.Image) -> int:
         per_px = 2 if im.mode.startswith("I;16") else 4
     else:
         per_px = max(1, len(im.getbands()))
-    return w * h * per_px + 4 * 448 * 448 * 4 + _STRIP_PIXELS * 8
+    return w * h * per_px + 4 * (2 * size) ** 2 * 4 + _STRIP_PIXELS * 8
 
 
 class DecodeBudget:
@@ -247,30 +292,3 @@ def struct_error() -> type[Exception]:
     import struct
 
     return struct.error
-
-
-def thumbnail(data: bytes, max_side: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """A JPEG thumbnail (aspect kept) of an allow-listed image, for the web page."""
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise UnsupportedImage("not a supported image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=[fmt])
-            if im.size[0] * im.size[1] > max_pixels:
-                raise ImageTooLarge("image over the pixel limit")
-            if fmt == "JPEG":
-                im.draft("RGB", (max_side, max_side))
-            im.load()
-            im = _to_rgb(ImageOps.exif_transpose(im) or im)
-            im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-            out = io.BytesIO()
-            im.save(out, "JPEG", quality=85)
-            return out.getvalue()
-    except ImageTooLarge:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLarge(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - the boundary: anything Pillow raises is a bad file
-        raise CorruptImage(f"undecodable {fmt}: {e}") from None

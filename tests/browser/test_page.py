@@ -135,6 +135,48 @@ def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
 
 
 
+def test_an_over_size_file_is_refused_before_it_is_uploaded(browser, tmp_path, triton, repo18):
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from harness.data import jpeg_bytes, shape_image
+    from harness.gateway import gateway_env, start_gateway
+    from imgsearch.triton_metrics import metric_sum
+
+    limit = 64 * 1024  # the page reads the gateway's own limit, not a built-in one
+    (tmp_path / "images").mkdir()
+    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "small.db", tmp_path / "images",
+                                   max_upload_bytes=limit))
+
+    def searches() -> float:
+        return metric_sum(httpx.get(gw.url + "/metrics").text, "imgsearch_requests_total", route="/v1/search")
+
+    def error(d):
+        box = d.find_element(By.ID, "error")
+        return box if box.is_displayed() else None
+
+    try:
+        big = tmp_path / "big.jpg"
+        big.write_bytes(jpeg_bytes(shape_image(1, 7100)) + b"\0" * (limit + 1))  # a JPEG all the same
+        assert big.stat().st_size > limit
+        browser.get(gw.url + "/")
+        before = searches()
+        browser.find_element(By.ID, "file").send_keys(str(big))
+        err = WebDriverWait(browser, 30).until(error)
+        assert err.get_attribute("data-code") == "payload_too_large"
+        assert "too big (the limit is 0.1 MB)" in err.text, err.text
+        assert searches() == before  # refused by the page: nothing reached the gateway
+
+        small = tmp_path / "small.jpg"  # under the limit, the same input does send it
+        small.write_bytes(jpeg_bytes(shape_image(1, 7100)))
+        browser.find_element(By.ID, "file").send_keys(str(small))
+        WebDriverWait(browser, 60).until(lambda d: searches() == before + 1)
+        assert not browser.find_element(By.ID, "error").is_displayed()
+    finally:
+        gw.stop()
+
+
 @pytest.fixture(scope="module")
 def pretrained_stack(tmp_path_factory):
     """The packaged ImageNet EfficientNet-Lite0 (what make demo serves offline) over real photos."""

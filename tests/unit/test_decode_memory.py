@@ -24,37 +24,43 @@ from imgsearch.imaging import DecodeBudget, _to_rgb, decode_image
 SIDE = 7000  # 49 MP: under the 50 MP limit
 PEAK = """
 import io, re, sys
-from imgsearch.imaging import decode_image
+from imgsearch.imaging import decode_image, thumbnail
 from PIL import Image
 
 def hwm():  # this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 buf = io.BytesIO(); Image.new("RGB", (640, 480), (1, 2, 3)).save(buf, "PNG")
-decode = decode_image
-if len(sys.argv) > 2:  # Triton's preprocess model, as its Python backend runs it
+path, where = sys.argv[1], sys.argv[2]
+def decode(f):
+    decode_image(f.read())
+if where == "triton":  # Triton's preprocess model, as its Python backend runs it
     import importlib.util
-    spec = importlib.util.spec_from_file_location("preprocess_model", sys.argv[2])
+    spec = importlib.util.spec_from_file_location("preprocess_model", sys.argv[3])
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     decoder = mod.Decoder("pillow")
-    def decode(data):
-        out = decoder.decode([data])[0]
+    def decode(f):
+        out = decoder.decode([f.read()])[0]
         assert not isinstance(out, Exception), out
-decode(buf.getvalue())  # imports and first-use allocations out of the way
-data = open(sys.argv[1], "rb").read()
-base = hwm()
-decode(data)
+elif where == "thumb":  # the gateway's /thumb: from the open file, as Pillow reads it
+    def decode(f):
+        thumbnail(f)
+decode(io.BytesIO(buf.getvalue()))  # imports and first-use allocations out of the way
+with open(path, "rb") as f:
+    base = hwm()
+    decode(f)
 print(hwm() - base)
 """
 TEMPLATE = Path(__file__).parents[2] / "export" / "templates" / "preprocess_model.py"
 
 
 @pytest.mark.parametrize(("mode", "where"), [("I;16", "gateway"), ("RGBA", "gateway"), ("P", "gateway"),
-                                             ("RGB", "gateway"), ("I;16", "triton"), ("RGBA", "triton")])
+                                             ("RGB", "gateway"), ("I;16", "triton"), ("RGBA", "triton"),
+                                             ("I;16", "thumb"), ("RGBA", "thumb"), ("P", "thumb")])
 def test_one_decode_peaks_under_twice_its_8bit_rgb_raster(mode, where, tmp_path):
     path = tmp_path / "huge.png"
     path.write_bytes(huge_png(mode, SIDE))
-    args = [str(path)] + ([str(TEMPLATE)] if where == "triton" else [])
+    args = [str(path), where] + ([str(TEMPLATE)] if where == "triton" else [])
     out = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     peak = int(out.stdout.strip())

@@ -9,6 +9,7 @@ the request: an exact cosine ranking computed here.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import math
 from collections import defaultdict
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from harness.data import jpeg_bytes, shape_image, truncated_jpeg
 from harness.fakes import FakeEncoder, FakeStore, unit
@@ -354,6 +356,21 @@ def test_similar_to_an_unknown_or_invalid_id(gw):
                    {"label": "a\x01b"}):
         assert_error(gw.client.get(f"/v1/images/{id_}/similar", params=params), 422, "invalid_request")
     assert gw.store.calls["search"] == 0
+
+
+# --- /v1/images/{id}/thumb --------------------------------------------------------------
+
+def test_a_thumbnail_takes_its_memory_from_the_decode_budget_searches_share(serve):
+    gw = serve(decode_wait_s=0.2)
+    id_ = next(iter(gw.files))
+    budget = gw.client.app.state.runtime.decode_budget
+    with budget.hold(budget.capacity):  # other decodes hold all of it for longer than the wait
+        assert_error(gw.client.get(f"/v1/images/{id_}/thumb"), 503, "overloaded")
+        assert_error(search(gw, gw.files[id_]), 503, "overloaded")
+    r = gw.client.get(f"/v1/images/{id_}/thumb")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", r.text[:300]
+    assert max(Image.open(io.BytesIO(r.content)).size) <= gw.settings.thumb_max_side
+    assert budget.used == 0
 
 
 # --- POST / DELETE /v1/images ----------------------------------------------------------

@@ -171,6 +171,28 @@ def test_thumbnail_keeps_aspect_and_rejects_bad_input():
         thumbnail(bomb_png(10000, 10000))
 
 
+def test_thumbnail_reads_an_open_file_in_blocks_as_it_decodes():
+    rng = np.random.default_rng(5)
+    data = png_bytes(Image.fromarray(rng.integers(0, 256, (1200, 1500, 3), dtype=np.uint8)))
+    reads = []
+
+    class Recorded(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            out = super().read(n)
+            reads.append(len(out))
+            return out
+
+    f = Recorded(data)
+    f.seek(7)  # read from where the caller left it
+    with pytest.raises(UnsupportedImage):
+        thumbnail(f)
+    f.seek(0)
+    reads.clear()
+    th = Image.open(io.BytesIO(thumbnail(f, 128)))
+    assert th.size[0] == 128 and abs(th.size[1] - 128 * 1200 / 1500) <= 1, th.size  # aspect kept
+    assert sum(reads) >= len(data) and max(reads) <= len(data) // 16, (len(data), max(reads))
+
+
 # --- property tests: whatever the bytes, only the project's typed errors come out -------
 SEEDS = [jpeg_bytes(shape_image(1, 1, 64)), png_bytes(shape_image(2, 2, 48)),
          image_bytes(shape_image(3, 3, 40), "GIF"), image_bytes(shape_image(4, 4, 40), "WEBP"),

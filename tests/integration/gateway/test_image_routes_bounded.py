@@ -35,7 +35,8 @@ def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, re
     for k in range(4):  # JPEG magic + 8 MiB: served as image/jpeg, never decoded by these routes
         (root / "big" / f"{k}.jpeg").write_bytes(b"\xff\xd8\xff\xe0" + bytes([k]) * (BIG - 4))
         rows.append(Row(9000 + k, f"big/{k}.jpeg", "big", np.eye(1, 512, k, dtype=np.float32)[0]))
-    index_folder(root, tmp_path / "db.db", triton.grpc_url, repo18, rows)
+    ids = index_folder(root, tmp_path / "db.db", triton.grpc_url, repo18, rows)
+    thumbs = sorted(ids.values())  # the dataset's .jpg files: decodable
     gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "db.db", root, max_light=8))
     data = jpeg_bytes(shape_image(1, 5100))
     try:
@@ -50,8 +51,15 @@ def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, re
         async def flood() -> tuple[list[int], list[tuple[int, float]]]:
             async with httpx.AsyncClient(base_url=gw.url, timeout=120,
                                          limits=httpx.Limits(max_connections=FLOOD + 8)) as c:
+                def path_of(k: int) -> str:
+                    if k % 4 == 3:
+                        return "/readyz"
+                    if k % 4 == 2:  # decoded, in the decode memory searches use
+                        return f"/v1/images/{thumbs[k // 4 % len(thumbs)]}/thumb"
+                    return f"/v1/images/{9000 + k % 4}"
+
                 async def image(k: int) -> int:
-                    path = "/readyz" if k % 4 == 3 else f"/v1/images/{9000 + k % 4}"
+                    path = path_of(k)
                     async with c.stream("GET", path) as r:
                         async for _ in r.aiter_bytes():
                             await asyncio.sleep(0.001)  # a slow reader: the server must not buffer it all
@@ -73,7 +81,7 @@ def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, re
         statuses, found = asyncio.run(flood())
         rise = peak_rss(gw.pid) - rss0
         p50_during = statistics.median(t for _, t in found)
-        print(f"\n{FLOOD} image/readiness requests at once: {statuses.count(200)} x 200, {statuses.count(503)} x 503; "
+        print(f"\n{FLOOD} image/thumbnail/readiness requests at once: {statuses.count(200)} x 200, {statuses.count(503)} x 503; "
               f"gateway peak RSS +{rise / 2**20:.0f} MiB ({BIG // 2**20} MiB files); search p50 "
               f"{p50 * 1e3:.0f} ms before, {p50_during * 1e3:.0f} ms during")
         assert set(statuses) <= {200, 503} and statuses.count(200) >= 8

@@ -146,7 +146,7 @@ def test_api_labels_survive_reindex_and_a_refused_entry_is_422(repo18, triton, t
     root.mkdir()
     db = tmp_path / "api.db"
     _narrow_collection(str(db), repo18, label_max=12)
-    gw = start_gateway(gateway_env(repo18, triton.grpc_url, db, root, api_key=API_KEY))
+    gw = start_gateway(gateway_env(repo18, triton.grpc_url, db, root, api_key=API_KEY), log_path=tmp_path / "gw.log")
     auth = {"Authorization": f"Bearer {API_KEY}"}
     added = {}
     try:
@@ -178,6 +178,11 @@ def test_api_labels_survive_reindex_and_a_refused_entry_is_422(repo18, triton, t
             r = c.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg"), "label": (None, "a" * 20)},
                        headers=auth)
             assert r.status_code == 422 and r.json()["error"]["code"] == "entry_refused", r.text
+            # what to do, in the gateway's words; Milvus's own text only in the log
+            assert "shorter label" in r.json()["error"]["message"], r.text
+            leaked = [s for s in ("Milvus refused", "MilvusException", "<", "code=") if s in r.text]
+            assert not leaked, (leaked, r.text)
+            assert "422 entry_refused: Milvus refused the entry: <MilvusException" in gw.log_text()
             # over 256 bytes (90 characters): refused before Milvus, whatever Milvus counts
             r = c.post("/v1/images", files={"file": ("a.jpg", data, "image/jpeg"), "label": (None, "柴" * 90)},
                        headers=auth)
