@@ -9,6 +9,8 @@ client are other processes too. The profiler (yappi, every thread: :mod:`bench.p
 adds its own overhead to every call, so the CPU figure comes from a second, unprofiled run
 of the same requests; the profile says where the time goes.
 
+  healthz   GET /healthz: the gateway's floor (no Triton, no Milvus), for reading the others
+  Milvus client: the two calls of a ``similar`` made by the store in this process, CPU per call
   similar   GET /v1/images/{id}/similar over ``--vectors`` synthetic 2048-d vectors
   search    POST /v1/search, IMGSEARCH_TRITON_INPUT=bytes (files go to Triton's ensemble
             undecoded), resnet18 with random weights exported here
@@ -33,7 +35,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.search import build_collection
+from bench.search import COLLECTION, build_collection
 from harness.drive import drive_threads
 from harness.stack import (
     MilvusServer,
@@ -46,6 +48,7 @@ from harness.stack import (
 )
 from harness.vectors import clustered_vectors, vectors_card_repo
 from imgsearch.model_card import read_card
+from imgsearch.store import SearchQuery, VectorStore
 from imgsearch.triton_server import LocalTriton, free_port
 
 MODEL = "resnet152"
@@ -87,6 +90,30 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, client
     return out
 
 
+def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict:
+    """CPU of this process per call of the two Milvus calls a ``similar`` makes (the stored
+    vector, then the search), through the gateway's own store over the same server: the share
+    of a ``similar`` that is the Milvus client (pymilvus + gRPC), apart from HTTP and routing."""
+    store = VectorStore(uri, COLLECTION)
+    try:
+        store.open(2048, model_sha, patient=True)
+        first = store.get_many(ids[:20], with_embedding=True)  # warm-up: channel, collection schema
+        vectors = {e.id: e.embedding for e in first if e is not None}
+        out = {}
+        for name in ("get", "search"):
+            c0 = time.process_time()
+            for i in range(n):
+                id_ = ids[i % 20]
+                if name == "get":
+                    store.get_many([id_], with_embedding=True)
+                else:
+                    store.search_many([SearchQuery(vectors[id_], 10, None, id_)])
+            out[f"{name}_cpu_ms_per_call"] = round((time.process_time() - c0) / n * 1000, 3)
+        return {"calls": n, **out}
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=500, help="sequential requests per run (default: %(default)s)")
@@ -102,13 +129,23 @@ def main(argv: list[str] | None = None) -> int:
 
     repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
     db = tmp / "similar.db"
-    ids, _ = build_collection(db, clustered_vectors(args.vectors, 2048, seed=5), read_card(repo, MODEL).model_sha)
+    sha = read_card(repo, MODEL).model_sha
+    ids, _ = build_collection(db, clustered_vectors(args.vectors, 2048, seed=5), sha)
     milvus = MilvusServer(copy_db(db, tmp / "server.db"), log_path=tmp / "milvus.log").start()
     env = gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp)
 
     def similar(c: httpx.Client, i: int) -> httpx.Response:
         return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
 
+    def healthz(c: httpx.Client, i: int) -> httpx.Response:
+        return c.get("/healthz")
+
+    # the floor: what a request costs that touches neither Triton nor Milvus (uvicorn, routing,
+    # middleware, a small JSON body), measured the same way, so the targets can be read against it
+    res["healthz_floor"] = {"cpu": measure(env, healthz, args.requests, tmp, "healthz", False),
+                            "cpu_concurrent": [measure(env, healthz, args.requests, tmp, f"healthz-{k}", False, k)
+                                               for k in args.clients]}
+    res["milvus_client"] = milvus_client_cost(milvus.uri, ids, args.requests, sha)
     res["similar"] = {"cpu": measure(env, similar, args.requests, tmp, "similar", False),
                       "cpu_concurrent": [measure(env, similar, args.requests, tmp, f"similar-{k}", False, k)
                                          for k in args.clients],
@@ -141,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in [v["cpu"], *v["cpu_concurrent"]]:
                 print(f"{k}, {m['clients']} client(s): {m['gateway_cpu_ms_per_request']} ms gateway CPU per request "
                       f"({m['wall_ms_per_request']} ms wall)")
-            print("\n".join(v["profiled"].get("profile", [])))
+            print("\n".join(v.get("profiled", {}).get("profile", [])))
+    print(f"Milvus client, in this process: {res['milvus_client']}")
     print(f"wrote {args.out}")
     return 0
 
