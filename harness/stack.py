@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import os
 import random
@@ -36,6 +37,18 @@ MODEL = "resnet152"  # the served name (tests export a resnet18 under it)
 COLLECTION = "images"
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200)]
+
+
+@functools.cache
+def _log_dir() -> tempfile.TemporaryDirectory:
+    """Where a server's log goes when its caller names none; removed when this process exits."""
+    return tempfile.TemporaryDirectory(prefix="imgsearch-harness-logs-")
+
+
+def _default_log(prefix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log", dir=_log_dir().name)
+    os.close(fd)
+    return Path(name)
 
 
 def shape_jpeg(cls: int, seed: int, size: int = 160) -> bytes:
@@ -206,7 +219,7 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
                "--http", "imgsearch.gateway.protocol:HeadDeadlineProtocol", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", log_level]
     if log_path is None:
-        log_path = Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
+        log_path = _default_log("gateway-")
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean, stdout=logf, stderr=subprocess.STDOUT,
                                 preexec_fn=None if max_file_bytes is None else _file_size_limit(max_file_bytes))
@@ -232,7 +245,7 @@ class MilvusServer:
     def __init__(self, data_dir: Path, port: int | None = None, log_path: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="milvus-", suffix=".log")[1])
+        self.log_path = log_path or _default_log("milvus-")
         self.proc: subprocess.Popen | None = None
 
     @property
