@@ -218,7 +218,7 @@ class Decoder:
                     small = shrink(self.torch, [results[k] for k in ks], self.size).cpu().numpy()
                     for j, k in enumerate(ks):
                         results[k] = np.ascontiguousarray(oriented(small[j], heads[k][4]))
-            imgs = None
+            imgs = None  # the full-size rasters go before the next chunk is decoded
         self.stats["fast"] += sum(r is not None for r in results)
         return results
 
