@@ -163,3 +163,13 @@ def huge_png(mode: str, side: int = 7000) -> bytes:
         im.info["transparency"] = 0
         return png_bytes(im)
     return png_bytes(Image.fromarray((ramp * 255).astype(np.uint8), "L").convert("RGB"))
+
+
+def huge_jpeg(side: int = 7000) -> bytes:
+    """A baseline JPEG of about 1 MB that decodes to a ``side`` x ``side`` RGB raster."""
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    rgb = np.empty((side, side, 3), np.uint8)
+    rgb[..., 0] = ramp[None, :]
+    rgb[..., 1] = ramp[:, None]
+    rgb[..., 2] = 128
+    return jpeg_bytes(Image.fromarray(rgb))

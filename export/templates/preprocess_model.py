@@ -13,7 +13,10 @@ plain resize to ``size x size`` as :func:`imgsearch.imaging.decode_image`.
   pixels the gateway and the indexer make on their side.
 * ``torchvision``: JPEGs decoded in one batched call, ``torchvision.io.decode_jpeg`` on the
   instance's device (nvJPEG on a GPU instance: configs/gpu.pbtxt), EXIF orientation applied
-  and the resize done there too (bilinear, antialiased, as Pillow does). What the fast
+  and the resize done there too (averaged down by whole factors, then bilinear, antialiased,
+  as :func:`imgsearch.imaging.decode_image` does), never a float copy of a full-size raster.
+  A batch is decoded in chunks of at most ``decode_memory_bytes`` (parameter; 512 MiB) of
+  full-size rasters, each shrunk before the next is decoded. What the fast
   path does not take goes to Pillow: other formats, progressive/CMYK/odd JPEGs, files
   without an end marker, anything the batched call or a single GPU decode refuses.
 
@@ -51,6 +54,12 @@ OUTPUT = "images"
 # baseline and extended-sequential Huffman JPEGs: what nvJPEG's batched decode takes
 FAST_SOF = (0xC0, 0xC1)
 SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# full-size RGB rasters the torchvision path decodes at once (the ``decode_memory_bytes``
+# parameter), as the gateway's IMGSEARCH_DECODE_MEMORY_BYTES default: a batch of 128 files of
+# up to 50 MP each would otherwise be 19 GB of pixels in one call
+DECODE_MEMORY_BYTES = 512 * 2**20
+STRIP_PIXELS = 1 << 20  # pixels of one strip made float while averaging down: 12 MB
+GROUP_PIXELS = 1 << 22  # pixels of same-shape images shrunk in one call (a 48 MB float copy at most)
 
 
 def exif_orientation(tiff):
@@ -107,23 +116,23 @@ def jpeg_header(data):
     return None
 
 
-def apply_orientation(img, orientation):
-    """EXIF orientation on a [3, H, W] tensor, as PIL's ImageOps.exif_transpose does."""
+def oriented(px, orientation):
+    """EXIF orientation on an [H, W, 3] array, as PIL's ImageOps.exif_transpose does."""
     if orientation == 2:
-        return img.flip(-1)
+        return px[:, ::-1]
     if orientation == 3:
-        return img.flip(-1).flip(-2)
+        return px[::-1, ::-1]
     if orientation == 4:
-        return img.flip(-2)
+        return px[::-1]
     if orientation == 5:
-        return img.transpose(-1, -2)
+        return px.transpose(1, 0, 2)
     if orientation == 6:
-        return img.rot90(-1, (-2, -1))
+        return np.rot90(px, -1)
     if orientation == 7:
-        return img.transpose(-1, -2).flip(-1).flip(-2)
+        return px.transpose(1, 0, 2)[::-1, ::-1]
     if orientation == 8:
-        return img.rot90(1, (-2, -1))
-    return img
+        return np.rot90(px, 1)
+    return px
 
 
 def fast_path_ok(data, max_pixels):
@@ -145,10 +154,12 @@ def fast_path_ok(data, max_pixels):
 class Decoder:
     """Decode a list of files to uint8 [size, size, 3] arrays (or the typed error of each)."""
 
-    def __init__(self, kind="pillow", device="cpu", size=224, max_pixels=DEFAULT_MAX_PIXELS, log=None):
+    def __init__(self, kind="pillow", device="cpu", size=224, max_pixels=DEFAULT_MAX_PIXELS, log=None,
+                 memory_bytes=DECODE_MEMORY_BYTES):
         self.kind = kind
         self.size = size
         self.max_pixels = max_pixels
+        self.memory_bytes = memory_bytes
         self.log = log or (lambda msg: None)
         self.stats = {"fast": 0, "pillow": 0, "fast_batch_failed": 0}
         if kind == "torchvision":
@@ -179,9 +190,9 @@ class Decoder:
             for i, b in enumerate(blobs):
                 head = fast_path_ok(b, self.max_pixels)
                 if head is not None:
-                    fast.append((i, head[4]))
+                    fast.append((i, head))
         if fast:
-            pixels = self._fast([blobs[i] for i, _ in fast], [o for _, o in fast])
+            pixels = self._fast([blobs[i] for i, _ in fast], [h for _, h in fast])
             for (i, _), px in zip(fast, pixels):
                 out[i] = px
         for i, b in enumerate(blobs):
@@ -189,43 +200,102 @@ class Decoder:
                 out[i] = self.pillow(b)
         return out
 
-    def _fast(self, blobs, orientations):
+    def _fast(self, blobs, heads):
+        """Decode in chunks of at most ``memory_bytes`` of full-size rasters (a larger file
+        alone), each chunk shrunk to ``size`` before the next is decoded."""
+        results = [None] * len(blobs)
+        for chunk in raster_chunks([w * h * 3 for w, h, *_ in heads], self.memory_bytes):
+            imgs = self._decode_jpegs([blobs[k] for k in chunk])
+            groups = {}
+            for k, img in zip(chunk, imgs):
+                if img is not None:
+                    groups.setdefault(tuple(img.shape[-2:]), []).append(k)
+                    results[k] = img
+            for members in groups.values():
+                for part in raster_chunks([results[k].shape[-2] * results[k].shape[-1] for k in members],
+                                          GROUP_PIXELS):
+                    ks = [members[j] for j in part]
+                    small = shrink(self.torch, [results[k] for k in ks], self.size).cpu().numpy()
+                    for j, k in enumerate(ks):
+                        results[k] = np.ascontiguousarray(oriented(small[j], heads[k][4]))
+            imgs = None  # the full-size rasters go before the next chunk is decoded
+        self.stats["fast"] += sum(r is not None for r in results)
+        return results
+
+    def _decode_jpegs(self, blobs):
         torch = self.torch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer on read-only bytes: we never write to it
             datas = [torch.frombuffer(b, dtype=torch.uint8) for b in blobs]
         rgb = self.tvio.ImageReadMode.RGB
         try:
-            imgs = self.tvio.decode_jpeg(datas, mode=rgb, device=self.device)
+            return self.tvio.decode_jpeg(datas, mode=rgb, device=self.device)
         except Exception as e:  # noqa: BLE001 - one bad file fails the batched call: go one by one
             self.stats["fast_batch_failed"] += 1
             self.log(f"batched decode of {len(datas)} files failed ({type(e).__name__}: {str(e)[:200]}); one by one")
-            imgs = []
-            for d in datas:
-                try:
-                    imgs.append(self.tvio.decode_jpeg(d, mode=rgb, device=self.device))
-                except Exception:  # noqa: BLE001 - Pillow decides and names the error
-                    imgs.append(None)
-        results = [None] * len(blobs)
-        groups = {}
-        for k, (img, o) in enumerate(zip(imgs, orientations)):
-            if img is None:
-                continue
-            img = apply_orientation(img, o)
-            groups.setdefault(tuple(img.shape[-2:]), []).append((k, img))
-        s = self.size
-        with torch.no_grad():
-            for (h, w), members in groups.items():
-                x = torch.stack([img for _, img in members])
-                if (h, w) != (s, s):
-                    x = torch.nn.functional.interpolate(x.float(), size=(s, s), mode="bilinear",
-                                                        antialias=True, align_corners=False)
-                    x = x.round_().clamp_(0, 255).to(torch.uint8)
-                host = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-                for j, (k, _) in enumerate(members):
-                    results[k] = host[j]
-        self.stats["fast"] += sum(r is not None for r in results)
-        return results
+        imgs = []
+        for d in datas:
+            try:
+                imgs.append(self.tvio.decode_jpeg(d, mode=rgb, device=self.device))
+            except Exception:  # noqa: BLE001 - Pillow decides and names the error
+                imgs.append(None)
+        return imgs
+
+
+def raster_chunks(sizes, budget):
+    """Indices of ``sizes`` in consecutive runs whose sum stays within ``budget``; an item
+    larger than the budget makes a run alone."""
+    run, total = [], 0
+    for i, n in enumerate(sizes):
+        if run and total + n > budget:
+            yield run
+            run, total = [], 0
+        run.append(i)
+        total += n
+    if run:
+        yield run
+
+
+def shrink_factors(w, h, size):
+    """Whole factors a JPEG of ``w`` x ``h`` is averaged down by before its resize to ``size``,
+    as Pillow gets them: its draft mode scales by 1/2, 1/4 or 1/8 while both sides stay at least
+    ``size`` (:func:`imgsearch.imaging.decode_image`), then ``Image.reduce`` by the whole
+    factor that leaves between 1x and 2x ``size``."""
+    d = next((s for s in (8, 4, 2) if min(w // size, h // size) >= s), 1)
+    return d * max(1, -(-w // d) // size), d * max(1, -(-h // d) // size)
+
+
+def shrink(torch, images, size):
+    """Same-shape uint8 [3, H, W] tensors -> uint8 [N, size, size, 3] on their device.
+
+    As :func:`imgsearch.imaging.decode_image` does: averaged down by whole factors
+    (:func:`shrink_factors`), then the antialiased bilinear resize on that small raster.
+    The averaging runs on strips of about ``STRIP_PIXELS`` copied into one float buffer
+    (fresh buffers a strip fragment the heap, and the process keeps what it grew), so no
+    float copy of a full-size raster (4 bytes a channel, up to 50 MP an image) is made.
+    """
+    n = len(images)
+    h, w = images[0].shape[-2:]
+    fx, fy = shrink_factors(w, h, size)
+    F = torch.nn.functional
+    with torch.no_grad():
+        if (fy, fx) == (1, 1):  # under 2x size both ways: small already
+            x = torch.stack(images).float()
+        else:
+            rows = max(fy, STRIP_PIXELS // (w * n) // fy * fy)
+            dev = images[0].device
+            buf = torch.empty((n, 3, min(rows, h), w), dtype=torch.float32, device=dev)
+            x = torch.empty((n, 3, -(-h // fy), -(-w // fx)), dtype=torch.float32, device=dev)
+            for top in range(0, h, rows):
+                r = min(rows, h - top)
+                for j, img in enumerate(images):
+                    buf[j, :, :r].copy_(img[:, top:top + r])
+                # ceil_mode: the last, partial boxes average the pixels they have (as Image.reduce)
+                x[:, :, top // fy:top // fy + -(-r // fy)] = F.avg_pool2d(buf[:, :, :r], (fy, fx), ceil_mode=True)
+            buf = None
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def error_message(err, index, count):
@@ -251,7 +321,8 @@ class TritonPythonModel:
         device = f"cuda:{device_id}" if kind == "GPU" else "cpu"
         self.logger = pb_utils.Logger
         self.decoder = Decoder(decoder, device, size, int(params.get("max_pixels", DEFAULT_MAX_PIXELS)),
-                               log=self.logger.log_warn)
+                               log=self.logger.log_warn,
+                               memory_bytes=int(params.get("decode_memory_bytes", DECODE_MEMORY_BYTES)))
         self.size = size
         where = f"torchvision.io.decode_jpeg on {device}" + (" (nvJPEG)" if device != "cpu" else "")
         self.logger.log_info(f"preprocess: decoder {decoder} ({where if decoder == 'torchvision' else 'Pillow'}), "

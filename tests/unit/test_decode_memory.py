@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.data import huge_png, png_bytes
+from harness.data import huge_jpeg, huge_png, image_bytes, load_module, png_bytes
 from imgsearch.errors import DecodeBusy
 from imgsearch.imaging import DecodeBudget, _to_rgb, decode_image
 
@@ -30,40 +30,50 @@ from PIL import Image
 def hwm():  # this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
-buf = io.BytesIO(); Image.new("RGB", (640, 480), (1, 2, 3)).save(buf, "PNG")
+warm = []
+for fmt in ("PNG", "JPEG"):
+    buf = io.BytesIO(); Image.new("RGB", (640, 480), (1, 2, 3)).save(buf, fmt); warm.append(buf.getvalue())
 path, where = sys.argv[1], sys.argv[2]
+fast = lambda: 0  # how many files took the preprocess model's fast (torchvision) path
 def decode(f):
     decode_image(f.read())
-if where == "triton":  # Triton's preprocess model, as its Python backend runs it
+if where in ("pillow", "torchvision"):  # Triton's preprocess model, as its Python backend runs it
     import importlib.util
     spec = importlib.util.spec_from_file_location("preprocess_model", sys.argv[3])
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-    decoder = mod.Decoder("pillow")
+    decoder = mod.Decoder(where)
+    fast = lambda: decoder.stats["fast"]
     def decode(f):
         out = decoder.decode([f.read()])[0]
         assert not isinstance(out, Exception), out
 elif where == "thumb":  # the gateway's /thumb: from the open file, as Pillow reads it
     def decode(f):
         thumbnail(f)
-decode(io.BytesIO(buf.getvalue()))  # imports and first-use allocations out of the way
+for w in warm:
+    decode(io.BytesIO(w))  # imports and first-use allocations out of the way
 with open(path, "rb") as f:
+    before = fast()
     base = hwm()
     decode(f)
-print(hwm() - base)
+print(hwm() - base, fast() - before)
 """
 TEMPLATE = Path(__file__).parents[2] / "export" / "templates" / "preprocess_model.py"
 
 
 @pytest.mark.parametrize(("mode", "where"), [("I;16", "gateway"), ("RGBA", "gateway"), ("P", "gateway"),
-                                             ("RGB", "gateway"), ("I;16", "triton"), ("RGBA", "triton"),
-                                             ("I;16", "thumb"), ("RGBA", "thumb"), ("P", "thumb")])
+                                             ("RGB", "gateway"), ("I;16", "pillow"), ("RGBA", "pillow"),
+                                             ("JPEG", "torchvision"), ("I;16", "thumb"), ("RGBA", "thumb"),
+                                             ("P", "thumb")])
 def test_one_decode_peaks_under_twice_its_8bit_rgb_raster(mode, where, tmp_path):
-    path = tmp_path / "huge.png"
-    path.write_bytes(huge_png(mode, SIDE))
-    args = [str(path), where] + ([str(TEMPLATE)] if where == "triton" else [])
+    """``where``: the gateway's decode_image, its /thumb, or Triton's preprocess model with that
+    decoder (torchvision: its batched JPEG path, on the CPU here, nvJPEG on a GPU)."""
+    path = tmp_path / "huge"
+    path.write_bytes(huge_jpeg(SIDE) if mode == "JPEG" else huge_png(mode, SIDE))
+    args = [str(path), where] + ([str(TEMPLATE)] if where in ("pillow", "torchvision") else [])
     out = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    peak = int(out.stdout.strip())
+    peak, fast = map(int, out.stdout.split())
+    assert fast == (where == "torchvision"), "the file under test took the other path"
     raster = SIDE * SIDE * 3
     print(f"{mode} ({where}): file {path.stat().st_size / 1e3:.0f} KB, decode peak +{peak / 2**20:.0f} MiB "
           f"({peak / raster:.2f}x the {raster / 2**20:.0f} MiB RGB raster)")
@@ -120,3 +130,54 @@ def test_the_budget_is_shared_and_a_decode_waits_then_gives_up():
         assert waiting.used == 100
     t.join()
     assert waiting.peak == 100
+
+
+def jpeg_of(w: int, h: int, seed: int, orientation: int = 1) -> bytes:
+    """A JPEG of smooth random colour blobs (detail at about 1/40 of the side)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (max(2, h // 40), max(2, w // 40), 3), dtype=np.uint8)
+    im = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    return image_bytes(im, "JPEG", quality=90, exif=ex.tobytes())
+
+
+def test_torchvision_path_shrinks_as_pillow_does_within_the_ensemble_tolerance():
+    """Large and lopsided JPEGs through the preprocess model's torchvision path (averaged down
+    in uint8 strips, then resized) against decode_image: the tolerance of the ensemble tests."""
+    dec = load_module(TEMPLATE, "preprocess_model").Decoder("torchvision", "cpu")
+    files = [jpeg_of(3000, 2000, 1), jpeg_of(1001, 677, 2), jpeg_of(5000, 300, 3), jpeg_of(300, 2500, 4),
+             jpeg_of(449, 448, 5), jpeg_of(2400, 1600, 6, orientation=6), jpeg_of(1800, 2400, 7, orientation=7)]
+    got = dec.decode(files)
+    assert dec.stats["fast"] == len(files), dec.stats
+    for k, (data, px) in enumerate(zip(files, got)):
+        diff = np.abs(px.astype(int) - decode_image(data).astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 20, (k, diff.mean(), diff.max())
+
+
+def test_torchvision_path_decodes_a_batch_in_chunks_under_its_memory_budget():
+    mod = load_module(TEMPLATE, "preprocess_model")
+    assert list(mod.raster_chunks([5, 5, 20, 3, 3, 3, 9], 10)) == [[0, 1], [2], [3, 4, 5], [6]]
+    files = [jpeg_of(900, 700, s) for s in range(5)] + [jpeg_of(1600, 1200, 9), jpeg_of(640, 480, 10)]
+    whole = mod.Decoder("torchvision", "cpu").decode(files)
+    budget = 900 * 700 * 3 * 2
+    dec = mod.Decoder("torchvision", "cpu", memory_bytes=budget)
+    calls = []
+    decode_jpeg = dec.tvio.decode_jpeg
+
+    class Spy:  # the module the decoder calls, recording what each decode call holds
+        ImageReadMode = dec.tvio.ImageReadMode
+
+        @staticmethod
+        def decode_jpeg(datas, **kw):
+            imgs = decode_jpeg(datas, **kw)
+            calls.append(sum(img.numel() for img in imgs))
+            return imgs
+
+    dec.tvio = Spy
+    chunked = dec.decode(files)
+    one = 900 * 700 * 3
+    # 2 + 2 + 1 of 900x700; the 1600x1200, larger than the budget, alone; then the 640x480
+    assert calls == [2 * one, 2 * one, one, 1600 * 1200 * 3, 640 * 480 * 3], calls
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)

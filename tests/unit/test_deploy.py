@@ -1029,6 +1029,67 @@ def test_compose_gateway_memory_limit_covers_its_budget(compose, settings_env):
     assert "mem_limit" in services(compose)["indexer"]
 
 
+def compose_memory(limit: str | int) -> float:
+    """A compose ``mem_limit`` ("16g", "512m", bytes) in bytes."""
+    m = re.fullmatch(r"(\d+)([kmg]?)b?", str(limit).strip().lower())
+    assert m, f"not a compose memory size: {limit!r}"
+    return int(m.group(1)) * 1024 ** " kmg".index(m.group(2) or " ")
+
+
+# services that run as root, each with its reason in docs/deploy.md, "Users inside the containers"
+COMPOSE_ROOT_SERVICES = {"etcd", "minio", "milvus", "triton-cache-owner"}
+
+
+def test_every_compose_service_has_a_memory_limit_documented_in_deploy_md(compose):
+    doc = DEPLOY_DOC.read_text()
+    section = doc[doc.index("### Memory limits"):]
+    rows = dict(re.findall(r"^\| `([a-z-]+)` \| ([^|]+?) \|", section, re.M))
+    for name, svc in services(compose).items():
+        assert "mem_limit" in svc, f"{name}: no mem_limit"
+        limit = compose_memory(svc["mem_limit"])
+        assert 32 * 2**20 <= limit, (name, svc["mem_limit"])
+        assert name in rows, f"{name}: no row in docs/deploy.md, Memory limits"
+        shown = re.search(r"\(?(\d+[kmg])\)?", rows[name]).group(1)
+        assert compose_memory(shown) == limit, f"{name}: docs/deploy.md says {rows[name]}, compose {svc['mem_limit']}"
+    milvus = re.search(r"^\s*mem_limit: \$\{MILVUS_MEM_LIMIT:-(\w+)\}", COMPOSE.read_text(), re.M)
+    assert milvus and compose_memory(milvus.group(1)) == compose_memory(services(compose)["milvus"]["mem_limit"])
+    # Triton as its Kubernetes pod
+    k8s = pod_spec(k8s_obj("Deployment", "triton"))["containers"][0]["resources"]["limits"]["memory"]
+    assert compose_memory(services(compose)["triton"]["mem_limit"]) == quantity(k8s)
+
+
+def test_compose_services_run_as_non_root_users_where_their_images_allow(compose):
+    svc = services(compose)
+    doc = DEPLOY_DOC.read_text()
+    users = doc[doc.index("### Users inside the containers"):doc.index("### Memory limits")]
+    own = re.search(r"^USER (\S+)", DOCKERFILE.read_text(), re.M)
+    assert own and own.group(1) not in ("root", "0"), "the gateway image must end as a non-root USER"
+    for name, s in svc.items():
+        user = str(s.get("user", ""))
+        if name in COMPOSE_ROOT_SERVICES:
+            assert f"`{name}`" in users, f"{name} runs as root without a reason in docs/deploy.md"
+            continue
+        if s.get("image", "").startswith("imgsearch-gateway"):
+            assert user in ("", "imgsearch", "10001"), name  # the image's own USER
+            continue
+        assert user and user.split(":")[0] not in ("root", "0"), f"{name}: runs as {user or 'the image default'}"
+
+
+def test_triton_runs_as_the_images_user_on_a_cache_volume_it_owns(compose):
+    svc = services(compose)
+    tri, owner = svc["triton"], svc["triton-cache-owner"]
+    ctx = pod_spec(k8s_obj("Deployment", "triton"))["securityContext"]
+    uid, gid = (int(x) for x in str(tri["user"]).split(":"))
+    assert uid != 0 and (uid, gid) == (ctx["runAsUser"], ctx["runAsGroup"])  # triton-server in NVIDIA's image
+    (cache,) = [v for v in tri["volumes"] if v.split(":")[0] in compose["volumes"]]
+    target = cache.split(":")[1]
+    assert owner["volumes"] == [cache] and owner["image"] == tri["image"]
+    assert owner["entrypoint"] == ["chown", f"{uid}:{gid}", target]
+    assert tri["depends_on"]["triton-cache-owner"] == {"condition": "service_completed_successfully"}
+    assert owner["cap_drop"] == ["ALL"] and owner["cap_add"] == ["CHOWN"] and owner["network_mode"] == "none"
+    assert owner["restart"] == "no" and "profiles" not in owner
+
+
 def test_decode_peak_is_within_the_budget_constant(tmp_path):
     """decode_image on a 4 MP RGBA PNG, in a fresh process, RSS sampled every 0.5 ms."""
     code = textwrap.dedent("""
