@@ -179,7 +179,7 @@ def started_stack(args: argparse.Namespace):
             gw.stop(20)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     s = get_settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gateway", default=f"http://127.0.0.1:{s.port}", help="gateway base URL (default: %(default)s)")
@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="direct decode threads, and the gateway's with --start (default: %(default)s)")
     p.add_argument("--target", type=float, default=0.85, help="throughput ratio to meet (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("loadtest/out/bench_gateway.json"), help="(default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     with contextlib.ExitStack() as stack:
         if args.start:

@@ -120,7 +120,7 @@ def run_indexer(root: Path, url: str, workdir: Path, args) -> dict:
     return rep
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image_root", nargs="?", type=Path, help="images to index (or use --generate)")
     ap.add_argument("--generate", type=int, metavar="N", help="build N demo images first (imgsearch demo-data)")
@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="indexer decode processes (default: its own)")
     ap.add_argument("--rounds", type=int, default=2, help="indexer runs, each between two raw runs (default: 2)")
     ap.add_argument("--out", type=Path, default=Path("loadtest/out/bench_index.json"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     settings = Settings()
 

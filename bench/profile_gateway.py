@@ -114,7 +114,7 @@ def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict
         store.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=500, help="sequential requests per run (default: %(default)s)")
     p.add_argument("--vectors", type=int, default=5000, help="similar: collection size (default: %(default)s)")
@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also measure CPU per request with this many concurrent clients, search batching "
                         "on as by default: where a host's capacity is decided (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/results/gateway-cpu.json"), help="(default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="profile-gateway-"))
     res: dict = {}
 

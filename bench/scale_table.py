@@ -85,7 +85,7 @@ def table(cells: list[dict], clients: int) -> str:
     return "\n".join([head] + [row(c, clients) for c in sorted(cells, key=lambda c: (c["dim"], c["vectors"]))])
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 250_000])
     p.add_argument("--dims", type=int, nargs="+", default=[2048, 256])
@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="on+off pairs per client count (default: %(default)s)")
     p.add_argument("--queries", type=int, default=200, help="held-out queries for recall (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/results/search-scale.json"), help="(default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     todo = [(n, d) for d in args.dims for n in args.sizes]
     if args.only:

@@ -228,7 +228,7 @@ def verdicts(res: dict, window_ms: float) -> dict:
     return v
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vectors", type=int, default=20_000, help="synthetic vectors in each collection (default: %(default)s)")
     p.add_argument("--dim", type=int, default=2048, help="similar: vector size, 2048 = ResNet-152 pooled (default: %(default)s)")
@@ -245,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/search-batching.json"),
                    help="(default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     t0 = time.perf_counter()

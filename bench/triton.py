@@ -80,7 +80,7 @@ async def sweep(server: LocalTriton, models: tuple[str, str], levels: list[int],
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     s = get_settings()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=s.model_repository)
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrency levels (default: %(default)s)")
     ap.add_argument("--seconds", type=float, default=8.0, help="per level and mode (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=Path("loadtest/out/bench_triton.json"))
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
         models = make_repository(args.repository, args.model, Path(tmp))
