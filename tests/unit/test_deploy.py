@@ -30,6 +30,7 @@ import pytest
 import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
+from harness.configs import config_tensors
 from imgsearch import model_card
 from imgsearch.export.triton_config import parse_config
 from imgsearch.settings import Settings
@@ -148,11 +149,6 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
         mode = parts[2] if len(parts) > 2 else "rw"
         out[parts[1]] = (parts[0], mode)
     return out
-
-
-def pbtxt_tensors(text: str) -> dict[str, tuple[str, list[int]]]:
-    cfg = parse_config(text)
-    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in [*cfg.input, *cfg.output]}
 
 
 def pbtxt_name(text: str) -> str:
@@ -321,7 +317,7 @@ def test_model_name_agrees_across_compose_settings_and_repository(compose, setti
 
 def test_checked_in_config_uses_the_model_card_tensor_names():
     cfg = (ROOT / "model_repository" / Settings.model_fields["model_name"].default / "config.pbtxt").read_text()
-    tensors = pbtxt_tensors(cfg)
+    tensors = config_tensors(parse_config(cfg))
     assert tensors[model_card.INPUT_NAME] == ("TYPE_UINT8", [224, 224, 3])
     assert tensors[model_card.EMBEDDING_NAME][0] == "TYPE_FP32"
     assert set(tensors) <= {model_card.INPUT_NAME, model_card.EMBEDDING_NAME, model_card.PROBS_NAME}
@@ -336,7 +332,7 @@ def test_exported_config_dims_match_its_model_card(repo18):
     card = model_card.read_card(repo18, name)
     for path in (repo18 / name / "config.pbtxt", repo18 / name / "configs" / "cpu.pbtxt"):
         text = path.read_text()
-        t = pbtxt_tensors(text)
+        t = config_tensors(parse_config(text))
         assert pbtxt_name(text) == card.name == name
         assert t[card.input_name] == ("TYPE_UINT8", [card.input_size, card.input_size, 3]), path
         assert t[model_card.EMBEDDING_NAME] == ("TYPE_FP32", [card.embedding_dim]), path

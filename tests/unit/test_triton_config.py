@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
+from harness.configs import assert_bounded_rejecting_queue, config_tensors
 from imgsearch.errors import ModelRepositoryError
 from imgsearch.export.onnx_export import write_decode_models
 from imgsearch.export.triton_config import (
@@ -36,10 +37,6 @@ def card(dim=2048, classes=0, name="resnet152") -> ModelCard:
                      weights="random:0", checkpoint_sha256="x", model_sha="y")
 
 
-def tensors(cfg: mc.ModelConfig) -> dict[str, tuple[str, list[int]]]:
-    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in [*cfg.input, *cfg.output]}
-
-
 def params(cfg: mc.ModelConfig) -> dict[str, str]:
     return {k: v.string_value for k, v in cfg.parameters.items()}
 
@@ -48,18 +45,12 @@ def kinds(cfg: mc.ModelConfig) -> list[str]:
     return [mc.ModelInstanceGroup.Kind.Name(g.kind) for g in cfg.instance_group]
 
 
-def assert_bounded_rejecting_queue(cfg: mc.ModelConfig) -> None:
-    assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.preferred_batch_size
-    policy = cfg.dynamic_batching.default_queue_policy
-    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT and policy.max_queue_size > 0
-
-
 @pytest.mark.parametrize("render", [cpu_config, gpu_config, gpu_python_config])
 @pytest.mark.parametrize("dim,classes", [(2048, 0), (256, 120), (512, 3)])
 def test_config_tensors_match_card(render, dim, classes):
     text = render(card(dim, classes))
     cfg = parse_config(text)
-    t = tensors(cfg)
+    t = config_tensors(cfg)
     assert t["images"] == ("TYPE_UINT8", [224, 224, 3])
     assert t["embedding"] == ("TYPE_FP32", [dim])
     assert ("probs" in t) == (classes > 0)
@@ -114,7 +105,7 @@ def test_gpu_python_config_selects_the_gpu_engine():
 
 def test_preprocess_and_ensemble_configs():
     pre = parse_config(preprocess_config(224, PREPROCESS_GPU, instance_kind="KIND_GPU", decoder="torchvision"))
-    t = tensors(pre)
+    t = config_tensors(pre)
     assert t["images"] == ("TYPE_UINT8", [224, 224, 3])
     assert t["image_bytes"] == ("TYPE_STRING", [1])
     assert kinds(pre) == ["KIND_GPU"] and params(pre)["decoder"] == "torchvision"
@@ -127,7 +118,7 @@ def test_preprocess_and_ensemble_configs():
         assert first.output_map["images"] == second.input_map["images"]
         assert dict(second.output_map) == ({"embedding": "embedding", "probs": "probs"} if classes
                                            else {"embedding": "embedding"})
-        assert tensors(ens)["embedding"] == ("TYPE_FP32", [256])
+        assert config_tensors(ens)["embedding"] == ("TYPE_FP32", [256])
 
 
 def test_checked_in_decode_models_match_the_default_export():

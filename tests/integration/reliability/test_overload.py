@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
-from tritonclient.grpc import model_config_pb2 as mc
 
 from bench.flood import flood, scrape, triton_queue
+from harness.configs import assert_bounded_rejecting_queue
 from harness.data import make_tiny_queue_repo
 from harness.stack import (
     MODEL,
@@ -101,11 +102,11 @@ def test_triton_queue_full_is_503_with_retry_after_and_counted(launch, tiny_queu
     assert res["shed_triton_overloaded"] == n503 and res["shed_inflight"] == 0
     assert res["errors_overloaded"] == n503
     assert tiny_queue_triton.is_ready()
+    with httpx.Client(base_url=gw.url, timeout=30) as c:  # the burst is over: the next search is served
+        r = c.post("/v1/search", files={"file": ("q.jpg", shape_jpeg(3, 888), "image/jpeg")})
+        assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("config", ["config.pbtxt", "configs/cpu.pbtxt", "configs/gpu.pbtxt"])
 def test_shipped_model_configs_bound_the_queue_and_reject(config):
-    batching = parse_config((REPO_ROOT / "model_repository" / MODEL / config).read_text()).dynamic_batching
-    assert batching.HasField("default_queue_policy"), f"{config}: no default_queue_policy: Triton would queue without limit"
-    assert batching.default_queue_policy.max_queue_size > 0, config
-    assert batching.default_queue_policy.timeout_action == mc.ModelQueuePolicy.REJECT, config
+    assert_bounded_rejecting_queue(parse_config((REPO_ROOT / "model_repository" / MODEL / config).read_text()))
