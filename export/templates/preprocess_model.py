@@ -270,9 +270,11 @@ def shrink(torch, images, size):
 
     As :func:`imgsearch.imaging.decode_image` does: averaged down by whole factors
     (:func:`shrink_factors`), then the antialiased bilinear resize on that small raster.
-    The averaging runs on strips of about ``STRIP_PIXELS`` copied into one float buffer
-    (fresh buffers a strip fragment the heap, and the process keeps what it grew), so no
-    float copy of a full-size raster (4 bytes a channel, up to 50 MP an image) is made.
+    Images of up to ``GROUP_PIXELS`` in all (every group :class:`Decoder` makes of more than
+    one) are averaged in one call: one launch on a GPU, not one per strip. A larger image
+    is averaged on strips of about ``STRIP_PIXELS`` copied into one float buffer (fresh
+    buffers a strip fragment the heap, and the process keeps what it grew), so no float copy
+    of a full-size raster (4 bytes a channel, up to 50 MP an image) is made.
     """
     n = len(images)
     h, w = images[0].shape[-2:]
@@ -281,6 +283,8 @@ def shrink(torch, images, size):
     with torch.no_grad():
         if (fy, fx) == (1, 1):  # under 2x size both ways: small already
             x = torch.stack(images).float()
+        elif n * h * w <= GROUP_PIXELS:  # a float copy of them all is small: average in one call
+            x = F.avg_pool2d(torch.stack(images).float(), (fy, fx), ceil_mode=True)
         else:
             rows = max(fy, STRIP_PIXELS // (w * n) // fy * fy)
             dev = images[0].device
