@@ -6,7 +6,7 @@ find their original among the originals and 200 distractor photos. Side by side,
 
 * ``packaged``: the ImageNet EfficientNet-Lite0 that ``--weights auto`` falls back to offline
   (what ``make demo`` serves on a machine without torchvision's weights), in PyTorch fp32;
-* ``random_resnet152``: ResNet-152 with random weights (seed 0), what the demo served before;
+* ``random_resnet152``: ResNet-152 with random weights (seed 0), what ``--weights random`` serves (the untrained baseline);
 * ``phash``: a perceptual hash (imagehash), what users reach for without a model;
 * ``served``: the packaged model exported to ONNX, served by the real tritonserver, the
   gallery indexed by ``imgsearch index`` into Milvus Lite, every query a ``POST /v1/search``
