@@ -26,10 +26,13 @@ def loadtest(stack, out, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def headless(stack, tmp_path_factory):
     out = tmp_path_factory.mktemp("headless")
-    # a little think time: 4 closed-loop search users against an in-flight limit of 3 keep it full
-    # all the time, and a run once had every similar request shed (28 of 28); with gaps between a
-    # user's requests every scenario gets served while bursts of 7 users still go past the limit
-    rc = loadtest(stack, out, "--users", "7", "--spawn-rate", "7", "--run-time", "15s", "--think-ms", "40",
+    # Users join one every 2 s, in Locust's weighted order (search, similar, search, search, page,
+    # similar, search). For the first 6 s at most 3 users send searches or similar requests, each
+    # one at a time: within the in-flight limit of 3, so the similar scenario is served however
+    # slow the searches are here. From then on closed-loop search users hold the slots and the
+    # gateway sheds. All 7 at once let the searches hold every slot from the start, and a busy
+    # run once served no similar request at all.
+    rc = loadtest(stack, out, "--users", "7", "--spawn-rate", "0.5", "--run-time", "15s", "--think-ms", "40",
                   "--max-failure-ratio", "0.01")
     return rc, out
 
