@@ -469,7 +469,10 @@ class VectorStore:
                 c.release_collection(self.collection)
                 c.load_collection(self.collection, timeout=timeout_s)  # Lite builds the index here
 
-            self._call("load_collection", reload)
+            # The flush also starts Milvus Lite's background index build, which writes its index
+            # file in place and outside the lock a load takes: a load meeting a half-written file
+            # fails with a short read, and the next one reads it whole.
+            self._call_again("load_collection", reload, attempts=5)
         else:
             deadline = time.monotonic() + timeout_s
             while True:

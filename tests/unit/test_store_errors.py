@@ -133,3 +133,58 @@ def test_a_flush_that_keeps_failing_or_got_no_answer_is_reported(monkeypatch):
     with pytest.raises(StoreUnavailable, match="failed during flush"):
         flush(flushing_store(hung, monkeypatch))
     assert hung.flushes == 1  # a Milvus that did not answer in time is not waited for again
+
+
+class LiteBuilding(Flushing):
+    """A Milvus Lite whose first loads meet the index file its background build is still writing."""
+
+    def __init__(self, short_reads: int) -> None:
+        super().__init__()
+        self.short_reads = short_reads
+        self.loads = 0
+        self.releases = 0
+
+    def release_collection(self, collection, timeout=None):
+        self.releases += 1
+
+    def load_collection(self, collection, timeout=None):
+        self.loads += 1
+        if self.short_reads:
+            self.short_reads -= 1
+            raise Exception("<MilvusException: (code=1, message=Error in void faiss::read_xb_vector(...): "
+                            "'ret == (size)' failed: read error in .../data_000001_000030.embedding.hnsw.idx: "
+                            "60894 != 153600 (Resource temporarily unavailable))>")
+
+    def query(self, collection, filter="", output_fields=(), timeout=None):
+        return [{"count(*)": 30}]
+
+    def alter_collection_properties(self, collection, properties, timeout=None):
+        pass
+
+    def describe_index(self, collection, field, timeout=None):
+        return {"index_type": "HNSW", "metric_type": "COSINE", "total_rows": 30, "indexed_rows": 30}
+
+    def describe_collection(self, collection, timeout=None):
+        return {"properties": {}}
+
+
+def lite_store(client: LiteBuilding, monkeypatch, tmp_path) -> VectorStore:
+    store = VectorStore(str(tmp_path / "milvus.db"), "images", timeout_s=2.0)
+    store._client = client
+    monkeypatch.setattr(store, "_connect", lambda: client)
+    monkeypatch.setattr("imgsearch.store.time.sleep", lambda s: None)
+    return store
+
+
+def test_a_lite_load_that_meets_a_half_written_index_file_is_tried_again(monkeypatch, tmp_path):
+    client = LiteBuilding(short_reads=1)
+    state = lite_store(client, monkeypatch, tmp_path).build_index()
+    assert (client.flushes, client.releases, client.loads) == (1, 2, 2)
+    assert state["indexed_rows"] == 30
+
+
+def test_a_lite_load_that_keeps_failing_is_reported(monkeypatch, tmp_path):
+    client = LiteBuilding(short_reads=5)
+    with pytest.raises(StoreUnavailable, match="failed during load_collection: .*read error"):
+        lite_store(client, monkeypatch, tmp_path).build_index()
+    assert client.loads == 5
