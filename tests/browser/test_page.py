@@ -119,6 +119,14 @@ def test_upload_shows_grid_guess_and_timings(browser, page_stack, tmp_path):
         and d.find_element(By.CSS_SELECTOR, "#results .card img").get_attribute("src") != src)
 
 
+def shown_error(driver):
+    """The page's error box, once it is shown (for WebDriverWait)."""
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "error")
+    return box if box.is_displayed() else None
+
+
 def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -128,8 +136,7 @@ def test_a_non_image_gives_a_readable_error(browser, page_stack, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("definitely not a picture\n")
     browser.find_element(By.ID, "file").send_keys(str(bad))
-    err = WebDriverWait(browser, 30).until(
-        lambda d: d.find_element(By.ID, "error") if d.find_element(By.ID, "error").is_displayed() else None)
+    err = WebDriverWait(browser, 30).until(shown_error)
     assert "not an image we can read" in err.text
     assert err.get_attribute("data-code") == "unsupported_media_type"
 
@@ -152,10 +159,6 @@ def test_an_over_size_file_is_refused_before_it_is_uploaded(browser, tmp_path, t
     def searches() -> float:
         return metric_sum(httpx.get(gw.url + "/metrics").text, "imgsearch_requests_total", route="/v1/search")
 
-    def error(d):
-        box = d.find_element(By.ID, "error")
-        return box if box.is_displayed() else None
-
     try:
         big = tmp_path / "big.jpg"
         big.write_bytes(jpeg_bytes(shape_image(1, 7100)) + b"\0" * (limit + 1))  # a JPEG all the same
@@ -163,7 +166,7 @@ def test_an_over_size_file_is_refused_before_it_is_uploaded(browser, tmp_path, t
         browser.get(gw.url + "/")
         before = searches()
         browser.find_element(By.ID, "file").send_keys(str(big))
-        err = WebDriverWait(browser, 30).until(error)
+        err = WebDriverWait(browser, 30).until(shown_error)
         assert err.get_attribute("data-code") == "payload_too_large"
         assert "too big (the limit is 0.1 MB)" in err.text, err.text
         assert searches() == before  # refused by the page: nothing reached the gateway
@@ -172,6 +175,8 @@ def test_an_over_size_file_is_refused_before_it_is_uploaded(browser, tmp_path, t
         small.write_bytes(jpeg_bytes(shape_image(1, 7100)))
         browser.find_element(By.ID, "file").send_keys(str(small))
         WebDriverWait(browser, 60).until(lambda d: searches() == before + 1)
+        # the page hides the error box when it sends: wait for its handling of the answer
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "answer").is_displayed() or shown_error(d))
         assert not browser.find_element(By.ID, "error").is_displayed()
     finally:
         gw.stop()

@@ -1020,7 +1020,7 @@ def test_compose_gateway_memory_limit_covers_its_budget(compose, settings_env):
     for k, v in {**compose["x-imgsearch-env"], **env_of(gw)}.items():
         settings_env.setenv(k, str(v))
     need = gateway_memory_budget(Settings(_env_file=None))
-    limit = quantity(str(gw["mem_limit"]).replace("g", "Gi").replace("m", "Mi"))
+    limit = compose_memory(gw["mem_limit"])
     assert need <= limit <= 1.5 * need, (need / 2**20, limit / 2**20)
     assert "mem_limit" in services(compose)["indexer"]
 

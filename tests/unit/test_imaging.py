@@ -163,12 +163,12 @@ def test_pixel_limit_is_configurable():
 
 
 def test_thumbnail_keeps_aspect_and_rejects_bad_input():
-    th = Image.open(io.BytesIO(thumbnail(jpeg_bytes(halves(400, 200)), 128)))
+    th = Image.open(io.BytesIO(thumbnail(io.BytesIO(jpeg_bytes(halves(400, 200))), 128)))
     assert th.format == "JPEG" and th.size == (128, 64)
     with pytest.raises(UnsupportedImage):
-        thumbnail(b"GIF? no")
+        thumbnail(io.BytesIO(b"GIF? no"))
     with pytest.raises(ImageTooLarge):
-        thumbnail(bomb_png(10000, 10000))
+        thumbnail(io.BytesIO(bomb_png(10000, 10000)))
 
 
 def test_thumbnail_reads_an_open_file_in_blocks_as_it_decodes():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import itertools
 import io
 import logging
 import threading
@@ -220,11 +221,13 @@ def test_a_stalled_download_is_abandoned_for_the_packaged_model(server, cache, m
 
 def test_an_interrupted_download_leaves_nothing(server, cache, monkeypatch):
     serve(monkeypatch, server, "ok")
-    calls = iter(range(3))
+    calls = itertools.count()
 
     def monotonic():
-        if next(calls) == 1:  # the deadline check after the first read: a Ctrl-C mid-download
-            raise KeyboardInterrupt
+        # calls 0 and 1 start the clocks; call 2 is the deadline check after the first read
+        if next(calls) == 2:
+            assert any(cache.rglob("*.partial")), "the download had begun writing"
+            raise KeyboardInterrupt  # a Ctrl-C mid-download
         return time.monotonic()
 
     monkeypatch.setattr(pretrained, "time", types.SimpleNamespace(monotonic=monotonic))

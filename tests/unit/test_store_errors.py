@@ -31,8 +31,8 @@ class Client:
         pass
 
 
-def store_with(client: Client) -> VectorStore:
-    store = VectorStore("http://127.0.0.1:1", "images", timeout_s=2.0)
+def store_with(client, uri: str = "http://127.0.0.1:1") -> VectorStore:
+    store = VectorStore(uri, "images", timeout_s=2.0)
     store._client = client
     return store
 
@@ -106,8 +106,8 @@ class Flushing:
         pass
 
 
-def flushing_store(client: Flushing, monkeypatch) -> VectorStore:
-    store = store_with(client)
+def flushing_store(client: Flushing, monkeypatch, uri: str = "http://127.0.0.1:1") -> VectorStore:
+    store = store_with(client, uri)
     monkeypatch.setattr(store, "_connect", lambda: client)  # a failed call drops its client
     monkeypatch.setattr("imgsearch.store.time.sleep", lambda s: None)
     return store
@@ -168,17 +168,9 @@ class LiteBuilding(Flushing):
         return {"properties": {}}
 
 
-def lite_store(client: LiteBuilding, monkeypatch, tmp_path) -> VectorStore:
-    store = VectorStore(str(tmp_path / "milvus.db"), "images", timeout_s=2.0)
-    store._client = client
-    monkeypatch.setattr(store, "_connect", lambda: client)
-    monkeypatch.setattr("imgsearch.store.time.sleep", lambda s: None)
-    return store
-
-
 def test_a_lite_load_that_meets_a_half_written_index_file_is_tried_again(monkeypatch, tmp_path):
     client = LiteBuilding(short_reads=1)
-    state = lite_store(client, monkeypatch, tmp_path).build_index()
+    state = flushing_store(client, monkeypatch, str(tmp_path / "milvus.db")).build_index()
     assert (client.flushes, client.releases, client.loads) == (1, 2, 2)
     assert state["indexed_rows"] == 30
 
@@ -186,5 +178,5 @@ def test_a_lite_load_that_meets_a_half_written_index_file_is_tried_again(monkeyp
 def test_a_lite_load_that_keeps_failing_is_reported(monkeypatch, tmp_path):
     client = LiteBuilding(short_reads=5)
     with pytest.raises(StoreUnavailable, match="failed during load_collection: .*read error"):
-        lite_store(client, monkeypatch, tmp_path).build_index()
+        flushing_store(client, monkeypatch, str(tmp_path / "milvus.db")).build_index()
     assert client.loads == 5
