@@ -85,8 +85,13 @@ PUBLIC_MESSAGES: dict[str, str] = {
 }
 
 
+def told_in_public_words(exc: ImgsearchError, status: int) -> bool:
+    """Whether the public reads less than the error says (the log then has the detail)."""
+    return status >= 500 or exc.code in PUBLIC_MESSAGES
+
+
 def public_message(exc: ImgsearchError, status: int) -> str:
-    if status < 500 and exc.code not in PUBLIC_MESSAGES:
+    if not told_in_public_words(exc, status):
         return str(exc)
     if exc.code == "overloaded":
         return "the service is overloaded; retry shortly"
@@ -134,7 +139,7 @@ def install_handlers(app: FastAPI) -> None:
     async def imgsearch_error(request: Request, exc: ImgsearchError) -> JSONResponse:
         status, reason = classify(exc)
         _count(request, exc.code, reason)
-        if status >= 500 or exc.code in PUBLIC_MESSAGES:  # the public reads less: the log keeps the detail
+        if told_in_public_words(exc, status):
             log.warning("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc)
         return error_response(status, exc.code, public_message(exc, status), retry_after_s=_retry_after(request))
 

@@ -168,23 +168,19 @@ def decode_image(
 
 
 def thumbnail(
-    src: bytes | BinaryIO,
+    f: BinaryIO,
     max_side: int = 256,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     budget: DecodeBudget | None = None,
 ) -> bytes:
-    """A JPEG thumbnail (aspect kept, longest side ``max_side``) of an allow-listed image.
-
-    ``src`` is the file's bytes or an open binary file, which Pillow reads as it decodes
-    rather than all at once. Decoded as :func:`decode_image` decodes (draft, shrink before
-    converting, the same ``budget``) and raises the same errors.
+    """A JPEG thumbnail (aspect kept, longest side ``max_side``) of the allow-listed image in
+    the open binary file ``f``, which Pillow reads as it decodes rather than all at once.
+    Decoded as :func:`decode_image` decodes (draft, shrink before converting, the same
+    ``budget``) and raises the same errors.
     """
-    if isinstance(src, bytes):
-        fmt, f = check_format(src), io.BytesIO(src)
-    else:
-        start = src.tell()
-        fmt, f = check_format(src.read(16)), src
-        src.seek(start)
+    start = f.tell()
+    fmt = check_format(f.read(16))
+    f.seek(start)
     with _pillow_errors(fmt):
         im = _small_rgb(_open(f, fmt, max_pixels), fmt, max_side, budget, keep_aspect=True)
         im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
@@ -242,7 +238,7 @@ def _pillow_errors(fmt: str) -> Iterator[None]:
         raise ImageTooLarge("image needs too much memory to decode") from None
 
 
-def decode_bytes(im: Image.Image, size: int = 224) -> int:
+def decode_bytes(im: Image.Image, size: int) -> int:
     """Memory a decode of this (opened, not loaded) image to ``size`` may need: its raster as
     loaded (after JPEG draft), the strips converted while shrinking, and the RGB raster it
     becomes (under twice ``size`` a side, shrunk or too small to be)."""
