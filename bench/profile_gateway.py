@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench import command_line
 from bench.search import COLLECTION, build_collection
 from harness.drive import drive_threads
 from harness.stack import (
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "profiled": measure(senv, search, args.requests, tmp, "search-prof", True)}
     milvus.stop()
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    res["command"] = "python -m bench.profile_gateway " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = command_line("bench.profile_gateway", argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     for k, v in res.items():

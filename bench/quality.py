@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import command_line as shared_command_line
 from harness.drive import drive
 from harness.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
 from imgsearch.imaging import decode_image
@@ -175,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
 
 def command_line(argv: list[str]) -> str:
     """The shell line that runs this benchmark again with ``argv``, as the results file records it."""
-    return shlex.join(["python", "-m", MODULE, *argv])
+    return shared_command_line(MODULE, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

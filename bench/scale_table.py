@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import command_line
 from bench.search import NOTE, build_collection, compare, gateway_pair, similar_worker
 from harness.stack import COLLECTION, MODEL
 from harness.vectors import clustered_vectors, recall_at_k, release, vectors_card_repo
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         c = cell(n, d, args, tmp)
         c["wall_s"] = round(time.perf_counter() - t0, 1)
-        c["command"] = "python -m bench.scale_table " + " ".join(argv if argv is not None else sys.argv[1:])
+        c["command"] = command_line("bench.scale_table", argv)
         cells[(n, d)] = c
         res["cells"] = list(cells.values())
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench import command_line
 from bench.gateway import run_round, summarize
 from harness.stack import (
     COLLECTION,
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     res["verdicts"] = verdicts(res, args.window_ms)
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    res["command"] = "python -m bench.search " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = command_line("bench.search", argv)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
