@@ -206,19 +206,17 @@ class Decoder:
         results = [None] * len(blobs)
         for chunk in raster_chunks([w * h * 3 for w, h, *_ in heads], self.memory_bytes):
             imgs = self._decode_jpegs([blobs[k] for k in chunk])
-            groups = {}
+            groups = {}  # (h, w) -> [(index, full-size image)]
             for k, img in zip(chunk, imgs):
                 if img is not None:
-                    groups.setdefault(tuple(img.shape[-2:]), []).append(k)
-                    results[k] = img
-            for members in groups.values():
-                for part in raster_chunks([results[k].shape[-2] * results[k].shape[-1] for k in members],
-                                          GROUP_PIXELS):
-                    ks = [members[j] for j in part]
-                    small = shrink(self.torch, [results[k] for k in ks], self.size).cpu().numpy()
-                    for j, k in enumerate(ks):
-                        results[k] = np.ascontiguousarray(oriented(small[j], heads[k][4]))
-            imgs = None  # the full-size rasters go before the next chunk is decoded
+                    groups.setdefault(tuple(img.shape[-2:]), []).append((k, img))
+            for (h, w), members in groups.items():
+                for part in raster_chunks([h * w] * len(members), GROUP_PIXELS):
+                    small = shrink(self.torch, [members[j][1] for j in part], self.size).cpu().numpy()
+                    for j, px in zip(part, small):
+                        k = members[j][0]
+                        results[k] = np.ascontiguousarray(oriented(px, heads[k][4]))
+            imgs = groups = None  # the full-size rasters go before the next chunk is decoded
         self.stats["fast"] += sum(r is not None for r in results)
         return results
 
@@ -285,15 +283,14 @@ def shrink(torch, images, size):
             x = torch.stack(images).float()
         elif n * h * w <= GROUP_PIXELS:  # a float copy of them all is small: average in one call
             x = F.avg_pool2d(torch.stack(images).float(), (fy, fx), ceil_mode=True)
-        else:
-            rows = max(fy, STRIP_PIXELS // (w * n) // fy * fy)
-            dev = images[0].device
-            buf = torch.empty((n, 3, min(rows, h), w), dtype=torch.float32, device=dev)
-            x = torch.empty((n, 3, -(-h // fy), -(-w // fx)), dtype=torch.float32, device=dev)
+        else:  # one image over GROUP_PIXELS (Decoder groups larger ones alone)
+            (img,) = images
+            rows = max(fy, STRIP_PIXELS // w // fy * fy)
+            buf = torch.empty((1, 3, min(rows, h), w), dtype=torch.float32, device=img.device)
+            x = torch.empty((1, 3, -(-h // fy), -(-w // fx)), dtype=torch.float32, device=img.device)
             for top in range(0, h, rows):
                 r = min(rows, h - top)
-                for j, img in enumerate(images):
-                    buf[j, :, :r].copy_(img[:, top:top + r])
+                buf[0, :, :r].copy_(img[:, top:top + r])
                 # ceil_mode: the last, partial boxes average the pixels they have (as Image.reduce)
                 x[:, :, top // fy:top // fy + -(-r // fy)] = F.avg_pool2d(buf[:, :, :r], (fy, fx), ceil_mode=True)
             buf = None
