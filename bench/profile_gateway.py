@@ -36,9 +36,10 @@ import httpx
 import psutil
 
 from bench import command_line
-from bench.search import COLLECTION, build_collection
+from bench.search import build_collection
 from harness.drive import drive_threads
 from harness.stack import (
+    COLLECTION,
     MilvusServer,
     copy_db,
     export_repo,
@@ -100,15 +101,13 @@ def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict
         store.open(2048, model_sha, patient=True)
         first = store.get_many(ids[:20], with_embedding=True)  # warm-up: channel, collection schema
         vectors = {e.id: e.embedding for e in first if e is not None}
+        calls = {"get": lambda id_: store.get_many([id_], with_embedding=True),  # the gateway's two calls
+                 "search": lambda id_: store.search_many([SearchQuery(vectors[id_], 10, None, id_)])}
         out = {}
-        for name in ("get", "search"):
+        for name, call in calls.items():
             c0 = time.process_time()
             for i in range(n):
-                id_ = ids[i % 20]
-                if name == "get":
-                    store.get_many([id_], with_embedding=True)
-                else:
-                    store.search_many([SearchQuery(vectors[id_], 10, None, id_)])
+                call(ids[i % 20])
             out[f"{name}_cpu_ms_per_call"] = round((time.process_time() - c0) / n * 1000, 3)
         return {"calls": n, **out}
     finally:
@@ -147,14 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # the floor: what a request costs that touches neither Triton nor Milvus (uvicorn, routing,
     # middleware, a small JSON body), measured the same way, so the targets can be read against it
-    res["healthz_floor"] = {"cpu": measure(env, healthz, args.requests, tmp, "healthz", False),
-                            "cpu_concurrent": [measure(env, healthz, args.requests, tmp, f"healthz-{k}", False, k)
-                                               for k in args.clients]}
+    def runs(env: dict, send, name: str, profiled: bool = True) -> dict:
+        """One client, then each --clients count; then one client under the profiler."""
+        out = {"cpu": measure(env, send, args.requests, tmp, name, False),
+               "cpu_concurrent": [measure(env, send, args.requests, tmp, f"{name}-{k}", False, k) for k in args.clients]}
+        if profiled:
+            out["profiled"] = measure(env, send, args.requests, tmp, f"{name}-prof", True)
+        return out
+
+    res["healthz_floor"] = runs(env, healthz, "healthz", profiled=False)
     res["milvus_client"] = milvus_client_cost(milvus.uri, ids, args.requests, sha)
-    res["similar"] = {"cpu": measure(env, similar, args.requests, tmp, "similar", False),
-                      "cpu_concurrent": [measure(env, similar, args.requests, tmp, f"similar-{k}", False, k)
-                                         for k in args.clients],
-                      "profiled": measure(env, similar, args.requests, tmp, "similar-prof", True)}
+    res["similar"] = runs(env, similar, "similar")
 
     if not args.skip_search:
         repo18 = export_repo(tmp / "repo18")
@@ -169,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 return c.post("/v1/search", params={"top_k": 10},
                               files={"file": ("q.jpg", files[i % len(files)], "image/jpeg")})
 
-            res["search_bytes"] = {"cpu": measure(senv, search, args.requests, tmp, "search", False),
-                                   "cpu_concurrent": [measure(senv, search, args.requests, tmp, f"search-{k}", False, k)
-                                                      for k in args.clients],
-                                   "profiled": measure(senv, search, args.requests, tmp, "search-prof", True)}
+            res["search_bytes"] = runs(senv, search, "search")
     milvus.stop()
     res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     res["command"] = command_line("bench.profile_gateway", argv)
