@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import itertools
 import io
+import itertools
 import logging
 import threading
 import time
