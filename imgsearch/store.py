@@ -285,6 +285,7 @@ class VectorStore:
             else:
                 self._finish_half_created(dim, model_sha, model)
                 self.check(dim, model_sha)
+                self._finish_index(dim)
             self._load()
         finally:
             self._opening.deadline = None
@@ -330,6 +331,19 @@ class VectorStore:
                     "finishing it for this model", self.collection)
         self._call("alter_collection_properties", lambda c: c.alter_collection_properties(
             self.collection, properties=self._model_properties(dim, model_sha, model)))
+
+    def _finish_index(self, dim: int) -> None:
+        """pymilvus creates a collection, then its vector index, in two calls: a process killed
+        between them leaves a collection without the index. It is created here."""
+        if self._call("list_indexes", lambda c: c.list_indexes(self.collection, field_name="embedding")):
+            return
+        log.warning("collection %s has no vector index (its creation was cut short): creating it", self.collection)
+
+        def create_index(c) -> None:
+            c.release_collection(self.collection)
+            c.create_index(self.collection, collection_schema(c, dim)[1])
+
+        self._call("create_index", create_index)
 
     def drop(self) -> None:
         def drop(c) -> None:
