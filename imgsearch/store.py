@@ -461,6 +461,10 @@ class VectorStore:
         last :meth:`build_index` recorded on the collection (Milvus Lite reports every row as
         indexed even while unsealed rows are still scanned brute force)."""
         d = self._call("describe_index", lambda c: c.describe_index(self.collection, "embedding"))
+        if not d:
+            raise StoreError(f"collection {self.collection!r} has no vector index (its creation was cut short); "
+                             "opening it creates the index: run `imgsearch index` or `imgsearch collection stats` "
+                             "on it")
         state = {k: d.get(k) for k in ("index_type", "metric_type", "state", "total_rows", "indexed_rows",
                                        "pending_index_rows")}
         state["params"] = {k: d[k] for k in ("M", "efConstruction", "nlist") if k in d}

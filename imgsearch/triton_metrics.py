@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 
@@ -70,3 +71,19 @@ def model_stats(text: str, model: str) -> ModelStats:
 def fetch_model_stats(metrics_url: str, model: str, timeout: float = 5.0) -> ModelStats:
     with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
         return model_stats(r.read().decode(), model)
+
+
+def stats_since(metrics_url: str, model: str, before: ModelStats, requests: int,
+                timeout: float = 10.0) -> ModelStats:
+    """The change in ``model``'s counters since ``before``, read once ``requests`` more successful
+    requests are counted, or at ``timeout``.
+
+    Triton counts a request when the backend releases it, after the response has gone out, so
+    a client that reads the metrics as soon as it has its answer can still see the old count.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        delta = fetch_model_stats(metrics_url, model) - before
+        if delta.requests >= requests or time.monotonic() >= deadline:
+            return delta
+        time.sleep(0.02)

@@ -119,9 +119,12 @@ def open_store(store, card, recreate: bool, wait_for_creator: bool) -> None:
             # a collection without model properties yet is one another shard is creating
             if time.monotonic() >= deadline or PROP_SHA in store.properties():
                 raise
-        except StoreError:
-            # lost the race to create it ("already exists"): open the winner's
-            if time.monotonic() >= deadline or not store.exists():
+        except StoreError as e:
+            # lost the race to create it: open the winner's. Milvus Lite's server makes the
+            # collection's folder before it lists the collection, so a create in that gap is
+            # answered "File exists" while has_collection still says no: an answered error is
+            # tried again (and the next try finds the collection), one from a silent Milvus is not.
+            if time.monotonic() >= deadline or not (store.exists() or getattr(e, "answered", False)):
                 raise
         time.sleep(0.5)
 

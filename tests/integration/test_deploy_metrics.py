@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.data import load_module
 from imgsearch.triton_client import TritonEncoder
-from imgsearch.triton_metrics import fetch_model_stats
+from imgsearch.triton_metrics import fetch_model_stats, stats_since
 
 MODEL = "resnet152"
 _UNIT = Path(__file__).resolve().parents[1] / "unit" / "test_deploy.py"
@@ -46,8 +46,9 @@ def test_dashboard_triton_inference_metrics_exist_in_a_running_triton(triton):
         finally:
             await enc.close()
 
+    before = fetch_model_stats(triton.metrics_url, MODEL)
     asyncio.run(one_request())  # the counters move, so the page shows the model's families with values
-    assert fetch_model_stats(triton.metrics_url, MODEL).inferences >= 2
+    assert stats_since(triton.metrics_url, MODEL, before, 1).inferences == 2
 
     live = exported(triton.metrics_url)
     d = _deploy_checks()

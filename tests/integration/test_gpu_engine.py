@@ -28,7 +28,7 @@ from imgsearch.export.templates.encoder_torch import TorchEncoder
 from imgsearch.export.triton_config import GPU_PYTHON_DEFAULTS, gpu_python_config
 from imgsearch.model_card import read_card
 from imgsearch.triton_client import TritonEncoder
-from imgsearch.triton_metrics import fetch_model_stats
+from imgsearch.triton_metrics import fetch_model_stats, stats_since
 from imgsearch.triton_server import LocalTriton
 
 MODEL = "resnet152"
@@ -82,7 +82,7 @@ def test_requests_of_a_dynamic_batch_get_their_own_rows(torch_triton, repo18):
         assert r.embeddings.shape == (n, 512)
         np.testing.assert_allclose(r.embeddings, ref[start:start + n], atol=1e-4)
         start += n
-    delta = fetch_model_stats(torch_triton.metrics_url, MODEL) - before
+    delta = stats_since(torch_triton.metrics_url, MODEL, before, len(sizes))
     assert delta.requests == len(sizes) and delta.inferences == sum(sizes)
     assert delta.executions < len(sizes), f"dynamic batching merged nothing: {delta}"
 

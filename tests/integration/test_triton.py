@@ -17,7 +17,7 @@ from imgsearch.errors import (
     TritonUnavailable,
 )
 from imgsearch.triton_client import TritonEncoder
-from imgsearch.triton_metrics import fetch_model_stats
+from imgsearch.triton_metrics import ModelStats, fetch_model_stats, stats_since
 from imgsearch.triton_server import LocalTriton
 
 MODEL = "resnet152"
@@ -51,7 +51,7 @@ def test_concurrent_single_image_requests_are_batched_and_exact(triton, repo18):
     np.testing.assert_allclose(served, ref, atol=1e-4)
     assert all(r.probs is None for r in results)  # random weights: no classifier head
 
-    delta = fetch_model_stats(triton.metrics_url, MODEL) - before
+    delta = stats_since(triton.metrics_url, MODEL, before, n)
     assert delta.requests == n
     assert delta.inferences == n
     assert delta.executions < n, f"dynamic batching merged nothing: {delta}"
@@ -123,7 +123,7 @@ def test_flood_past_max_queue_size_is_rejected_and_server_stays_ready(tiny_queue
         assert ok, "the requests that fit must still be served"
         assert not others, others
         assert server.is_ready()
-        stats = fetch_model_stats(server.metrics_url, MODEL)
+        stats = stats_since(server.metrics_url, MODEL, ModelStats(), len(ok))
         assert stats.requests == len(ok)  # rejected requests never reached the model
 
 

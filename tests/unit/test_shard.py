@@ -110,8 +110,8 @@ def test_recreate_with_shard_is_refused_before_anything_starts(tmp_path, capsys)
 class CreatingStore:
     """A store another shard is creating: the first ``opens`` fail as the race makes them fail."""
 
-    def __init__(self, failures: list[Exception], props: dict | None = None) -> None:
-        self.failures, self.props, self.opened = list(failures), props or {}, 0
+    def __init__(self, failures: list[Exception], props: dict | None = None, listed: bool = True) -> None:
+        self.failures, self.props, self.opened, self.listed = list(failures), props or {}, 0, listed
 
     def open(self, dim, sha, description, recreate=False, patient=False):
         if self.failures:
@@ -119,7 +119,7 @@ class CreatingStore:
         self.opened += 1
 
     def exists(self):
-        return True
+        return self.listed
 
     def properties(self):
         return self.props
@@ -152,3 +152,24 @@ def test_a_real_mismatch_is_not_waited_for(monkeypatch):
     store = CreatingStore([CollectionMismatch("no sha yet")])
     with pytest.raises(CollectionMismatch):
         cli.open_store(store, CARD, recreate=False, wait_for_creator=False)
+
+
+def test_a_shard_waits_out_a_create_that_milvus_has_begun_but_not_listed(monkeypatch):
+    from imgsearch.errors import StoreUnavailable
+    from imgsearch.indexer import cli
+
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    # Milvus Lite's server: the winner's folder exists, the collection is not listed yet
+    store = CreatingStore([StoreUnavailable("[Errno 17] File exists", answered=True)], listed=False)
+    cli.open_store(store, CARD, recreate=False, wait_for_creator=True)
+    assert store.opened == 1 and not store.failures
+
+
+def test_a_silent_milvus_is_not_waited_for_when_nothing_was_created(monkeypatch):
+    from imgsearch.errors import StoreUnavailable
+    from imgsearch.indexer import cli
+
+    monkeypatch.setattr(cli.time, "sleep", lambda s: pytest.fail("waited for a Milvus that did not answer"))
+    store = CreatingStore([StoreUnavailable("deadline exceeded", answered=False)], listed=False)
+    with pytest.raises(StoreUnavailable):
+        cli.open_store(store, CARD, recreate=False, wait_for_creator=True)

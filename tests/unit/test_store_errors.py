@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgsearch.errors import EntryRefused, StoreUnavailable
+from imgsearch.errors import EntryRefused, StoreError, StoreUnavailable
 from imgsearch.store import BULK_WRITE_TIMEOUT_S, PROP_DIM, PROP_SHA, Row, VectorStore
 
 DEADLINE = ("<_InactiveRpcError of RPC that terminated with:\n\tstatus = StatusCode.DEADLINE_EXCEEDED\n"
@@ -180,3 +180,43 @@ def test_a_lite_load_that_keeps_failing_is_reported(monkeypatch, tmp_path):
     with pytest.raises(StoreUnavailable, match="failed during load_collection: .*read error"):
         flushing_store(client, monkeypatch, str(tmp_path / "milvus.db")).build_index()
     assert client.loads == 5
+
+
+class Unindexed(Recording):
+    """An existing collection of this model whose creator died before creating its vector index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indexes: list[str] = []
+
+    def list_indexes(self, collection, field_name="", timeout=None):
+        self.timeouts.append(("list_indexes", timeout))
+        return list(self.indexes)
+
+    def describe_index(self, collection, field, timeout=None):
+        return {"index_type": "HNSW", "field_name": field} if self.indexes else None
+
+    def create_index(self, collection, index_params, timeout=None):
+        self.timeouts.append(("create_index", timeout))
+        self.indexes = [p.field_name for p in index_params]
+
+    @staticmethod
+    def prepare_index_params():
+        from pymilvus import MilvusClient
+
+        return MilvusClient.prepare_index_params()
+
+
+def test_a_missing_index_is_reported_as_such_and_opening_creates_it():
+    client = Unindexed()
+    store = store_with(client)
+    with pytest.raises(StoreError, match="no vector index .*run `imgsearch index`"):
+        store.index_state()
+    store.open(4, "sha")
+    calls = [name for name, _ in client.timeouts]
+    # released first: Milvus refuses an index on a loaded collection; loaded again after
+    assert calls.index("release_collection") < calls.index("create_index") < calls.index("load_collection")
+    assert client.indexes == ["embedding"] and store.index_state()["index_type"] == "HNSW"
+    client.timeouts.clear()
+    store.open(4, "sha")  # an index there: nothing created
+    assert "create_index" not in [name for name, _ in client.timeouts]
