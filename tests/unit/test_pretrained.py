@@ -76,7 +76,7 @@ def test_packaged_model_names_real_photos(packaged):
 
 def test_auto_takes_the_cached_imagenet_resnet(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(pretrained, "reachable", lambda url, timeout=0: pytest.fail("no probe when cached"))
+    monkeypatch.setattr(pretrained, "download", lambda *a: pytest.fail("no download when cached"))
     cached = pretrained.cached_imagenet_file()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
@@ -177,8 +177,8 @@ def test_auto_downloads_into_the_torch_cache(server, cache, monkeypatch):
     assert f"downloaded from {url}" in choice.reason and str(cache / GOOD) in choice.reason
     assert (cache / GOOD).read_bytes() == BODY
     assert [p.name for p in cache.iterdir()] == [GOOD]
-    # the next choice finds it cached: no probe, no download
-    monkeypatch.setattr(pretrained, "reachable", lambda url, timeout=0: pytest.fail("no probe when cached"))
+    # the next choice finds it cached: no download
+    monkeypatch.setattr(pretrained, "download", lambda *a: pytest.fail("no download when cached"))
     assert "is in the torch cache" in pretrained.choose_auto().reason
 
 
@@ -254,18 +254,17 @@ def test_resolve_says_what_it_chose_and_why_in_one_line(server, cache, monkeypat
 
 def test_auto_offline_takes_the_packaged_model_and_says_why(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(pretrained, "reachable", lambda url, timeout=0: "URLError: no route")
+    # loopback port 9 (discard): nothing listens, refused at once, as an offline machine refuses
+    monkeypatch.setattr(pretrained, "_imagenet_url", lambda arch: f"http://127.0.0.1:9/{arch}-00000000.pth")
+    start = time.monotonic()
     choice = pretrained.choose_auto()
+    assert time.monotonic() - start < pretrained.STALL_TIMEOUT_S
     assert (choice.weights, choice.arch) == ("packaged", "efficientnet_lite0")
-    assert "not in the torch cache" in choice.reason and "URLError: no route" in choice.reason
+    assert "not in the torch cache" in choice.reason and "download failed: URLError" in choice.reason
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no partial file left in the torch cache
     # an explicit ResNet arch never silently becomes another network
     with pytest.raises(CheckpointError, match="--weights auto --arch resnet18.*--weights random"):
         pretrained.choose_auto("resnet18")
-
-
-def test_reachable_reports_a_dead_address():
-    # loopback port 9 (discard): nothing listens, refused at once
-    assert pretrained.reachable("http://127.0.0.1:9/x", timeout=1) is not None
 
 
 def test_corrupt_weights_file_names_the_file_and_writes_nothing(tmp_path):
