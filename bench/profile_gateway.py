@@ -10,7 +10,8 @@ adds its own overhead to every call, so the CPU figure comes from a second, unpr
 of the same requests; the profile says where the time goes.
 
   healthz   GET /healthz: the gateway's floor (no Triton, no Milvus), for reading the others
-  Milvus client: the two calls of a ``similar`` made by the store in this process, CPU per call
+  Milvus client: the two calls of a ``similar`` made by the store in this process, CPU per call,
+            and the same search through the bare gRPC stub (the floor of a Python client)
   similar   GET /v1/images/{id}/similar over ``--vectors`` synthetic 2048-d vectors
   search    POST /v1/search, IMGSEARCH_TRITON_INPUT=bytes (files go to Triton's ensemble
             undecoded), resnet18 with random weights exported here
@@ -95,14 +96,37 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, client
 def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict:
     """CPU of this process per call of the two Milvus calls a ``similar`` makes (the stored
     vector, then the search), through the gateway's own store over the same server: the share
-    of a ``similar`` that is the Milvus client (pymilvus + gRPC), apart from HTTP and routing."""
+    of a ``similar`` that is the Milvus client (pymilvus + gRPC), apart from HTTP and routing.
+
+    ``search_raw_grpc``: the same search as one request built beforehand and sent through
+    Milvus' generated gRPC stub, its hit ids read from the reply: no pymilvus work per call,
+    so the least CPU any Python client spends on a Milvus search (the gRPC runtime's own).
+    """
+    import grpc
+    from pymilvus.client.prepare import Prepare
+    from pymilvus.grpc_gen import milvus_pb2_grpc
+
     store = VectorStore(uri, COLLECTION)
+    channel = grpc.insecure_channel(uri.removeprefix("http://"))
     try:
         store.open(2048, model_sha, patient=True)
         first = store.get_many(ids[:20], with_embedding=True)  # warm-up: channel, collection schema
         vectors = {e.id: e.embedding for e in first if e is not None}
+        stub = milvus_pb2_grpc.MilvusServiceStub(channel)
+        request = Prepare.search_requests_with_expr(
+            COLLECTION, "embedding", {"metric_type": "COSINE", "params": {"ef": 64}}, 11,
+            data=[vectors[ids[0]]], output_fields=["path", "label"])
+
+        def raw_search(id_: int) -> list[int]:
+            reply = stub.Search(request, timeout=store.timeout_s)
+            if reply.status.code:
+                raise RuntimeError(f"raw search failed: {reply.status.reason}")
+            return list(reply.results.ids.int_id.data)
+
         calls = {"get": lambda id_: store.get_many([id_], with_embedding=True),  # the gateway's two calls
-                 "search": lambda id_: store.search_many([SearchQuery(vectors[id_], 10, None, id_)])}
+                 "search": lambda id_: store.search_many([SearchQuery(vectors[id_], 10, None, id_)]),
+                 "search_raw_grpc": raw_search}
+        assert len(raw_search(ids[0])) == 11, "the raw search found nothing: it would measure an empty reply"
         out = {}
         for name, call in calls.items():
             c0 = time.process_time()
@@ -111,6 +135,7 @@ def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict
             out[f"{name}_cpu_ms_per_call"] = round((time.process_time() - c0) / n * 1000, 3)
         return {"calls": n, **out}
     finally:
+        channel.close()
         store.close()
 
 
