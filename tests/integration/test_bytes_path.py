@@ -245,9 +245,13 @@ def test_indexer_bytes_mode_matches_pixels_mode(idx_root, tmp_path, settings_env
     common = {"triton_url": triton.grpc_url, "model_repository": str(repo18), "collection": "images"}
     s0 = preprocess_stats(triton)
     pix = index_run(idx_root, tmp_path / "pixels.db", settings_env, capsys, triton_input="pixels", **common)
-    s1, ok1 = preprocess_stats(triton), ensemble_ok(triton)
+    s1, ok1 = preprocess_stats(triton), fetch_model_stats(triton.metrics_url, "image_search")
     byt = index_run(idx_root, tmp_path / "bytes.db", settings_env, capsys, triton_input="bytes", **common)
-    s2, ok2 = preprocess_stats(triton), ensemble_ok(triton)
+    # each successful request of the report, seen by Triton; and the refused ones: each failed
+    # batch, then each of the 2 bad files alone
+    ok = stats_since(triton.metrics_url, "image_search", ok1, byt["batches"])
+    refused_too = preprocess_since(triton, s1, byt["batches"] + byt["split_batches"] + 2)
+    s2 = preprocess_stats(triton)
 
     good = 3 * 6 + 1
     assert pix["indexed"] == byt["indexed"] == good, (pix["_stdout"], byt["_stdout"])
@@ -262,9 +266,8 @@ def test_indexer_bytes_mode_matches_pixels_mode(idx_root, tmp_path, settings_env
     assert byt["split_batches"] >= 1, byt["_stdout"]
     assert "re-sent one file per request" in byt["_stdout"]
     assert (s1 - s0).requests == 0  # the pixels run never used the ensemble
-    assert ok2 - ok1 == byt["batches"] > 0  # each successful request of the report, seen by Triton
-    # and the refused ones: each failed batch, then each of the 2 bad files alone
-    assert (s2 - s1).requests == byt["batches"] + byt["split_batches"] + 2
+    assert ok.requests == byt["batches"] > 0
+    assert refused_too.requests == byt["batches"] + byt["split_batches"] + 2
 
     a, b = stored(tmp_path / "pixels.db"), stored(tmp_path / "bytes.db")
     assert set(a) == set(b) and len(a) == good
@@ -276,7 +279,7 @@ def test_indexer_bytes_mode_matches_pixels_mode(idx_root, tmp_path, settings_env
     again = index_run(idx_root, tmp_path / "bytes.db", settings_env, capsys, triton_input="bytes", **common)
     assert again["indexed"] == 0 and again["unchanged"] == good and again["batches"] == 0
     assert again["failed"] == byt["failed"]
-    assert (preprocess_stats(triton) - s2).requests == again["split_batches"] + 2
+    assert preprocess_since(triton, s2, again["split_batches"] + 2).requests == again["split_batches"] + 2
 
 
 def test_indexer_bytes_without_ensemble_falls_back(tmp_path, settings_env, capsys, triton, repo18):
