@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -281,6 +282,7 @@ class VectorStore:
             if recreate and self.exists():
                 self.drop()
             if not self.exists():
+                self._clear_interrupted_lite_create()
                 self._create(dim, model_sha, model)
             else:
                 self._finish_half_created(dim, model_sha, model)
@@ -313,6 +315,25 @@ class VectorStore:
 
         self._call("create_collection", create)
         log.info("created collection %s (dim %d, model sha %s) at %s", self.collection, dim, model_sha, self.uri)
+
+    def _clear_interrupted_lite_create(self) -> None:
+        """Milvus Lite makes a collection's folder, then writes its schema file (through
+        ``schema.json.tmp``); a process killed between the two leaves a folder that Lite neither
+        lists as a collection nor creates over ("File exists"), on every later run. Such a folder
+        holds no rows (they come after the schema) and, a local .db being locked to one process,
+        no one else is creating it: it is removed. Anything else in it is left for the create to
+        report."""
+        if not is_lite(self.uri):
+            return
+        from milvus_lite.db import COLLECTIONS_DIRNAME, SCHEMA_FILENAME
+
+        folder = Path(self.uri).expanduser().resolve() / COLLECTIONS_DIRNAME / self.collection
+        if not folder.is_dir() or (folder / SCHEMA_FILENAME).exists():
+            return
+        if {p.name for p in folder.iterdir()} <= {SCHEMA_FILENAME + ".tmp"}:
+            log.warning("collection %s: removing %s, left by a create that was cut short before its schema "
+                        "was written", self.collection, folder)
+            shutil.rmtree(folder)
 
     @staticmethod
     def _model_properties(dim: int, model_sha: str, model: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.indexer import release_lite
-from imgsearch.errors import CollectionMismatch
+from imgsearch.errors import CollectionMismatch, StoreUnavailable
 from imgsearch.store import (
     PROP_DIM,
     PROP_MODEL,
@@ -96,3 +96,54 @@ def test_half_created_empty_collection_is_finished_a_filled_one_refused(tmp_path
     finally:
         store.close()
         release_lite(uri2)
+
+
+def test_a_create_killed_before_its_schema_was_written_is_created_again(tmp_path: Path):
+    """Milvus Lite makes the collection's folder, then writes its schema through a temporary
+    file: killed while that file is synced, it leaves a folder that Lite does not list and
+    refuses to create over."""
+    from milvus_lite.db import COLLECTIONS_DIRNAME, SCHEMA_FILENAME
+
+    uri = str(tmp_path / "milvus.db")
+    other = VectorStore(uri, "other")  # a .db that exists, with a collection of its own
+    try:
+        other.open(DIM, "sha-a")
+    finally:
+        other.close()
+        release_lite(uri)
+    folder = Path(uri) / COLLECTIONS_DIRNAME / "images"
+    folder.mkdir()
+    (folder / (SCHEMA_FILENAME + ".tmp")).write_text('{"collection_name": "ima')  # cut short mid-write
+    store = VectorStore(uri, "images")
+    try:
+        assert not store.exists()
+        store.open(DIM, "sha-a", "model a")
+        assert store.properties()[PROP_SHA] == "sha-a"
+        store.upsert([Row(1, "a/x.jpg", "a", [1.0] + [0.0] * (DIM - 1))])
+        assert store.count() == 1
+    finally:
+        store.close()
+        release_lite(uri)
+
+
+def test_a_collection_folder_holding_more_than_a_cut_short_schema_is_left_alone(tmp_path: Path):
+    from milvus_lite.db import COLLECTIONS_DIRNAME
+
+    uri = str(tmp_path / "milvus.db")
+    other = VectorStore(uri, "other")
+    try:
+        other.open(DIM, "sha-a")
+    finally:
+        other.close()
+        release_lite(uri)
+    folder = Path(uri) / COLLECTIONS_DIRNAME / "images"
+    folder.mkdir()
+    (folder / "someone-elses.bin").write_bytes(b"x")
+    store = VectorStore(uri, "images")
+    try:
+        with pytest.raises(StoreUnavailable, match="create_collection.*File exists"):
+            store.open(DIM, "sha-a")
+        assert (folder / "someone-elses.bin").exists()
+    finally:
+        store.close()
+        release_lite(uri)
