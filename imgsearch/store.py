@@ -234,6 +234,11 @@ class VectorStore:
                 # milvus-lite only logs why; the usual reason is its one-process-per-file lock
                 msg += (" (Milvus Lite could not open the .db: another process probably holds it; one process "
                         "per file: stop `imgsearch index` or the other server using it, or use a Milvus server URI)")
+            if what == "create_collection" and "File exists" in msg and not is_lite(self.uri):
+                # a Milvus Lite server killed while creating leaves the folder (the local .db case
+                # is mended on open: _clear_interrupted_lite_create)
+                msg += (" (a create cut short on the Milvus Lite server leaves the collection's folder without its "
+                        "schema.json: if nothing else is creating it, remove that folder on the server)")
             raise StoreUnavailable(f"Milvus ({self.uri}) failed during {what}: {msg}", answered=not no_answer) from None
 
     def _still_answers(self) -> bool:

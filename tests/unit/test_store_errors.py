@@ -220,3 +220,13 @@ def test_a_missing_index_is_reported_as_such_and_opening_creates_it():
     client.timeouts.clear()
     store.open(4, "sha")  # an index there: nothing created
     assert "create_index" not in [name for name, _ in client.timeouts]
+
+
+def test_a_create_a_milvus_lite_server_cut_short_says_what_to_remove():
+    error = "<MilvusException: (code=1, message=[Errno 17] File exists: '/data/server.db/collections/images')>"
+
+    def create(c):
+        raise Exception(error)
+
+    with pytest.raises(StoreUnavailable, match=r"File exists.*remove that folder on the server"):
+        store_with(Client(REFUSED))._call("create_collection", create)
