@@ -143,6 +143,13 @@ def collection_schema(client: Any, dim: int, path_max: int = PATH_MAX, label_max
     return schema, index
 
 
+# Milvus Lite's on-disk layout (milvus_lite.db.COLLECTIONS_DIRNAME, SCHEMA_FILENAME), written
+# out rather than imported: the core does not depend on milvus-lite. A test holds them to
+# Lite's own; under another layout the folder is simply not found and nothing is removed.
+LITE_COLLECTIONS_DIR = "collections"
+LITE_SCHEMA_FILE = "schema.json"
+
+
 def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
 
@@ -330,12 +337,10 @@ class VectorStore:
         report."""
         if not is_lite(self.uri):
             return
-        from milvus_lite.db import COLLECTIONS_DIRNAME, SCHEMA_FILENAME
-
-        folder = Path(self.uri).expanduser().resolve() / COLLECTIONS_DIRNAME / self.collection
-        if not folder.is_dir() or (folder / SCHEMA_FILENAME).exists():
+        folder = Path(self.uri).expanduser().resolve() / LITE_COLLECTIONS_DIR / self.collection
+        if not folder.is_dir() or (folder / LITE_SCHEMA_FILE).exists():
             return
-        if {p.name for p in folder.iterdir()} <= {SCHEMA_FILENAME + ".tmp"}:
+        if {p.name for p in folder.iterdir()} <= {LITE_SCHEMA_FILE + ".tmp"}:
             log.warning("collection %s: removing %s, left by a create that was cut short before its schema "
                         "was written", self.collection, folder)
             shutil.rmtree(folder)

@@ -15,6 +15,8 @@ import pytest
 from harness.indexer import release_lite
 from imgsearch.errors import CollectionMismatch, StoreUnavailable
 from imgsearch.store import (
+    LITE_COLLECTIONS_DIR,
+    LITE_SCHEMA_FILE,
     PROP_DIM,
     PROP_MODEL,
     PROP_SHA,
@@ -104,6 +106,7 @@ def test_a_create_killed_before_its_schema_was_written_is_created_again(tmp_path
     refuses to create over."""
     from milvus_lite.db import COLLECTIONS_DIRNAME, SCHEMA_FILENAME
 
+    assert (LITE_COLLECTIONS_DIR, LITE_SCHEMA_FILE) == (COLLECTIONS_DIRNAME, SCHEMA_FILENAME)  # the store's copy
     uri = str(tmp_path / "milvus.db")
     other = VectorStore(uri, "other")  # a .db that exists, with a collection of its own
     try:
