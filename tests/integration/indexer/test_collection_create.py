@@ -100,15 +100,12 @@ def test_half_created_empty_collection_is_finished_a_filled_one_refused(tmp_path
         release_lite(uri2)
 
 
-def test_a_create_killed_before_its_schema_was_written_is_created_again(tmp_path: Path):
-    """Milvus Lite makes the collection's folder, then writes its schema through a temporary
-    file: killed while that file is synced, it leaves a folder that Lite does not list and
-    refuses to create over."""
-    from milvus_lite.db import COLLECTIONS_DIRNAME, SCHEMA_FILENAME
+def lite_with_a_stray_folder(tmp_path: Path) -> tuple[str, Path]:
+    """A Milvus Lite .db holding a collection, and an empty folder where "images" would be."""
+    from milvus_lite.db import COLLECTIONS_DIRNAME
 
-    assert (LITE_COLLECTIONS_DIR, LITE_SCHEMA_FILE) == (COLLECTIONS_DIRNAME, SCHEMA_FILENAME)  # the store's copy
     uri = str(tmp_path / "milvus.db")
-    other = VectorStore(uri, "other")  # a .db that exists, with a collection of its own
+    other = VectorStore(uri, "other")
     try:
         other.open(DIM, "sha-a")
     finally:
@@ -116,6 +113,17 @@ def test_a_create_killed_before_its_schema_was_written_is_created_again(tmp_path
         release_lite(uri)
     folder = Path(uri) / COLLECTIONS_DIRNAME / "images"
     folder.mkdir()
+    return uri, folder
+
+
+def test_a_create_killed_before_its_schema_was_written_is_created_again(tmp_path: Path):
+    """Milvus Lite makes the collection's folder, then writes its schema through a temporary
+    file: killed while that file is synced, it leaves a folder that Lite does not list and
+    refuses to create over."""
+    from milvus_lite.db import COLLECTIONS_DIRNAME, SCHEMA_FILENAME
+
+    assert (LITE_COLLECTIONS_DIR, LITE_SCHEMA_FILE) == (COLLECTIONS_DIRNAME, SCHEMA_FILENAME)  # the store's copy
+    uri, folder = lite_with_a_stray_folder(tmp_path)
     (folder / (SCHEMA_FILENAME + ".tmp")).write_text('{"collection_name": "ima')  # cut short mid-write
     store = VectorStore(uri, "images")
     try:
@@ -130,17 +138,7 @@ def test_a_create_killed_before_its_schema_was_written_is_created_again(tmp_path
 
 
 def test_a_collection_folder_holding_more_than_a_cut_short_schema_is_left_alone(tmp_path: Path):
-    from milvus_lite.db import COLLECTIONS_DIRNAME
-
-    uri = str(tmp_path / "milvus.db")
-    other = VectorStore(uri, "other")
-    try:
-        other.open(DIM, "sha-a")
-    finally:
-        other.close()
-        release_lite(uri)
-    folder = Path(uri) / COLLECTIONS_DIRNAME / "images"
-    folder.mkdir()
+    uri, folder = lite_with_a_stray_folder(tmp_path)
     (folder / "someone-elses.bin").write_bytes(b"x")
     store = VectorStore(uri, "images")
     try:
