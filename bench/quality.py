@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import command_line as shared_command_line
+from bench import command_line
 from harness.drive import drive
 from harness.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
 from imgsearch.imaging import decode_image
@@ -173,11 +173,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def command_line(argv: list[str]) -> str:
-    """The shell line that runs this benchmark again with ``argv``, as the results file records it."""
-    return shared_command_line(MODULE, argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
@@ -201,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     cs = build(work / "set", variants=args.variants, distractors=args.distractors, originals=args.originals)
     n_orig = len({t for t in cs.truth})
     res: dict = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, no GPU",
-                 "command": command_line(argv),
+                 "command": command_line(MODULE, argv),
                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "set": {"originals": n_orig, "gallery": len(cs.gallery), "queries": len(cs.queries),
                          "variants": args.variants}, "copy_detection": {}, "seconds": {}}

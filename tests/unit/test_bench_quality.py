@@ -6,12 +6,12 @@ import importlib
 import shlex
 from pathlib import Path
 
-from bench import quality
+from bench import command_line, quality
 
 
 def test_the_recorded_command_runs_this_benchmark_with_the_same_arguments():
     argv = ["--out", "bench/results/a b.json", "--skip", "finetune", "random", "--originals", "6"]
-    line = shlex.split(quality.command_line(argv))
+    line = shlex.split(command_line(quality.MODULE, argv))
     assert line[:2] == ["python", "-m"]
     assert importlib.import_module(line[2]).main is quality.main
     assert line[3:] == argv
