@@ -106,7 +106,7 @@ def quiet_libraries() -> None:
 
 def open_store(store, card, recreate: bool, wait_for_creator: bool) -> None:
     """Open (or create) the collection; a shard waits out another shard that is creating it."""
-    from imgsearch.errors import CollectionMismatch, StoreError
+    from imgsearch.errors import CollectionMismatch, StoreError, StoreUnavailable
     from imgsearch.store import PROP_SHA
 
     description = f"{card.name} ({card.arch}, {card.weights})"
@@ -124,7 +124,7 @@ def open_store(store, card, recreate: bool, wait_for_creator: bool) -> None:
             # collection's folder before it lists the collection, so a create in that gap is
             # answered "File exists" while has_collection still says no: an answered error is
             # tried again (and the next try finds the collection), one from a silent Milvus is not.
-            if time.monotonic() >= deadline or not (store.exists() or getattr(e, "answered", False)):
+            if time.monotonic() >= deadline or not (store.exists() or (isinstance(e, StoreUnavailable) and e.answered)):
                 raise
         time.sleep(0.5)
 
