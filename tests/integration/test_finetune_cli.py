@@ -112,3 +112,48 @@ def test_finetune_imagenet_offline_fails_with_the_export_message(tmp_path):
     assert "could not download torchvision's resnet18 ImageNet weights" in r.stderr
     assert "--weights random" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_finetune_from_the_packaged_weights_exports_and_serves(tmp_path):
+    """The pretrained default of `make demo` fine-tuned (last two stages + head), exported and
+    served by the real tritonserver: its own embeddings and probs over the folder's classes."""
+    import asyncio
+
+    import numpy as np
+
+    from imgsearch.export.model import ServingModel
+    from imgsearch.imaging import decode_image
+    from imgsearch.triton_client import TritonEncoder
+    from imgsearch.triton_server import LocalTriton
+
+    data = tmp_path / "data"
+    make_dataset(data, classes=3, per_class=6)
+    ckpt, repo = tmp_path / "ft.pt", tmp_path / "repo"
+    assert cli.main(["finetune", "--data", str(data), "--weights", "packaged", "--epochs", "1", "--batch-size", "8",
+                     "--workers", "0", "--image-size", "112", "--no-progress", "--seed", "0",
+                     "--out", str(ckpt)]) == 0
+    ck = read_checkpoint(ckpt)
+    assert (ck.kind, ck.arch, ck.head, ck.class_names) == ("finetune", "efficientnet_lite0", "mlp",
+                                                          [f"class_{c}" for c in range(3)])
+    assert cli.main(["export", "--weights", str(ckpt), "--repository", str(repo), "--model-name", "ft"]) == 0
+    card = read_card(repo, "ft")
+    assert (card.arch, card.num_classes, card.embedding_dim, card.weights) == (
+        "efficientnet_lite0", 3, 1280, "checkpoint:finetune")
+    assert read_labels(repo, "ft") == ck.class_names
+
+    files = [sorted((data / f"n{c:08d}-class_{c}").iterdir())[0] for c in range(3)]
+    pixels = np.stack([decode_image(f.read_bytes()) for f in files])
+
+    async def encode(url: str):
+        enc = TritonEncoder(url, "ft")
+        try:
+            return await enc.encode(pixels)
+        finally:
+            await enc.close()
+
+    with LocalTriton(repo, "cpu", exit_timeout_s=5) as server:
+        got = asyncio.run(encode(server.grpc_url))
+    with torch.no_grad():
+        ref = ServingModel(load_into_model(ck), "mlp", "pool", arch=ck.arch).eval()(torch.from_numpy(pixels))
+    np.testing.assert_allclose(got.embeddings, ref[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(got.probs, ref[1].numpy(), atol=1e-4)
