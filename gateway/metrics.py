@@ -55,6 +55,9 @@ class Metrics:
         self.shed = Counter(
             "imgsearch_shed_total", "requests refused with 503 because of load or a dead backend",
             ["reason"], registry=self.registry)
+        self.readiness_checks = Counter(
+            "imgsearch_readiness_checks_total", "backend checks made for /readyz (the probes of one second share one)",
+            registry=self.registry)
 
         self.milvus_batch = Histogram(
             "imgsearch_milvus_batch_size", "requests per Milvus call: vectors per search, ids per lookup",

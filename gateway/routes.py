@@ -301,6 +301,7 @@ async def _readiness(rt: Runtime) -> tuple[dict[str, bool], dict[str, str]]:
         at, value = _ready.get(rt, (float("-inf"), None))
         if clock() - at >= READY_TTL_S:
             checks, detail = await rt.readiness()
+            rt.metrics.readiness_checks.inc()
             if detail:
                 log.warning("not ready: %s", "; ".join(f"{k}: {v}" for k, v in detail.items()))
             # the public sees which backend, not its address or its error text (the log has them)

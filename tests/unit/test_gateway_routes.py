@@ -33,6 +33,7 @@ from imgsearch.imaging import decode_image
 from imgsearch.model_card import CARD_FILE, LABELS_FILE, ModelCard
 from imgsearch.settings import Settings
 from imgsearch.store import Row, content_id
+from imgsearch.triton_metrics import metric_sum
 
 MODEL = "resnet152"
 DIM = 48
@@ -581,6 +582,7 @@ def test_readyz_answers_from_a_check_at_most_the_ttl_old(gw, clock):
     clock[0] = start + routes.READY_TTL_S
     assert gw.client.get("/readyz").status_code == 503
     assert gw.enc.ready_calls == asked + 2
+    assert metric_sum(gw.client.get("/metrics").text, "imgsearch_readiness_checks_total") == 2  # what /metrics shows
 
 
 def test_each_app_has_its_own_readiness_cache(serve, clock):

@@ -16,11 +16,14 @@ import pytest
 
 from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.gateway import gateway_env, index_folder, start_gateway
+from imgsearch.gateway.routes import READY_TTL_S
 from imgsearch.store import Row
+from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration
 BIG = 8 * 2**20  # bytes per served file
 FLOOD = 48  # image requests at once
+PROBES = 64  # readiness probes at once
 
 
 def peak_rss(pid: int) -> int:
@@ -88,5 +91,35 @@ def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, re
         assert rise < 4 * BIG, rise  # at most a few files' worth, not one per request
         assert [s for s, _ in found] == [200] * len(found)
         assert p50_during <= max(2 * p50, p50 + 0.25), (p50, p50_during)
+    finally:
+        gw.stop()
+
+
+def test_a_flood_of_readiness_probes_costs_one_backend_check_a_second(tmp_path, triton, repo18):
+    root = tmp_path / "images"
+    make_dataset(root, classes=2, per_class=2, seed=52)
+    index_folder(root, tmp_path / "db.db", triton.grpc_url, repo18)
+    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "db.db", root, max_light=PROBES))
+    try:
+        def checks() -> float:
+            return metric_sum(httpx.get(gw.url + "/metrics").text, "imgsearch_readiness_checks_total")
+
+        before = checks()
+        time.sleep(READY_TTL_S)  # whatever check came before has expired: the flood makes a new one
+
+        async def flood() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30,
+                                         limits=httpx.Limits(max_connections=PROBES)) as c:
+                return list(await asyncio.gather(*[c.get("/readyz") for _ in range(PROBES)]))
+
+        t0 = time.monotonic()
+        answers = asyncio.run(flood())
+        took = time.monotonic() - t0
+        made = checks() - before
+        print(f"\n{PROBES} /readyz at once, answered in {took * 1e3:.0f} ms: {made:.0f} backend check(s)")
+        assert [r.status_code for r in answers] == [200] * PROBES
+        assert all(r.json()["checks"] == {"triton": True, "milvus": True} for r in answers)
+        # one check per READY_TTL_S the flood lasted, however many probes came
+        assert 1 <= made <= 1 + took // READY_TTL_S, (made, took)
     finally:
         gw.stop()
