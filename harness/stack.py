@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import random
+import selectors
 import shutil
 import signal
 import socket
@@ -359,3 +360,33 @@ def drip(socks: Sequence[socket.socket], chunk: bytes, every_s: float, stop: thr
     t = threading.Thread(target=run, name="drip", daemon=True)
     t.start()
     return t
+
+
+class ConnectionWatcher(threading.Thread):
+    """Reads every socket as data comes, and notes when each one is closed by the server."""
+
+    def __init__(self, socks: list[socket.socket], limit_s: float) -> None:
+        super().__init__(daemon=True)
+        self.sel = selectors.DefaultSelector()
+        for s in socks:
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ)
+        self.got: dict[socket.socket, bytes] = {s: b"" for s in socks}
+        self.closed: dict[socket.socket, float] = {}
+        self.deadline = time.monotonic() + limit_s
+
+    def run(self) -> None:
+        while len(self.closed) < len(self.got) and time.monotonic() < self.deadline:
+            for key, _ in self.sel.select(timeout=0.05):
+                s = key.fileobj
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    self.got[s] += chunk
+                else:
+                    self.closed[s] = time.monotonic()
+                    self.sel.unregister(s)

@@ -8,7 +8,6 @@ keep sending, which the bound below catches.
 from __future__ import annotations
 
 import json
-import selectors
 import socket
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from harness.data import jpeg_bytes, shape_image
 from harness.gateway import gateway_env, start_gateway
-from harness.stack import drip
+from harness.stack import ConnectionWatcher, drip
 
 pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 HEADER_TIMEOUT_S = 2.0
@@ -41,36 +40,6 @@ def _read_until_closed(s: socket.socket, limit_s: float) -> tuple[bytes, float |
             return got, time.monotonic()
         got += chunk
     return got, None
-
-
-class Watcher(threading.Thread):
-    """Reads every socket as data comes, and notes when each one is closed by the server."""
-
-    def __init__(self, socks: list[socket.socket], limit_s: float) -> None:
-        super().__init__(daemon=True)
-        self.sel = selectors.DefaultSelector()
-        for s in socks:
-            s.setblocking(False)
-            self.sel.register(s, selectors.EVENT_READ)
-        self.got: dict[socket.socket, bytes] = {s: b"" for s in socks}
-        self.closed: dict[socket.socket, float] = {}
-        self.deadline = time.monotonic() + limit_s
-
-    def run(self) -> None:
-        while len(self.closed) < len(self.got) and time.monotonic() < self.deadline:
-            for key, _ in self.sel.select(timeout=0.05):
-                s = key.fileobj
-                try:
-                    chunk = s.recv(65536)
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    chunk = b""
-                if chunk:
-                    self.got[s] += chunk
-                else:
-                    self.closed[s] = time.monotonic()
-                    self.sel.unregister(s)
 
 
 def test_slow_heads_are_cut_off_at_the_deadline_and_searches_go_on(tmp_path, triton, repo18):
@@ -98,7 +67,7 @@ def test_slow_heads_are_cut_off_at_the_deadline_and_searches_go_on(tmp_path, tri
             drippers.append(s)
 
         slack = 1.5  # scheduling on a loaded 2-core machine; the dripping itself would go on for ever
-        watcher = Watcher(silent + drippers, HEADER_TIMEOUT_S + slack + 1)
+        watcher = ConnectionWatcher(silent + drippers, HEADER_TIMEOUT_S + slack + 1)
         watcher.start()
         drip(drippers, b"a", 0.25, stop)
         # searches on fresh connections are served while the slow ones hold theirs
