@@ -988,8 +988,8 @@ def test_gateway_port_probes_and_routes(compose, settings_env):
 
 
 # Memory the gateway can hold at once, from its settings (docs/deploy.md, "Kubernetes"):
-# the process at rest, every in-flight upload held whole, every decode thread at its peak on
-# an image of IMGSEARCH_MAX_PIXELS, and the thumbnail cache full.
+# the process at rest, every upload held whole (in flight, or still arriving), the decodes'
+# shared budget, and the thumbnail cache full.
 GATEWAY_BASE_BYTES = 384 * 2**20  # 201 MiB RSS after importing the gateway (measured), + clients, stacks
 # decode_image's peak on an RGBA PNG, the worst mode: the image, its alpha composite, the RGB copy
 # (test_decode_peak_is_within_the_budget_constant measures it)
@@ -997,19 +997,23 @@ DECODE_BYTES_PER_PIXEL = 20
 
 
 def gateway_memory_budget(s: Settings) -> int:
-    """What a gateway may hold at once: the process, every upload in flight, the decodes (they
-    share IMGSEARCH_DECODE_MEMORY_BYTES; one larger image runs alone, its raster at most 4 B/pixel
-    as loaded) and the thumbnail cache. Independent of the number of decode threads."""
+    """What a gateway may hold at once: the process; every upload, whether in flight or still
+    arriving (a body being read is kept in memory: test_connection_limits.py measures it), plus
+    the one being copied out of its read buffer (the event loop copies one at a time); the
+    decodes (they share IMGSEARCH_DECODE_MEMORY_BYTES; one larger image runs alone, its raster at
+    most 4 B/pixel as loaded) and the thumbnail cache. Independent of the number of decode threads."""
+    uploads = (s.max_inflight + s.max_reading + 1) * s.max_upload_bytes
     decodes = max(s.decode_memory_bytes, s.max_pixels * 4)
-    return int(GATEWAY_BASE_BYTES + s.max_inflight * s.max_upload_bytes + decodes
-               + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
+    return int(GATEWAY_BASE_BYTES + uploads + decodes + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
 
 
 def test_gateway_memory_limit_is_its_decode_budget(settings_env):
     dep = k8s_obj("Deployment", "gateway")
     res = pod_spec(dep)["containers"][0]["resources"]
-    budget = gateway_memory_budget(gateway_settings(settings_env, dep))
+    s = gateway_settings(settings_env, dep)
+    budget = gateway_memory_budget(s)
     limit = quantity(res["limits"]["memory"])
+    assert s.triton_input == "pixels"  # the budget's assumption: uploads are not copied into requests to Triton
     assert budget <= limit <= 1.3 * budget, f"limit {limit / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f} MiB"
     assert quantity(res["requests"]["memory"]) == limit  # scheduled for what it may use: no OOM under load
 
@@ -1019,8 +1023,10 @@ def test_compose_gateway_memory_limit_covers_its_budget(compose, settings_env):
     gw = services(compose)["gateway"]
     for k, v in {**compose["x-imgsearch-env"], **env_of(gw)}.items():
         settings_env.setenv(k, str(v))
-    need = gateway_memory_budget(Settings(_env_file=None))
+    s = Settings(_env_file=None)
+    need = gateway_memory_budget(s)
     limit = compose_memory(gw["mem_limit"])
+    assert s.triton_input == "pixels"
     assert need <= limit <= 1.5 * need, (need / 2**20, limit / 2**20)
     assert "mem_limit" in services(compose)["indexer"]
 
