@@ -50,6 +50,7 @@ def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, re
             assert all(r.status_code == 200 for r in before)
             p50 = statistics.median(r.elapsed.total_seconds() for r in before)
         rss0 = peak_rss(gw.pid)
+        shed0 = metric_sum(httpx.get(gw.url + "/metrics").text, "imgsearch_shed_total", reason="light")
 
         async def flood() -> tuple[list[int], list[tuple[int, float]]]:
             async with httpx.AsyncClient(base_url=gw.url, timeout=120,
@@ -88,6 +89,9 @@ def test_a_flood_of_image_and_readiness_requests_is_bounded(tmp_path, triton, re
               f"gateway peak RSS +{rise / 2**20:.0f} MiB ({BIG // 2**20} MiB files); search p50 "
               f"{p50 * 1e3:.0f} ms before, {p50_during * 1e3:.0f} ms during")
         assert set(statuses) <= {200, 503} and statuses.count(200) >= 8
+        # the limit sheds: 8 at a time are served, most of the flood is refused at once
+        shed = metric_sum(httpx.get(gw.url + "/metrics").text, "imgsearch_shed_total", reason="light") - shed0
+        assert statuses.count(503) >= FLOOD // 2 and shed == statuses.count(503), (statuses.count(503), shed)
         assert rise < 4 * BIG, rise  # at most a few files' worth, not one per request
         assert [s for s, _ in found] == [200] * len(found)
         assert p50_during <= max(2 * p50, p50 + 0.25), (p50, p50_during)
