@@ -373,7 +373,7 @@ def split(conc: int, procs: int) -> list[int]:
 
 
 def triton_level(pool, server, model: str, conc: int, batch: int) -> dict:
-    from imgsearch.triton_metrics import fetch_model_stats
+    from imgsearch.triton_metrics import fetch_model_stats, stats_since
 
     shares = split(conc, PLAN.client_procs)
     start_at = start_at_for(_triton_worker)
@@ -382,8 +382,8 @@ def triton_level(pool, server, model: str, conc: int, batch: int) -> dict:
     parts = pool.starmap(_triton_worker, [(server.grpc_url, model, c, PLAN.secs, batch, i, start_at)
                                           for i, c in enumerate(shares)])
     wall = max(p[2] for p in parts) - start_at  # requests in flight at the deadline still count
-    d = fetch_model_stats(server.metrics_url, model) - before
     lat = [x for p in parts for x in p[0]]
+    d = stats_since(server.metrics_url, model, before, requests=len(lat) + len(shares))  # + each client's warm-up
     errs = Counter()
     for p in parts:
         errs.update(p[1])

@@ -30,7 +30,7 @@ from imgsearch.export.triton_config import without_dynamic_batching
 from imgsearch.settings import get_settings
 from imgsearch.stats import percentiles
 from imgsearch.triton_client import TritonEncoder
-from imgsearch.triton_metrics import fetch_model_stats
+from imgsearch.triton_metrics import fetch_model_stats, stats_since
 from imgsearch.triton_server import LocalTriton
 
 
@@ -66,7 +66,7 @@ async def sweep(server: LocalTriton, models: tuple[str, str], levels: list[int],
             for m in models:
                 before = fetch_model_stats(server.metrics_url, m)
                 r = await closed_loop(encoders[m], pixels, c, seconds)
-                d = fetch_model_stats(server.metrics_url, m) - before
+                d = stats_since(server.metrics_url, m, before, requests=r["images"])  # one image per request
                 r.update(model=m, mode="dynamic" if m == models[0] else "nobatch", concurrency=c,
                          avg_batch=round(d.avg_batch, 2),
                          queue_ms=round(d.queue_us / 1000 / max(d.requests, 1), 1),
