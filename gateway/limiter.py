@@ -99,15 +99,18 @@ class InflightLimiter:
                     state["slot"] = True
             return message
 
+        shed = False
         try:
             await self.app(scope, receive_then_take_a_slot, send)
         except _SlotsTaken:
-            await self._shed(send, "inflight")
+            shed = True  # answered below, once the exception (whose frames hold the body) is gone
         finally:
             if state["reading"]:
                 done_reading()
             if state["slot"]:
                 self._give()
+        if shed:
+            await self._shed(send, "inflight")
 
     async def _light(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.light >= self.max_light:
