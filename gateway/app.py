@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from imgsearch.errors import CollectionMismatch, ModelRepositoryError, StoreUnavailable
+from imgsearch.imaging import unmap_large_allocations
 from imgsearch.model_card import read_card, read_labels
 from imgsearch.settings import Settings
 from imgsearch.store import VectorStore
@@ -119,5 +120,12 @@ def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory: settings from IMGSEARCH_* (``uvicorn imgsearch.gateway.app:app_from_env --factory``)."""
+    """uvicorn factory: settings from IMGSEARCH_* (``uvicorn imgsearch.gateway.app:app_from_env --factory``).
+
+    It is the gateway's process, so it also sets the process's allocator: the decode budget
+    then bounds the memory the process holds, not only the rasters alive at once.
+    """
+    if not unmap_large_allocations():
+        log.warning("the C library is not glibc: freed rasters may stay in the process's heaps, "
+                    "so its memory can exceed IMGSEARCH_DECODE_MEMORY_BYTES' share of the memory limit")
     return create_app(Settings())

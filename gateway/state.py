@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any, Callable, TypeVar
 
 from imgsearch.errors import NotFound, StoreUnavailable
-from imgsearch.imaging import DecodeBudget, unmap_large_allocations
+from imgsearch.imaging import DecodeBudget
 from imgsearch.model_card import ModelCard
 from imgsearch.settings import Settings
 from imgsearch.store import Entry, Hit, SearchQuery, VectorStore, search_ef
@@ -50,7 +50,6 @@ class Runtime:
         self.store_pool = ThreadPoolExecutor(max(1, settings.store_threads), thread_name_prefix="milvus")
         self.thumbs = ThumbCache(settings.thumb_cache_items)
         self.decode_budget = DecodeBudget(settings.decode_memory_bytes, settings.decode_wait_s)
-        unmap_large_allocations()  # so that the budget bounds the process's memory, not only the live rasters
         self._store_open = False
         self._open_lock = asyncio.Lock()
         # bytes mode: None = not decided yet (Triton was not ready to be asked)

@@ -295,16 +295,16 @@ def unmap_large_allocations(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     mapping, given back to the OS when freed. Process-wide; False where there is no glibc.
 
     A :class:`DecodeBudget` bounds the rasters alive at once, but by default glibc raises its
-    mmap threshold after each large free (up to 32 MiB), so later rasters come from the heap of
-    whichever thread decodes them, and each thread's heap keeps its pages. With four decode
-    threads taking turns under a budget that fits one 49 MP RGBA raster, the gateway's peak RSS
-    rose by two rasters (+404 MiB) instead of one (+199 MiB with this). Setting the threshold
-    also stops glibc from moving it.
+    mmap threshold after each large free (up to 32 MiB), so later rasters come from the heap
+    of whichever thread decodes them, and each thread's heap keeps its pages: decode threads
+    taking turns would each keep a raster's worth (docs/reliability.md has the figures).
+    Setting the threshold also stops glibc from moving it.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or no mallopt in it
         return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 

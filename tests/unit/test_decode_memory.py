@@ -7,6 +7,7 @@ after the decode under test), so nothing else in the test run moves them. Linux 
 from __future__ import annotations
 
 import io
+import platform
 import subprocess
 import sys
 import threading
@@ -99,6 +100,14 @@ def test_shrinking_first_gives_what_converting_first_gave(mode):
                       dtype=np.float32)
     got = decode_image(data).astype(np.float32)
     assert np.abs(got - want).mean() < 2.0, np.abs(got - want).mean()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_large_allocations_can_be_unmapped_on_glibc():
+    # in a child: the setting is process-wide, and this process measures nothing with it
+    code = "from imgsearch.imaging import unmap_large_allocations as u; print(u())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True"]  # found mallopt, and glibc took the setting
 
 
 def test_the_budget_is_shared_and_a_decode_waits_then_gives_up():
