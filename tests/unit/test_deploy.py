@@ -988,23 +988,28 @@ def test_gateway_port_probes_and_routes(compose, settings_env):
 
 
 # Memory the gateway can hold at once, from its settings (docs/deploy.md, "Kubernetes"):
-# the process at rest, every upload held whole (in flight, or still arriving), the decodes'
-# shared budget, and the thumbnail cache full.
+# the process at rest, every upload held whole (in flight, or still arriving), what each open
+# connection may have read ahead, the decodes' shared budget, and the thumbnail cache full.
 GATEWAY_BASE_BYTES = 384 * 2**20  # 201 MiB RSS after importing the gateway (measured), + clients, stacks
 # decode_image's peak on an RGBA PNG, the worst mode: the image, its alpha composite, the RGB copy
 # (test_decode_peak_is_within_the_budget_constant measures it)
 DECODE_BYTES_PER_PIXEL = 20
+# per open connection: uvicorn reads a body ahead up to its high-water mark (64 KiB) before it
+# pauses the socket, plus the last read of up to 256 KiB (asyncio's recv size)
+CONNECTION_BUFFER_BYTES = (64 + 256) * 1024
 
 
 def gateway_memory_budget(s: Settings) -> int:
     """What a gateway may hold at once: the process; every upload, whether in flight or still
     arriving (a body being read is kept in memory: test_connection_limits.py measures it), plus
-    the one being copied out of its read buffer (the event loop copies one at a time); the
-    decodes (they share IMGSEARCH_DECODE_MEMORY_BYTES; one larger image runs alone, its raster at
+    the one being copied out of its read buffer (the event loop copies one at a time); each open
+    connection's read-ahead (a shed upload is drained through it); the decodes (they share IMGSEARCH_DECODE_MEMORY_BYTES; one larger image runs alone, its raster at
     most 4 B/pixel as loaded) and the thumbnail cache. Independent of the number of decode threads."""
     uploads = (s.max_inflight + s.max_reading + 1) * s.max_upload_bytes
+    connections = s.max_connections * CONNECTION_BUFFER_BYTES
     decodes = max(s.decode_memory_bytes, s.max_pixels * 4)
-    return int(GATEWAY_BASE_BYTES + uploads + decodes + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
+    return int(GATEWAY_BASE_BYTES + uploads + connections + decodes
+               + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
 
 
 def test_gateway_memory_limit_is_its_decode_budget(settings_env):
