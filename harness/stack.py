@@ -362,6 +362,23 @@ def drip(socks: Sequence[socket.socket], chunk: bytes, every_s: float, stop: thr
     return t
 
 
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` now."""
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory ``pid`` has had (its high-water mark)."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
 class ConnectionWatcher(threading.Thread):
     """Reads every socket as data comes, and notes when each one is closed by the server."""
 
@@ -383,7 +400,7 @@ class ConnectionWatcher(threading.Thread):
                     chunk = s.recv(65536)
                 except BlockingIOError:
                     continue
-                except ConnectionResetError:
+                except OSError:  # reset or aborted by the server: closed too
                     chunk = b""
                 if chunk:
                     self.got[s] += chunk

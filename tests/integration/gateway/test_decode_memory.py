@@ -5,8 +5,6 @@ concurrent decodes share one memory budget (they wait for it, or are shed with 5
 from __future__ import annotations
 
 import asyncio
-import re
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,14 +12,11 @@ from PIL import Image
 
 from harness.data import huge_png, png_bytes
 from harness.gateway import gateway_env, start_gateway
+from harness.stack import peak_rss_bytes
 from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration
 BOUND = 800 * 10**6  # bytes: the target is 800 MB
-
-
-def peak_rss(pid: int) -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text()).group(1)) * 1024
 
 
 def at_once(url: str, files: list[bytes]) -> list[httpx.Response]:
@@ -47,9 +42,9 @@ def test_four_near_limit_uploads_at_once_stay_under_800_mb(tmp_path, triton, rep
                                    decode_threads=4, max_inflight=8, decode_wait_s=60))
     try:
         warm(gw.url)
-        before = peak_rss(gw.pid)
+        before = peak_rss_bytes(gw.pid)
         answers = at_once(gw.url, files)
-        rise = peak_rss(gw.pid) - before
+        rise = peak_rss_bytes(gw.pid) - before
         print(f"4 uploads of {[len(d) // 1000 for d in files]} KB: gateway peak RSS +{rise / 2**20:.0f} MiB")
         assert [r.status_code for r in answers] == [200] * 4, [r.text[:200] for r in answers]
         assert rise < BOUND, rise / 2**20
@@ -72,9 +67,9 @@ def test_concurrent_decodes_share_one_budget_and_wait_for_it_or_are_shed(tmp_pat
                                    max_inflight=8, decode_memory_bytes=budget, decode_wait_s=wait_s))
     try:
         warm(gw.url)
-        before = peak_rss(gw.pid)
+        before = peak_rss_bytes(gw.pid)
         answers = at_once(gw.url, [huge_png("RGBA")] * 4)
-        rise = peak_rss(gw.pid) - before
+        rise = peak_rss_bytes(gw.pid) - before
         statuses = [r.status_code for r in answers]
         shed = metric_sum(httpx.get(gw.url + "/metrics").text, "imgsearch_shed_total", reason="decode_memory")
         print(f"\n4 RGBA uploads at once, decode budget {budget / 2**20:.0f} MiB, wait {wait_s:g} s: "
