@@ -67,6 +67,9 @@ async def sweep(server: LocalTriton, models: tuple[str, str], levels: list[int],
                 before = fetch_model_stats(server.metrics_url, m)
                 r = await closed_loop(encoders[m], pixels, c, seconds)
                 d = stats_since(server.metrics_url, m, before, requests=r["images"])  # one image per request
+                if d.requests < r["images"]:
+                    print(f"  warning: Triton counted {d.requests:.0f} of {r['images']} requests: "
+                          "its averages below are partial", flush=True)
                 r.update(model=m, mode="dynamic" if m == models[0] else "nobatch", concurrency=c,
                          avg_batch=round(d.avg_batch, 2),
                          queue_ms=round(d.queue_us / 1000 / max(d.requests, 1), 1),
