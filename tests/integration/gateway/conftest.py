@@ -2,11 +2,15 @@
 
 ``gw`` is the main gateway (API key set, small upload limit) over the session Triton.
 ``gw_nokey`` has no API key and an in-flight limit of 1, over an empty collection.
+``empty_gateway(**settings)`` starts a gateway of the test's own over an empty collection and
+image root (``serve_cli=True``: through ``imgsearch serve``), stopped when the test ends.
 Entries that point out of the image root are written straight into Milvus with
 ``VectorStore.upsert``: the gateway must refuse to serve them whatever the index says.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -28,6 +32,7 @@ from harness.gateway import (
     index_folder,
     start_gateway,
 )
+from harness.stack import GatewayProc
 from imgsearch.store import Row
 
 
@@ -83,3 +88,19 @@ def gw_nokey(tmp_path_factory, triton, repo18) -> Stack:
     gateway = start_gateway(env)
     yield Stack(gateway, root, {}, base)
     gateway.stop()
+
+
+@pytest.fixture
+def empty_gateway(tmp_path, triton, repo18) -> Iterator[Callable[..., GatewayProc]]:
+    started: list[GatewayProc] = []
+
+    def start(serve_cli: bool = False, **settings: object) -> GatewayProc:
+        root = tmp_path / "images"
+        root.mkdir(exist_ok=True)
+        env = gateway_env(repo18, triton.grpc_url, tmp_path / f"empty-{len(started)}.db", root, **settings)
+        started.append(start_gateway(env, serve_cli=serve_cli))
+        return started[-1]
+
+    yield start
+    for gw in started:
+        gw.stop()

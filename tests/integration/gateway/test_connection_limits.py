@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from harness.data import jpeg_bytes, shape_image
-from harness.gateway import gateway_env, start_gateway
 from harness.stack import ConnectionWatcher, rss_bytes
 from imgsearch.triton_metrics import metric_sum
 
@@ -45,11 +44,8 @@ def read_response(s: socket.socket, timeout_s: float = 60) -> bytes:
     return got
 
 
-def test_uploads_past_max_reading_are_shed_and_the_held_ones_finish(tmp_path, triton, repo18):
-    root = tmp_path / "images"
-    root.mkdir()
-    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "empty.db", root, max_reading=MAX_READING,
-                                   max_upload_bytes=MAX_UPLOAD, body_timeout_s=120))
+def test_uploads_past_max_reading_are_shed_and_the_held_ones_finish(empty_gateway):
+    gw = empty_gateway(max_reading=MAX_READING, max_upload_bytes=MAX_UPLOAD, body_timeout_s=120)
     noise = np.random.default_rng(7).integers(0, 256, (2400, 2400, 3), dtype=np.uint8)
     body = multipart(jpeg_bytes(Image.fromarray(noise), quality=95))
     assert MAX_UPLOAD * 3 // 4 < len(body) < MAX_UPLOAD
@@ -97,7 +93,6 @@ def test_uploads_past_max_reading_are_shed_and_the_held_ones_finish(tmp_path, tr
     finally:
         for s in held:
             s.close()
-        gw.stop()
 
 
 MAX_CONNECTIONS = 6
@@ -105,12 +100,8 @@ KEEP_ALIVE_S = 3
 
 
 @pytest.mark.alone  # bounds a close time in wall-clock time
-def test_serve_limits_open_connections_and_closes_idle_keep_alive_ones(tmp_path, triton, repo18):
-    root = tmp_path / "images"
-    root.mkdir()
-    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "empty.db", root,
-                                   max_connections=MAX_CONNECTIONS, keep_alive_s=KEEP_ALIVE_S,
-                                   header_timeout_s=60), serve_cli=True)
+def test_serve_limits_open_connections_and_closes_idle_keep_alive_ones(empty_gateway):
+    gw = empty_gateway(max_connections=MAX_CONNECTIONS, keep_alive_s=KEEP_ALIVE_S, header_timeout_s=60, serve_cli=True)
     host, port = gw.url.removeprefix("http://").split(":")
     kept: list[socket.socket] = []
     sent: dict[socket.socket, float] = {}  # uvicorn's keep-alive timer starts between these two
@@ -153,4 +144,3 @@ def test_serve_limits_open_connections_and_closes_idle_keep_alive_ones(tmp_path,
     finally:
         for s in kept:
             s.close()
-        gw.stop()

@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from harness.data import jpeg_bytes, shape_image
-from harness.gateway import gateway_env, start_gateway
 from harness.stack import ConnectionWatcher, drip
 
 pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
@@ -42,11 +41,8 @@ def _read_until_closed(s: socket.socket, limit_s: float) -> tuple[bytes, float |
     return got, None
 
 
-def test_slow_heads_are_cut_off_at_the_deadline_and_searches_go_on(tmp_path, triton, repo18):
-    root = tmp_path / "images"
-    root.mkdir()
-    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "empty.db", root,
-                                   header_timeout_s=HEADER_TIMEOUT_S), serve_cli=True)
+def test_slow_heads_are_cut_off_at_the_deadline_and_searches_go_on(empty_gateway):
+    gw = empty_gateway(header_timeout_s=HEADER_TIMEOUT_S, serve_cli=True)
     data = jpeg_bytes(shape_image(1, 31))
     host, port = gw.url.removeprefix("http://").split(":")
     stop = threading.Event()
@@ -111,4 +107,3 @@ def test_slow_heads_are_cut_off_at_the_deadline_and_searches_go_on(tmp_path, tri
         stop.set()
         for s in list(opened):
             s.close()
-        gw.stop()

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from harness.data import jpeg_bytes, shape_image
-from harness.gateway import gateway_env, start_gateway
 from harness.stack import drip
 
 pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
@@ -34,11 +33,8 @@ def _search_latencies(url: str, n: int, data: bytes) -> list[tuple[int, float]]:
     return out
 
 
-def test_slow_uploads_neither_lock_searches_out_nor_stay(tmp_path, triton, repo18):
-    root = tmp_path / "images"
-    root.mkdir()
-    gw = start_gateway(gateway_env(repo18, triton.grpc_url, tmp_path / "empty.db", root, max_inflight=INFLIGHT,
-                                   body_timeout_s=BODY_TIMEOUT_S, lingering_close_s=1))
+def test_slow_uploads_neither_lock_searches_out_nor_stay(empty_gateway):
+    gw = empty_gateway(max_inflight=INFLIGHT, body_timeout_s=BODY_TIMEOUT_S, lingering_close_s=1)
     data = jpeg_bytes(shape_image(1, 31))
     socks: list[socket.socket] = []
     stop = threading.Event()
@@ -89,4 +85,3 @@ def test_slow_uploads_neither_lock_searches_out_nor_stay(tmp_path, triton, repo1
         stop.set()
         for s in socks:
             s.close()
-        gw.stop()
