@@ -42,7 +42,9 @@ def test_gpu_check_dry_run_measures_every_phase(tmp_path):
     dyn, nob = rows[("resnet152", 8, 1)], rows[("resnet152_nobatch", 8, 1)]
     assert dyn["avg_batch"] > 1.0, dyn  # dynamic batching merged concurrent requests
     assert nob["avg_batch"] == 1.0, nob  # the copy without a dynamic_batching block did not
-    assert res["dyn_vs_nobatch"] == pytest.approx(dyn["img_s"] / nob["img_s"], rel=0.01)
+    # the reported ratio is these two rows' (2 decimals): on a loaded CPU it can be well under 1,
+    # where a relative tolerance is smaller than the rounding
+    assert res["dyn_vs_nobatch"] == round(dyn["img_s"] / max(0.1, nob["img_s"]), 2)
 
     # the probe: on the CPU preprocess runs torchvision's decoder, held to the CPU tests' tolerance
     probe = res["bytes_probe"]
