@@ -29,12 +29,13 @@ from harness.data import huge_png
 
 CASES = ("turns", "jpeg", "png")
 CHILD = r"""
-import json, re, resource, sys, time
+import json, os, resource, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from harness.data import jpeg_bytes, png_bytes
+from harness.stack import peak_rss_bytes
 from imgsearch.imaging import DecodeBudget, decode_image, unmap_large_allocations
 
 setting, case, repeats, png49 = sys.argv[1] == "on", sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -42,7 +43,7 @@ if setting:
     assert unmap_large_allocations(), "no glibc mallopt here"
 
 def peak() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    return peak_rss_bytes(os.getpid())
 
 if case == "turns":
     data = Path(png49).read_bytes()  # made by the parent: making it here would set the peak

@@ -88,6 +88,27 @@ def release_lite(path: str | Path) -> None:
     server_manager_instance.release_server(str(path))
 
 
+def encode_served(url: str, model: str, pixels, batch: int | None = None):
+    """``pixels`` (N, H, W, 3 uint8) through the served ``model`` at Triton's gRPC ``url``, ``batch``
+    images per request (all at once when None): one :class:`~imgsearch.triton_client.Encoded`."""
+    import numpy as np
+
+    from imgsearch.triton_client import Encoded, TritonEncoder
+
+    step = batch or len(pixels)
+
+    async def encode() -> Encoded:
+        enc = TritonEncoder(url, model)
+        try:
+            parts = [await enc.encode(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+        finally:
+            await enc.close()
+        probs = None if parts[0].probs is None else np.concatenate([p.probs for p in parts])
+        return Encoded(np.concatenate([p.embeddings for p in parts]), probs)
+
+    return asyncio.run(encode())
+
+
 def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, model: str = MODEL,
                  collection: str = COLLECTION, extra: Sequence = (), limit: int | None = None) -> dict[str, int]:
     """Encode every .jpg image under ``root`` (the first ``limit``) through Triton and upsert it
@@ -98,7 +119,6 @@ def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, mode
     from imgsearch.labels import folder_label
     from imgsearch.model_card import read_card
     from imgsearch.store import Row, VectorStore, content_id, is_lite
-    from imgsearch.triton_client import TritonEncoder
 
     card = read_card(repo, model)
     paths = sorted(p for p in root.rglob("*.jpg") if p.is_file() and not p.is_symlink())
@@ -107,15 +127,7 @@ def index_images(root: Path, milvus_uri: str, triton_grpc: str, repo: Path, mode
     files, blobs = [p for p, _ in picked], [b for _, b in picked]
     pixels = np.stack([decode_image(b) for b in blobs])
 
-    async def encode() -> np.ndarray:
-        enc = TritonEncoder(triton_grpc, model)
-        try:
-            return np.concatenate([(await enc.encode(pixels[i:i + 16])).embeddings
-                                   for i in range(0, len(pixels), 16)])
-        finally:
-            await enc.close()
-
-    emb = asyncio.run(encode())
+    emb = encode_served(triton_grpc, model, pixels, batch=16).embeddings
     rels = [p.relative_to(root).as_posix() for p in files]
     rows = [Row(content_id(b), rel, folder_label(rel.split("/")[0]) if "/" in rel else "", e)
             for rel, b, e in zip(rels, blobs, emb)]

@@ -117,13 +117,11 @@ def test_finetune_imagenet_offline_fails_with_the_export_message(tmp_path):
 def test_finetune_from_the_packaged_weights_exports_and_serves(tmp_path):
     """The pretrained default of `make demo` fine-tuned (last two stages + head), exported and
     served by the real tritonserver: its own embeddings and probs over the folder's classes."""
-    import asyncio
-
     import numpy as np
 
+    from harness.stack import encode_served
     from imgsearch.export.model import ServingModel
     from imgsearch.imaging import decode_image
-    from imgsearch.triton_client import TritonEncoder
     from imgsearch.triton_server import LocalTriton
 
     data = tmp_path / "data"
@@ -144,15 +142,8 @@ def test_finetune_from_the_packaged_weights_exports_and_serves(tmp_path):
     files = [sorted((data / f"n{c:08d}-class_{c}").iterdir())[0] for c in range(3)]
     pixels = np.stack([decode_image(f.read_bytes()) for f in files])
 
-    async def encode(url: str):
-        enc = TritonEncoder(url, "ft")
-        try:
-            return await enc.encode(pixels)
-        finally:
-            await enc.close()
-
     with LocalTriton(repo, "cpu", exit_timeout_s=5) as server:
-        got = asyncio.run(encode(server.grpc_url))
+        got = encode_served(server.grpc_url, "ft", pixels)
     with torch.no_grad():
         ref = ServingModel(load_into_model(ck), "mlp", "pool", arch=ck.arch).eval()(torch.from_numpy(pixels))
     np.testing.assert_allclose(got.embeddings, ref[0].numpy(), atol=1e-4)

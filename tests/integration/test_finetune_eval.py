@@ -8,7 +8,6 @@ random head, same export, same Triton, so only training differs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from harness.data import make_dataset
+from harness.stack import encode_served
 from imgsearch import cli
 from imgsearch.export.checkpoint import load_into_model, read_checkpoint
 from imgsearch.export.evaluate import build_eval_set, evaluate_served
@@ -27,7 +27,6 @@ from imgsearch.export.model import ServingModel
 from imgsearch.imaging import decode_image
 from imgsearch.model_card import read_card, read_labels
 from imgsearch.settings import get_settings
-from imgsearch.triton_client import TritonEncoder
 from imgsearch.triton_server import LocalTriton
 
 pytestmark = pytest.mark.integration
@@ -106,14 +105,7 @@ def test_round_trip_checkpoint_export_labels_and_served_probs(shapes, trained, s
     files = [sorted((shapes / f"n{c:08d}-class_{c}").iterdir())[0] for c in range(CLASSES)]
     pixels = np.stack([decode_image(f.read_bytes()) for f in files])
 
-    async def encode():
-        enc = TritonEncoder(served.grpc_url, "trained")
-        try:
-            return await enc.encode(pixels)
-        finally:
-            await enc.close()
-
-    got = asyncio.run(encode())
+    got = encode_served(served.grpc_url, "trained", pixels)
     with torch.no_grad():
         ref = ServingModel(load_into_model(ck), "mlp", "pool").eval()(torch.from_numpy(pixels))
     np.testing.assert_allclose(got.embeddings, ref[0].numpy(), atol=1e-4)
