@@ -83,7 +83,7 @@ GPU_PLAN = Plan(arch="resnet152", budget_s=float(os.environ.get("GPU_CHECK_BUDGE
                 dyn_levels=(1, 16, 64, 256), nobatch_levels=(1, 16, 64), bulk=(32, 16), index_batch=64, index_in_flight=8, client_procs=8,
                 raw_sizes=(1, 8, 32, 64, 128), n_images=12000, index_workers=10,
                 search_levels=(16, 64, 128, 256), gateway_workers=6)
-DRY_PLAN = Plan(arch="resnet18", budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", "900")), secs=2.0,
+DRY_PLAN = Plan(arch="resnet18", budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", "900")), secs=1.0,
                 dyn_levels=(8,), nobatch_levels=(8,), bulk=(8, 2), index_batch=16, index_in_flight=2, client_procs=2,
                 raw_sizes=(1, 8), n_images=64, index_workers=2, search_levels=(2, 8), gateway_workers=2)
 PLAN = DRY_PLAN if DRY else GPU_PLAN

@@ -1,7 +1,7 @@
 """bench/gpu_check.sh end to end on the CPU (GPU_CHECK_DRY=1).
 
 A lent GPU gives one call of a few minutes: the script must not meet its first bug there.
-The dry run's figures mean nothing (resnet18, torch engine on the CPU, 2-second levels);
+The dry run's figures mean nothing (resnet18, torch engine on the CPU, 1-second levels);
 what is checked is that every phase runs and measures what the result file says it does.
 """
 

@@ -114,7 +114,7 @@ def test_index_rerun_selfsearch_and_collection_admin(dataset, env, index_cli, tr
 
 
 # --- crash safety: SIGKILL at random points, five times -------------------------------
-def test_sigkill_five_times_then_exact(dataset, env, triton, tmp_path, spawn_index):
+def test_sigkill_five_times_then_exact(dataset, env, triton, tmp_path, spawn_index, index_cli):
     uri = env["IMGSEARCH_MILVUS_URI"]
     rng = random.Random(1234)
     total = len(dataset.valid)
@@ -129,7 +129,7 @@ def test_sigkill_five_times_then_exact(dataset, env, triton, tmp_path, spawn_ind
             target = start + 8 * rng.randint(1, 3)
             deadline = time.monotonic() + 60
             while inferences(triton) < target and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+                time.sleep(0.05)  # each poll is a /metrics scrape
             time.sleep(rng.uniform(0, 0.2))
         children = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         assert proc.poll() is None, f"run {attempt} finished before the kill:\n{proc.communicate()}"
@@ -142,17 +142,17 @@ def test_sigkill_five_times_then_exact(dataset, env, triton, tmp_path, spawn_ind
         counts.append(len(stored))
     assert counts[-1] > 0 and any(0 < c < total for c in counts), counts
 
-    proc = spawn_index(dataset.root, env, "--json", str(tmp_path / "final.json"), cwd=tmp_path)
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
-    final = json.loads((tmp_path / "final.json").read_text())
+    last = index_cli(dataset.root)  # in this process: a plain run, nothing to kill
+    assert last.rc == 0, last.err
+    final = last.report
     assert final["unchanged"] == counts[-1] and final["indexed"] == total - counts[-1]
     stored = entries_and_check(uri, dataset.root)
     assert stored == {cid: rel for rel, cid in dataset.valid.items()}  # exact: nothing lost, nothing twice
 
 
 # --- Triton dies mid-index --------------------------------------------------------------
-def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, triton, tmp_path, spawn_index):
+def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, triton, tmp_path, spawn_index,
+                                                         index_cli):
     uri = env["IMGSEARCH_MILVUS_URI"]
     total = len(dataset.valid)
     server = LocalTriton(repo18, "cpu", exit_timeout_s=2)
@@ -161,7 +161,7 @@ def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, 
         proc = spawn_index(dataset.root, run_env, "--batch-size", "8", "--retry-for", "3", cwd=tmp_path)
         deadline = time.monotonic() + 60
         while inferences(server) < 24 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.05)  # each poll is a /metrics scrape
         assert proc.poll() is None, proc.communicate()
         server.kill()
         t_kill = time.monotonic()
@@ -176,10 +176,9 @@ def test_triton_dying_mid_index_stops_cleanly_and_resumes(dataset, env, repo18, 
     assert 0 < len(kept) < total  # what was upserted stays
 
     # Triton is back (the session's server: the same model, another process, as after a restart)
-    proc = spawn_index(dataset.root, env, "--json", str(tmp_path / "resume.json"), cwd=tmp_path)
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err
-    resumed = json.loads((tmp_path / "resume.json").read_text())
+    again = index_cli(dataset.root)
+    assert again.rc == 0, again.err
+    resumed = again.report
     assert resumed["unchanged"] == len(kept) and resumed["indexed"] == total - len(kept)
     assert entries_and_check(uri, dataset.root) == {cid: rel for rel, cid in dataset.valid.items()}
 

@@ -13,6 +13,7 @@ the test checks that the path holds the content and the label is that path's lab
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -73,7 +74,8 @@ def snapshot(uri: str, collection: str) -> dict[int, tuple[str, str, np.ndarray]
     try:
         entries = list(store.iter_entries())
         count = store.count()
-        out = {e.id: (e.path, e.label, store.get(e.id, with_embedding=True).embedding) for e in entries}
+        full = store.get_many([e.id for e in entries], with_embedding=True)  # one call, not one per entry
+        out = {e.id: (e.path, e.label, got.embedding) for e, got in zip(entries, full)}
     finally:
         store.close()
     assert len(entries) == len(out) == count, (len(entries), len(out), count)
@@ -97,10 +99,15 @@ def shard_env(env: dict[str, str], milvus: MilvusServer, collection: str) -> dic
     return env | {"IMGSEARCH_MILVUS_URI": milvus.uri, "IMGSEARCH_COLLECTION": collection}
 
 
+def shard_args(k: int, report: Path, *options: str) -> list[str]:
+    return [f"--shard={k}/{SHARDS}", "--workers", "1", "--json", str(report), *options]
+
+
 def run_shards(spawn_index, root: Path, env: dict[str, str], tmp_path: Path, *options: str,
                shards=range(SHARDS)) -> dict[int, dict]:
-    procs = {k: spawn_index(root, env, f"--shard={k}/{SHARDS}", "--workers", "1", "--json",
-                            str(tmp_path / f"shard-{k}.json"), *options, cwd=tmp_path) for k in shards}
+    """The shards as processes started at once, as an Indexed Job runs them."""
+    procs = {k: spawn_index(root, env, *shard_args(k, tmp_path / f"shard-{k}.json", *options), cwd=tmp_path)
+             for k in shards}
     reports = {}
     for k, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -109,18 +116,38 @@ def run_shards(spawn_index, root: Path, env: dict[str, str], tmp_path: Path, *op
     return reports
 
 
+def run_in_process(root: Path, env: dict[str, str], tmp_path: Path, *options: str,
+                   shards=range(SHARDS)) -> dict[int, dict]:
+    """The shards one after another in this process: for the runs whose point is not
+    concurrency or a kill (each saves a process start, seconds of imports on a loaded box)."""
+    from imgsearch.cli import main
+
+    reports = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        for k in shards:
+            out = tmp_path / f"shard-{k}.json"
+            assert main(["index", str(root), "--no-progress", *shard_args(k, out, *options)]) == 0, f"shard {k}"
+            reports[k] = json.loads(out.read_text())
+    return reports
+
+
 @pytest.fixture(scope="module")
 def reference(milvus, dataset, triton, repo18, tmp_path_factory):
     """One plain run over the dataset (+ a cross-shard copy): the collection shards must equal."""
-    from harness.indexer import subprocess_index
+    from imgsearch.cli import main
 
     base = tmp_path_factory.mktemp("shards_ref")
     root, original, copy = with_cross_shard_copy(dataset.root, base / "images")
     env = {"IMGSEARCH_TRITON_URL": triton.grpc_url, "IMGSEARCH_MODEL_REPOSITORY": str(repo18),
            "IMGSEARCH_MILVUS_URI": milvus.uri, "IMGSEARCH_COLLECTION": "single"}
-    proc = subprocess_index(root, env, "--workers", "1", cwd=base)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("IMGSEARCH_")]:
+            mp.delenv(k)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert main(["index", str(root), "--no-progress", "--workers", "1"]) == 0
     want = snapshot(milvus.uri, "single")
     holders = expected_from_disk(root)
     assert set(want) == set(holders) and len(want) == len(dataset.valid)  # the copy is one entry
@@ -139,7 +166,7 @@ def test_three_shards_at_once_equal_one_run(milvus, reference, env, tmp_path, sp
     assert_same_collection(snapshot(milvus.uri, "sharded"), want, root, holders)
 
     # a second pass of all shards is a no-op: every file is "unchanged", nothing encoded
-    again = run_shards(spawn_index, root, shard_env(env, milvus, "sharded"), tmp_path)
+    again = run_in_process(root, shard_env(env, milvus, "sharded"), tmp_path)
     assert sum(r["indexed"] for r in again.values()) == 0
     assert sum(r["unchanged"] + r["duplicates"] for r in again.values()) == len(want) + 1
 
@@ -156,7 +183,7 @@ def wait_for_rows(uri: str, collection: str, ids: list[int], at_least: int, proc
                     return have
             except Exception:  # noqa: BLE001 - the collection is still being created by the shards
                 store = None
-            time.sleep(0.05)
+            time.sleep(0.05 if store else 0.25)  # no new client 20 times a second while they start
     finally:
         if store:
             store.close()
@@ -190,7 +217,7 @@ def test_a_shard_killed_mid_run_resumes_exactly(milvus, reference, env, tmp_path
     missing = set(want) - set(partial)
     assert missing and missing <= set(victim_ids)
 
-    report = run_shards(spawn_index, root, run_env, tmp_path, shards=[victim])[victim]
+    report = run_in_process(root, run_env, tmp_path, shards=[victim])[victim]
     assert report["indexed"] == len(missing)  # only what the killed run had not stored
     assert report["unchanged"] == len(victim_ids) - len(missing)
     assert_same_collection(snapshot(milvus.uri, "killed"), want, root, holders)
@@ -200,7 +227,7 @@ def test_sync_in_a_shard_deletes_only_that_shards_entries(milvus, dataset, env, 
     root = tmp_path / "images"
     shutil.copytree(dataset.root, root)
     run_env = shard_env(env, milvus, "synced")
-    run_shards(spawn_index, root, run_env, tmp_path)
+    run_in_process(root, run_env, tmp_path)
     valid = sorted(f.rel for f in scan(root).files if f.rel.rsplit("/", 1)[-1].startswith("img_"))
     by_shard = {k: [r for r in valid if shard_of(r, SHARDS) == k] for k in range(SHARDS)}
     gone0, gone1 = by_shard[0][0], by_shard[1][0]
@@ -215,12 +242,12 @@ def test_sync_in_a_shard_deletes_only_that_shards_entries(milvus, dataset, env, 
     (root / moved_from).rename(root / moved_to)
 
     # pass 1, every shard, no --sync: the moved file's entry is re-pointed by its new shard
-    first = run_shards(spawn_index, root, run_env, tmp_path)
+    first = run_in_process(root, run_env, tmp_path)
     assert sum(r["indexed"] for r in first.values()) == 0 and first[2]["moved"] == 1
     assert snapshot(milvus.uri, "synced")[cid[moved_from]][0] == moved_to
 
     # pass 2, shard 0 alone with --sync: its deleted file goes, shard 1's stays (not its business)
-    r0 = run_shards(spawn_index, root, run_env, tmp_path, "--sync", shards=[0])[0]
+    r0 = run_in_process(root, run_env, tmp_path, "--sync", shards=[0])[0]
     after0 = snapshot(milvus.uri, "synced")
     assert r0["deleted"] == 1 and r0["indexed"] == 0
     assert set(after0) == set(before) - {cid[gone0]}
