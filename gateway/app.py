@@ -32,6 +32,7 @@ from . import page
 from .errors import LastResortMiddleware, install_handlers
 from .limiter import InflightLimiter
 from .lingering import LingeringClose
+from .memory import container_memory_limit, memory_budget, memory_warning
 from .metrics import Metrics, MetricsMiddleware
 from .routes import router
 from .security import SecurityHeadersMiddleware
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
             "IMGSEARCH_TRITON_URL is not set: run `imgsearch serve` (it starts the local Triton) "
             "or point the gateway at a running Triton (host:port of its gRPC endpoint)")
     metrics = Metrics()
+    metrics.memory_budget.set(memory_budget(settings).total)
     given_encoder, given_store = encoder, store
 
     @asynccontextmanager
@@ -123,9 +125,18 @@ def app_from_env() -> FastAPI:
     """uvicorn factory: settings from IMGSEARCH_* (``uvicorn imgsearch.gateway.app:app_from_env --factory``).
 
     It is the gateway's process, so it also sets the process's allocator: the decode budget
-    then bounds the memory the process holds, not only the rasters alive at once.
+    then bounds the memory the process holds, not only the rasters alive at once. And it checks
+    what its settings let it hold against its container's memory limit.
     """
     if not unmap_large_allocations():
         log.warning("the C library is not glibc: freed rasters may stay in the process's heaps, "
                     "so its memory can exceed IMGSEARCH_DECODE_MEMORY_BYTES' share of the memory limit")
-    return create_app(Settings())
+    settings = Settings()
+    budget, limit = memory_budget(settings), container_memory_limit()
+    warning = memory_warning(budget, limit)
+    if warning:
+        log.warning(warning)
+    else:
+        log.info("memory budget %s; container limit %s", budget.describe(),
+                 "none" if limit is None else f"{limit / 2**20:,.0f} MiB")
+    return create_app(settings)

@@ -59,6 +59,10 @@ class Metrics:
             "imgsearch_readiness_checks_total", "backend checks made for /readyz (the probes of one second share one)",
             registry=self.registry)
 
+        self.memory_budget = Gauge(
+            "imgsearch_memory_budget_bytes", "what this gateway's settings let it hold at once (uploads, connections, "
+            "decodes, thumbnails, the process): its container's memory limit should be at least this",
+            registry=self.registry)
         self.milvus_batch = Histogram(
             "imgsearch_milvus_batch_size", "requests per Milvus call: vectors per search, ids per lookup",
             ["op"], buckets=BATCH_BUCKETS, registry=self.registry)

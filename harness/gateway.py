@@ -7,7 +7,7 @@ IMGSEARCH_* variables, on a free loopback port.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.stack import (  # noqa: F401
@@ -45,6 +45,7 @@ class Stack:
     root: Path
     ids: dict[str, int]  # rel path -> id of the indexed generated images
     outside: Path
+    env: dict[str, str] = field(default_factory=dict)  # the gateway's IMGSEARCH_* settings
 
     @property
     def url(self) -> str:

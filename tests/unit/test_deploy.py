@@ -33,6 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from harness.configs import config_tensors
 from imgsearch import model_card
 from imgsearch.export.triton_config import parse_config
+from imgsearch.gateway.memory import BASE_BYTES, memory_budget
 from imgsearch.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -987,36 +988,17 @@ def test_gateway_port_probes_and_routes(compose, settings_env):
     assert mounts_[str(s.model_repository)]["readOnly"] is True
 
 
-# Memory the gateway can hold at once, from its settings (docs/deploy.md, "Kubernetes"):
-# the process at rest, every upload held whole (in flight, or still arriving), what each open
-# connection may have read ahead, the decodes' shared budget, and the thumbnail cache full.
-GATEWAY_BASE_BYTES = 384 * 2**20  # 201 MiB RSS after importing the gateway (measured), + clients, stacks
 # decode_image's peak on an RGBA PNG, the worst mode: the image, its alpha composite, the RGB copy
-# (test_decode_peak_is_within_the_budget_constant measures it)
+# (test_decode_peak_is_within_the_budget_constant measures it); an indexer's decode workers
+# each hold one image at this peak
 DECODE_BYTES_PER_PIXEL = 20
-# per open connection: uvicorn reads a body ahead up to its high-water mark (64 KiB) before it
-# pauses the socket, plus the last read of up to 256 KiB (asyncio's recv size)
-CONNECTION_BUFFER_BYTES = (64 + 256) * 1024
-
-
-def gateway_memory_budget(s: Settings) -> int:
-    """What a gateway may hold at once: the process; every upload, whether in flight or still
-    arriving (a body being read is kept in memory: test_connection_limits.py measures it), plus
-    the one being copied out of its read buffer (the event loop copies one at a time); each open
-    connection's read-ahead (a shed upload is drained through it); the decodes (they share IMGSEARCH_DECODE_MEMORY_BYTES; one larger image runs alone, its raster at
-    most 4 B/pixel as loaded) and the thumbnail cache. Independent of the number of decode threads."""
-    uploads = (s.max_inflight + s.max_reading + 1) * s.max_upload_bytes
-    connections = s.max_connections * CONNECTION_BUFFER_BYTES
-    decodes = max(s.decode_memory_bytes, s.max_pixels * 4)
-    return int(GATEWAY_BASE_BYTES + uploads + connections + decodes
-               + s.thumb_cache_items * s.thumb_max_side ** 2 * 3)
 
 
 def test_gateway_memory_limit_is_its_decode_budget(settings_env):
     dep = k8s_obj("Deployment", "gateway")
     res = pod_spec(dep)["containers"][0]["resources"]
     s = gateway_settings(settings_env, dep)
-    budget = gateway_memory_budget(s)
+    budget = memory_budget(s).total
     limit = quantity(res["limits"]["memory"])
     assert s.triton_input == "pixels"  # the budget's assumption: uploads are not copied into requests to Triton
     assert budget <= limit <= 1.3 * budget, f"limit {limit / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f} MiB"
@@ -1024,12 +1006,12 @@ def test_gateway_memory_limit_is_its_decode_budget(settings_env):
 
 
 def test_compose_gateway_memory_limit_covers_its_budget(compose, settings_env):
-    """The same budget as the Kubernetes pod's (gateway_memory_budget), from compose's settings."""
+    """The same budget as the Kubernetes pod's (imgsearch.gateway.memory), from compose's settings."""
     gw = services(compose)["gateway"]
     for k, v in {**compose["x-imgsearch-env"], **env_of(gw)}.items():
         settings_env.setenv(k, str(v))
     s = Settings(_env_file=None)
-    need = gateway_memory_budget(s)
+    need = memory_budget(s).total
     limit = compose_memory(gw["mem_limit"])
     assert s.triton_input == "pixels"
     assert need <= limit <= 1.5 * need, (need / 2**20, limit / 2**20)
@@ -1299,9 +1281,9 @@ def test_indexed_job_runs_every_shard_once(name, settings_env):
         assert str(a.image_root) == str(s.image_root) and mounts_[str(s.image_root)]["readOnly"] is True
         assert not a.recreate and not a.limit and a.no_progress
         assert a.sync == (name == "imgsearch-sync")
-    # each decode worker can hold one IMGSEARCH_MAX_PIXELS image at its peak
+    # a process at rest (the gateway's figure), and each decode worker holding one IMGSEARCH_MAX_PIXELS image at its peak
     workers = runs[0].workers
-    need = GATEWAY_BASE_BYTES + workers * (64 * 2**20 + s.max_pixels * DECODE_BYTES_PER_PIXEL)
+    need = BASE_BYTES + workers * (64 * 2**20 + s.max_pixels * DECODE_BYTES_PER_PIXEL)
     assert quantity(c["resources"]["limits"]["memory"]) >= need
     assert quantity(c["resources"]["requests"]["cpu"]) >= workers
 

@@ -75,7 +75,7 @@ def gw(gw_data, triton, repo18) -> Stack:
     env = gateway_env(repo18, triton.grpc_url, db, root, api_key=API_KEY, max_upload_bytes=MAX_UPLOAD,
                       max_inflight=16)
     gateway = start_gateway(env)
-    yield Stack(gateway, root, ids, outside)
+    yield Stack(gateway, root, ids, outside, env)
     gateway.stop()
 
 

@@ -13,6 +13,9 @@ from PIL import Image
 
 from harness.data import bomb_png, jpeg_bytes, shape_image, truncated_jpeg
 from harness.gateway import MAX_UPLOAD
+from imgsearch.gateway.memory import memory_budget
+from imgsearch.settings import Settings
+from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration
 
@@ -210,7 +213,7 @@ def test_openapi_documents_every_error_status(client):
     assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
 
 
-def test_metrics_names_and_counts(gw, client):
+def test_metrics_names_and_counts(gw, client, settings_env):
     upload(client, b"not an image at all")
     upload(client, gw.image(sorted(gw.ids)[0]))
     client.get("/v1/images/987654321")
@@ -225,6 +228,11 @@ def test_metrics_names_and_counts(gw, client):
     assert 'imgsearch_requests_total{route="/v1/search",status="415"}' in text
     assert 'imgsearch_requests_total{route="/v1/images/{id}",status="404"}' in text  # templates, not raw ids
     assert "987654321" not in text
+    # what its settings let it hold, for a dashboard to set beside the container's limit
+    for k, v in gw.env.items():
+        settings_env.setenv(k, v)
+    budget = memory_budget(Settings(_env_file=None))
+    assert metric_sum(text, "imgsearch_memory_budget_bytes") == budget.total
 
 
 def test_logs_never_hold_upload_bytes(gw, client):

@@ -1,0 +1,79 @@
+"""The gateway's memory budget from its settings, and the container limit it is checked against."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgsearch.gateway.memory import (
+    BASE_BYTES,
+    CONNECTION_READ_AHEAD_BYTES,
+    MIB,
+    container_memory_limit,
+    memory_budget,
+    memory_warning,
+)
+from imgsearch.settings import Settings
+
+
+def settings(**values) -> Settings:
+    return Settings(_env_file=None, triton_url="127.0.0.1:1", **values)
+
+
+def test_every_part_follows_its_setting(settings_env):
+    s = settings(max_inflight=8, max_reading=4, max_upload_bytes=2 * MIB, max_connections=100,
+                 decode_memory_bytes=300 * MIB, max_pixels=10_000_000, thumb_cache_items=10, thumb_max_side=100)
+    b = memory_budget(s)
+    assert b.base == BASE_BYTES
+    assert b.uploads == (8 + 4 + 1) * 2 * MIB  # in flight, arriving, and the one being copied
+    assert b.connections == 100 * CONNECTION_READ_AHEAD_BYTES
+    assert b.decodes == 300 * MIB  # the shared budget, larger than one 10 MP raster
+    assert b.thumbnails == 10 * 100 * 100 * 3
+    assert b.total == b.base + b.uploads + b.connections + b.decodes + b.thumbnails
+    assert b.pixels_mode
+    # one image larger than the whole decode budget runs alone: then it is the bound
+    assert memory_budget(settings(decode_memory_bytes=10 * MIB, max_pixels=50_000_000)).decodes == 200_000_000
+    assert not memory_budget(settings(triton_input="bytes")).pixels_mode
+    text = b.describe()
+    assert text.startswith(f"{b.total / MIB:,.0f} MiB (") and "uploads 26" in text
+
+
+@pytest.mark.parametrize(("files", "want"), [
+    ({"memory.max": "2684354560\n"}, 2684354560),  # cgroup v2
+    ({"memory.max": "max\n"}, None),
+    ({"memory/memory.limit_in_bytes": "1073741824\n"}, 1073741824),  # cgroup v1
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1's "no limit"
+    ({}, None),
+])
+def test_container_limit_from_cgroup_v2_or_v1(tmp_path, files, want):
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert container_memory_limit(tmp_path) == want
+
+
+def test_a_limit_under_the_budget_is_named_with_what_to_change(settings_env):
+    b = memory_budget(settings())
+    assert memory_warning(b, None) is None and memory_warning(b, b.total) is None
+    warning = memory_warning(b, b.total - 1)
+    assert warning and b.describe() in warning and "IMGSEARCH_MAX_INFLIGHT" in warning and "Raise the limit" in warning
+
+
+def test_the_process_factory_warns_when_its_container_is_too_small(settings_env, monkeypatch, caplog):
+    from imgsearch.gateway import app as gateway_app
+
+    settings_env.setenv("IMGSEARCH_TRITON_URL", "127.0.0.1:1")
+    budget = memory_budget(Settings(_env_file=None))
+    monkeypatch.setattr(gateway_app, "unmap_large_allocations", lambda: True)  # leave this process's allocator be
+    monkeypatch.setattr(gateway_app, "container_memory_limit", lambda: budget.total - MIB)
+    with caplog.at_level("INFO", logger="gateway"):
+        app = gateway_app.app_from_env()
+    assert [r.levelname for r in caplog.records if "memory" in r.getMessage()] == ["WARNING"]
+    assert memory_warning(budget, budget.total - MIB) in caplog.text
+    assert app.state.metrics.memory_budget._value.get() == budget.total
+
+    caplog.clear()
+    monkeypatch.setattr(gateway_app, "container_memory_limit", lambda: budget.total)
+    with caplog.at_level("INFO", logger="gateway"):
+        gateway_app.app_from_env()
+    assert f"memory budget {budget.describe()}; container limit {budget.total / MIB:,.0f} MiB" in caplog.text
+    assert "more than its container's memory limit" not in caplog.text
