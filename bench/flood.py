@@ -66,6 +66,7 @@ from harness.stack import (
     gateway_env,
     index_images,
     make_images,
+    rss_tree_bytes,
     shape_jpeg,
     start_gateway,
 )
@@ -175,25 +176,13 @@ def summarize(replies: list[Reply]) -> dict[str, Any]:
 
 # --- the gateway's memory and metrics ---------------------------------------------------
 
-def rss_bytes(pid: int) -> int:
-    """RSS of ``pid`` and its children (the gateway runs Milvus Lite in-process: usually none)."""
-    import psutil
-
-    p = psutil.Process(pid)
-    total = p.memory_info().rss
-    for ch in p.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += ch.memory_info().rss
-    return total
-
-
 class RssSampler:
     """Samples a process's RSS every ``interval_s`` in a thread: baseline (first sample) and peak."""
 
     def __init__(self, pid: int, interval_s: float = 0.02) -> None:
         self.pid = pid
         self.interval_s = interval_s
-        self.baseline = rss_bytes(pid)
+        self.baseline = rss_tree_bytes(pid)
         self.peak = self.baseline
         self.samples = 1
         self._stop = threading.Event()
@@ -202,7 +191,7 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                rss = rss_bytes(self.pid)
+                rss = rss_tree_bytes(self.pid)
             except Exception:  # noqa: BLE001 - the process went away: keep what we have
                 return
             self.peak = max(self.peak, rss)

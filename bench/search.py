@@ -46,13 +46,13 @@ from harness.stack import (
     gateway_env,
     index_images,
     make_images,
+    rss_tree_bytes,
     start_gateway,
 )
 from harness.vectors import (
     clustered_vectors,
     fill,
     release,
-    rss_tree_mb,
     time_searches,
     vectors_card_repo,
 )
@@ -136,7 +136,7 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
                     - metric_sum(before[mode], "imgsearch_milvus_batch_size_sum", op="search"))
             out[mode] = {**asdict(s), "statuses": _statuses(rs[mode]), "milvus_search_calls": int(calls),
                          "vectors_per_search_call": round(vecs / calls, 2) if calls else None,
-                         "rss_mb": round(rss_tree_mb(gw.pid), 1)}
+                         "rss_mb": round(rss_tree_bytes(gw.pid) / 2**20, 1)}
     on, off = out["on"], out["off"]
     out["ratio_rps_on_off"] = round(on["throughput_rps"] / off["throughput_rps"], 3) if off["throughput_rps"] else None
     out["p99_on_lower"] = on["p99_ms"] < off["p99_ms"]

@@ -386,6 +386,19 @@ def rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmRSS") * 1024
 
 
+def rss_tree_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and its children now (a gateway with an embedded Milvus Lite
+    has one); a child that ends meanwhile counts as nothing."""
+    import psutil
+
+    p = psutil.Process(pid)
+    total = p.memory_info().rss
+    for child in p.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += child.memory_info().rss
+    return total
+
+
 def peak_rss_bytes(pid: int) -> int:
     """The most resident memory ``pid`` has had (its high-water mark)."""
     return _status_kib(pid, "VmHWM") * 1024

@@ -91,21 +91,6 @@ def recall_at_k(store: VectorStore, vectors: np.ndarray, ids: Sequence[int], que
     return float(np.mean([len({h.id for h in g} & set(t)) / k for g, t in zip(got, truth)]))
 
 
-def rss_tree_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the gateway and its embedded Milvus Lite)."""
-    import psutil
-
-    p = psutil.Process(pid)
-    procs = [p] + p.children(recursive=True)
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 def release(store: VectorStore) -> None:
     store.close()
     if is_lite(store.uri):
