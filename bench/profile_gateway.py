@@ -147,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, nargs="*", default=[32],
                    help="also measure CPU per request with this many concurrent clients, search batching "
                         "on as by default: where a host's capacity is decided (default: %(default)s)")
+    p.add_argument("--profile-clients", type=int, default=1,
+                   help="concurrent clients of the profiled run: 32 shows where batched requests spend "
+                        "(default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/results/gateway-cpu.json"), help="(default: %(default)s)")
     return p
 
@@ -172,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     # the floor: what a request costs that touches neither Triton nor Milvus (uvicorn, routing,
     # middleware, a small JSON body), measured the same way, so the targets can be read against it
     def runs(env: dict, send, name: str, profiled: bool = True) -> dict:
-        """One client, then each --clients count; then one client under the profiler."""
+        """One client, then each --clients count; then --profile-clients under the profiler."""
         out = {"cpu": measure(env, send, args.requests, tmp, name, False),
                "cpu_concurrent": [measure(env, send, args.requests, tmp, f"{name}-{k}", False, k) for k in args.clients]}
         if profiled:
-            out["profiled"] = measure(env, send, args.requests, tmp, f"{name}-prof", True)
+            out["profiled"] = measure(env, send, args.requests, tmp, f"{name}-prof", True, args.profile_clients)
         return out
 
     res["healthz_floor"] = runs(env, healthz, "healthz", profiled=False)
