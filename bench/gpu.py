@@ -776,7 +776,7 @@ def search(pool, repo: Path, server, milvus, milvus_uri: str | None) -> None:
     finally:
         gw.stop()
     R["search_gateway"] = {"workers": PLAN.gateway_workers, "triton_input_env": R.get("triton_input", "pixels"),
-                           "milvus": "milvus-lite server (python -m milvus_lite server), gRPC"}
+                           "milvus": "milvus-lite server (python -m harness.milvus_lite_server server), gRPC"}
     ok = [r for r in rows if r["p99_ms"] <= 50 and sum(v for k, v in r["status"].items() if k != "200")
           <= 0.01 * max(1, r["req_s"] * PLAN.secs)]
     if ok:

@@ -268,8 +268,8 @@ class MilvusServer:
     def start(self, timeout_s: float = 60.0) -> "MilvusServer":
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port)], stdout=logf, stderr=subprocess.STDOUT)
+                [sys.executable, "-m", "harness.milvus_lite_server", "server", "--data-dir", str(self.data_dir),
+                 "--host", "127.0.0.1", "--port", str(self.port)], cwd=REPO_ROOT, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
