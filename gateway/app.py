@@ -133,10 +133,10 @@ def app_from_env() -> FastAPI:
                     "so its memory can exceed IMGSEARCH_DECODE_MEMORY_BYTES' share of the memory limit")
     settings = Settings()
     budget, limit = memory_budget(settings), container_memory_limit()
-    warning = memory_warning(budget, limit)
+    warning = memory_warning(budget, limit, settings.workers)
     if warning:
         log.warning(warning)
     else:
-        log.info("memory budget %s; container limit %s", budget.describe(),
-                 "none" if limit is None else f"{limit / 2**20:,.0f} MiB")
+        log.info("memory budget %s per process, %d process(es); container limit %s", budget.describe(),
+                 settings.workers, "none" if limit is None else f"{limit / 2**20:,.0f} MiB")
     return create_app(settings)

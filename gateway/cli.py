@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
                      triton.server.http_url, triton.server.metrics_url, triton.server.log_path)
         # the factory (and every worker) reads its settings from the environment
         os.environ["IMGSEARCH_TRITON_URL"] = triton.url
+        os.environ["IMGSEARCH_WORKERS"] = str(args.workers)  # each worker's memory check counts them all
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         base = f"http://{shown}:{args.port}"
         log.info("gateway on %s/  (API docs %s/docs, metrics %s/metrics, readiness %s/readyz)",

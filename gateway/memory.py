@@ -24,39 +24,56 @@ RASTER_BYTES_PER_PIXEL = 4
 THUMB_BYTES_PER_PIXEL = 3
 
 
+PARTS = ("base", "uploads", "triton_requests", "connections", "decodes", "thumbnails")
+# what lowers each part
+KNOBS = {
+    "uploads": "IMGSEARCH_MAX_INFLIGHT, IMGSEARCH_MAX_READING, IMGSEARCH_MAX_UPLOAD_BYTES",
+    "triton_requests": "IMGSEARCH_MAX_INFLIGHT, IMGSEARCH_MAX_UPLOAD_BYTES, or IMGSEARCH_TRITON_INPUT=pixels",
+    "connections": "IMGSEARCH_MAX_CONNECTIONS",
+    "thumbnails": "IMGSEARCH_THUMB_CACHE_ITEMS, IMGSEARCH_THUMB_MAX_SIDE",
+}
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
-    """The parts, in bytes. Pixels mode: in bytes mode (IMGSEARCH_TRITON_INPUT=bytes) each
-    in-flight upload is also copied into its Triton request, which the sum leaves out."""
+    """The parts, in bytes, of one gateway process."""
 
     base: int
     uploads: int  # in flight, still arriving, and the one being copied out of its read buffer
+    triton_requests: int  # bytes mode: each in-flight upload copied into its Triton request (at least once)
     connections: int
     decodes: int  # their shared budget; one image larger than it runs alone
     thumbnails: int
-    pixels_mode: bool
+    decode_knob: str  # the setting that bounds the decodes' part
 
     @property
     def total(self) -> int:
-        return self.base + self.uploads + self.connections + self.decodes + self.thumbnails
+        return sum(getattr(self, name) for name in PARTS)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {getattr(self, name) / MIB:,.0f}"
-                          for name in ("base", "uploads", "connections", "decodes", "thumbnails"))
+        parts = ", ".join(f"{name} {getattr(self, name) / MIB:,.0f}" for name in PARTS if getattr(self, name))
         return f"{self.total / MIB:,.0f} MiB ({parts})"
+
+    def largest(self, n: int = 3) -> list[tuple[str, str]]:
+        """The ``n`` largest parts that settings bound, each with the settings that lower it."""
+        knobs = KNOBS | {"decodes": self.decode_knob}
+        parts = sorted((p for p in PARTS if p in knobs and getattr(self, p)), key=lambda p: -getattr(self, p))
+        return [(p, knobs[p]) for p in parts[:n]]
 
 
 def memory_budget(s: Settings) -> MemoryBudget:
     """What a gateway with these settings may hold at once. The number of decode threads does
     not enter: the decodes share IMGSEARCH_DECODE_MEMORY_BYTES, and the process hands large
     freed rasters back (imgsearch.imaging.unmap_large_allocations)."""
+    one_image = s.max_pixels * RASTER_BYTES_PER_PIXEL
     return MemoryBudget(
         base=BASE_BYTES,
         uploads=(s.max_inflight + s.max_reading + 1) * s.max_upload_bytes,
+        triton_requests=s.max_inflight * s.max_upload_bytes if s.triton_input == "bytes" else 0,
         connections=s.max_connections * CONNECTION_READ_AHEAD_BYTES,
-        decodes=max(s.decode_memory_bytes, s.max_pixels * RASTER_BYTES_PER_PIXEL),
+        decodes=max(s.decode_memory_bytes, one_image),
         thumbnails=s.thumb_cache_items * s.thumb_max_side ** 2 * THUMB_BYTES_PER_PIXEL,
-        pixels_mode=s.triton_input == "pixels",
+        decode_knob="IMGSEARCH_MAX_PIXELS" if one_image > s.decode_memory_bytes else "IMGSEARCH_DECODE_MEMORY_BYTES",
     )
 
 
@@ -75,11 +92,13 @@ def container_memory_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | 
     return None
 
 
-def memory_warning(budget: MemoryBudget, limit: int | None) -> str | None:
-    """What to tell the operator when the container may kill the gateway under load."""
-    if limit is None or budget.total <= limit:
+def memory_warning(budget: MemoryBudget, limit: int | None, workers: int = 1) -> str | None:
+    """What to tell the operator when the container (``workers`` gateway processes) may be
+    killed under a full load."""
+    need = workers * budget.total
+    if limit is None or need <= limit:
         return None
-    return (f"the gateway may hold up to {budget.describe()}, more than its container's memory limit of "
-            f"{limit / MIB:,.0f} MiB: under a full load it can be killed. Raise the limit, or lower "
-            "IMGSEARCH_MAX_INFLIGHT, IMGSEARCH_MAX_READING, IMGSEARCH_MAX_UPLOAD_BYTES or "
-            "IMGSEARCH_DECODE_MEMORY_BYTES")
+    each = f"{workers} worker processes, each holding up to" if workers > 1 else "the gateway may hold up to"
+    lower = "; ".join(f"{part} ({knobs})" for part, knobs in budget.largest())
+    return (f"{each} {budget.describe()}: more than its container's memory limit of {limit / MIB:,.0f} MiB, "
+            f"so under a full load it can be killed. Raise the limit, or lower the largest parts: {lower}")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from harness.milvus_lite_server import POLICY_MARKER
 from imgsearch.triton_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +276,10 @@ class MilvusServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"milvus-lite server exited: {self.log_path.read_text(errors='replace')[-2000:]}")
             if port_open(self.port):
+                if POLICY_MARKER not in self.log_path.read_text(errors="replace"):
+                    self.kill()
+                    raise RuntimeError("milvus-lite built its server without harness.milvus_lite_server's "
+                                       "keepalive policy: see that module")
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"milvus-lite server not listening on {self.port} after {timeout_s}s")

@@ -28,13 +28,18 @@ def test_every_part_follows_its_setting(settings_env):
     assert b.connections == 100 * CONNECTION_READ_AHEAD_BYTES
     assert b.decodes == 300 * MIB  # the shared budget, larger than one 10 MP raster
     assert b.thumbnails == 10 * 100 * 100 * 3
-    assert b.total == b.base + b.uploads + b.connections + b.decodes + b.thumbnails
-    assert b.pixels_mode
-    # one image larger than the whole decode budget runs alone: then it is the bound
-    assert memory_budget(settings(decode_memory_bytes=10 * MIB, max_pixels=50_000_000)).decodes == 200_000_000
-    assert not memory_budget(settings(triton_input="bytes")).pixels_mode
+    assert b.triton_requests == 0  # pixels mode: the upload is not copied into the Triton request
+    assert b.total == BASE_BYTES + 26 * MIB + 100 * CONNECTION_READ_AHEAD_BYTES + 300 * MIB + 300_000
+    assert b.decode_knob == "IMGSEARCH_DECODE_MEMORY_BYTES"
+    # one image larger than the whole decode budget runs alone: then it is the bound, and its setting
+    big = memory_budget(settings(decode_memory_bytes=10 * MIB, max_pixels=50_000_000))
+    assert (big.decodes, big.decode_knob) == (200_000_000, "IMGSEARCH_MAX_PIXELS")
+    # bytes mode: each in-flight upload is copied into its request to Triton as well
+    by = memory_budget(settings(triton_input="bytes", max_inflight=8, max_upload_bytes=2 * MIB))
+    assert by.triton_requests == 16 * MIB and by.total == memory_budget(
+        settings(max_inflight=8, max_upload_bytes=2 * MIB)).total + 16 * MIB
     text = b.describe()
-    assert text.startswith(f"{b.total / MIB:,.0f} MiB (") and "uploads 26" in text
+    assert text.startswith(f"{b.total / MIB:,.0f} MiB (") and "uploads 26" in text and "triton_requests" not in text
 
 
 @pytest.mark.parametrize(("files", "want"), [
@@ -55,7 +60,17 @@ def test_a_limit_under_the_budget_is_named_with_what_to_change(settings_env):
     b = memory_budget(settings())
     assert memory_warning(b, None) is None and memory_warning(b, b.total) is None
     warning = memory_warning(b, b.total - 1)
-    assert warning and b.describe() in warning and "IMGSEARCH_MAX_INFLIGHT" in warning and "Raise the limit" in warning
+    assert warning and b.describe() in warning and "Raise the limit" in warning
+    # the defaults' three largest parts, largest first, each with what lowers it
+    assert [part for part, _ in b.largest()] == ["uploads", "decodes", "connections"]
+    assert "uploads (IMGSEARCH_MAX_INFLIGHT, IMGSEARCH_MAX_READING, IMGSEARCH_MAX_UPLOAD_BYTES)" in warning
+    assert "decodes (IMGSEARCH_DECODE_MEMORY_BYTES)" in warning and "thumbnails" not in warning.split("largest")[-1]
+    big = memory_budget(settings(decode_memory_bytes=10 * MIB))
+    assert "decodes (IMGSEARCH_MAX_PIXELS)" in memory_warning(big, 1)
+    # every worker process holds its own budget in the one container
+    assert memory_warning(b, 2 * b.total - 1, workers=1) is None
+    two = memory_warning(b, 2 * b.total - 1, workers=2)
+    assert two and two.startswith("2 worker processes, each holding up to") and memory_warning(b, 2 * b.total, 2) is None
 
 
 def test_the_process_factory_warns_when_its_container_is_too_small(settings_env, monkeypatch, caplog):
@@ -75,5 +90,6 @@ def test_the_process_factory_warns_when_its_container_is_too_small(settings_env,
     monkeypatch.setattr(gateway_app, "container_memory_limit", lambda: budget.total)
     with caplog.at_level("INFO", logger="gateway"):
         gateway_app.app_from_env()
-    assert f"memory budget {budget.describe()}; container limit {budget.total / MIB:,.0f} MiB" in caplog.text
+    assert f"memory budget {budget.describe()} per process, 1 process(es); container limit " \
+           f"{budget.total / MIB:,.0f} MiB" in caplog.text
     assert "more than its container's memory limit" not in caplog.text

@@ -106,6 +106,8 @@ def shard_args(k: int, report: Path, *options: str) -> list[str]:
 def run_shards(spawn_index, root: Path, env: dict[str, str], tmp_path: Path, *options: str,
                shards=range(SHARDS)) -> dict[int, dict]:
     """The shards as processes started at once, as an Indexed Job runs them."""
+    for k in shards:
+        (tmp_path / f"shard-{k}.json").unlink(missing_ok=True)
     procs = {k: spawn_index(root, env, *shard_args(k, tmp_path / f"shard-{k}.json", *options), cwd=tmp_path)
              for k in shards}
     reports = {}
@@ -116,38 +118,41 @@ def run_shards(spawn_index, root: Path, env: dict[str, str], tmp_path: Path, *op
     return reports
 
 
+def index_in_process(root: Path, env: dict[str, str], *options: str) -> int:
+    """``imgsearch index`` in this process with exactly ``env`` as its IMGSEARCH_* settings, as
+    :func:`harness.indexer.subprocess_index` gives a process (saves a process start: seconds of
+    imports on a loaded box)."""
+    from imgsearch.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in [k for k in os.environ if k.startswith("IMGSEARCH_")]:
+            mp.delenv(k)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        return main(["index", str(root), "--no-progress", *options])
+
+
 def run_in_process(root: Path, env: dict[str, str], tmp_path: Path, *options: str,
                    shards=range(SHARDS)) -> dict[int, dict]:
     """The shards one after another in this process: for the runs whose point is not
-    concurrency or a kill (each saves a process start, seconds of imports on a loaded box)."""
-    from imgsearch.cli import main
-
+    concurrency or a kill."""
     reports = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        for k in shards:
-            out = tmp_path / f"shard-{k}.json"
-            assert main(["index", str(root), "--no-progress", *shard_args(k, out, *options)]) == 0, f"shard {k}"
-            reports[k] = json.loads(out.read_text())
+    for k in shards:
+        out = tmp_path / f"shard-{k}.json"
+        out.unlink(missing_ok=True)  # a report left by an earlier pass is not this run's
+        assert index_in_process(root, env, *shard_args(k, out, *options)) == 0, f"shard {k}"
+        reports[k] = json.loads(out.read_text())
     return reports
 
 
 @pytest.fixture(scope="module")
 def reference(milvus, dataset, triton, repo18, tmp_path_factory):
     """One plain run over the dataset (+ a cross-shard copy): the collection shards must equal."""
-    from imgsearch.cli import main
-
     base = tmp_path_factory.mktemp("shards_ref")
     root, original, copy = with_cross_shard_copy(dataset.root, base / "images")
     env = {"IMGSEARCH_TRITON_URL": triton.grpc_url, "IMGSEARCH_MODEL_REPOSITORY": str(repo18),
            "IMGSEARCH_MILVUS_URI": milvus.uri, "IMGSEARCH_COLLECTION": "single"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k in [k for k in os.environ if k.startswith("IMGSEARCH_")]:
-            mp.delenv(k)
-        for k, v in env.items():
-            mp.setenv(k, v)
-        assert main(["index", str(root), "--no-progress", "--workers", "1"]) == 0
+    assert index_in_process(root, env, "--workers", "1") == 0
     want = snapshot(milvus.uri, "single")
     holders = expected_from_disk(root)
     assert set(want) == set(holders) and len(want) == len(dataset.valid)  # the copy is one entry
