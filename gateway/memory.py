@@ -77,18 +77,54 @@ def memory_budget(s: Settings) -> MemoryBudget:
     )
 
 
-def container_memory_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The memory limit of this process's container (cgroup v2, else v1), or None when unlimited
-    or not readable."""
-    for f in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
+def container_memory_limit(cgroup_root: Path = Path("/sys/fs/cgroup"),
+                           proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The memory limit that applies to this process (its container's, or a systemd unit's), or
+    None when unlimited or not readable. cgroup v2: the lowest ``memory.max`` from the process's
+    own cgroup up to the root; v1: the memory controller's hierarchical limit."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    paths = {ctrl: path.strip("/") for _, ctrl, path in (ln.split(":", 2) for ln in lines if ln.count(":") >= 2)}
+    v1 = next((path for ctrl, path in paths.items() if "memory" in ctrl.split(",")), None)
+    if (cgroup_root / "memory.max").exists() or (paths.get("") and not v1):
+        return _v2_limit(cgroup_root, paths.get("", ""))
+    return _v1_limit(cgroup_root / "memory", v1 or "")
+
+
+def _limit(text: str) -> int | None:
+    text = text.strip()
+    if not text.isdigit():
+        return None  # "max": no limit
+    limit = int(text)
+    return None if limit >= 2**60 else limit  # v1 writes a page-rounded 2**63 for "no limit"
+
+
+def _v2_limit(root: Path, path: str) -> int | None:
+    limits = []
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), -1, -1):
         try:
-            text = f.read_text().strip()
+            limits.append(_limit((root.joinpath(*parts[:depth]) / "memory.max").read_text()))
         except OSError:
             continue
-        if not text.isdigit():
-            return None  # "max": no limit
-        limit = int(text)
-        return None if limit >= 2**60 else limit  # v1 writes a page-rounded 2**63 for "no limit"
+    found = [x for x in limits if x is not None]
+    return min(found) if found else None
+
+
+def _v1_limit(root: Path, path: str) -> int | None:
+    for d in dict.fromkeys((root / path, root)):  # its own cgroup (inside a namespace: the root)
+        try:
+            stat = dict(ln.split() for ln in (d / "memory.stat").read_text().splitlines() if ln.count(" ") == 1)
+            if "hierarchical_memory_limit" in stat:
+                return _limit(stat["hierarchical_memory_limit"])
+        except (OSError, ValueError):
+            pass
+        try:
+            return _limit((d / "memory.limit_in_bytes").read_text())
+        except OSError:
+            continue
     return None
 
 

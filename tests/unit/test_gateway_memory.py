@@ -42,18 +42,32 @@ def test_every_part_follows_its_setting(settings_env):
     assert text.startswith(f"{b.total / MIB:,.0f} MiB (") and "uploads 26" in text and "triton_requests" not in text
 
 
-@pytest.mark.parametrize(("files", "want"), [
-    ({"memory.max": "2684354560\n"}, 2684354560),  # cgroup v2
-    ({"memory.max": "max\n"}, None),
-    ({"memory/memory.limit_in_bytes": "1073741824\n"}, 1073741824),  # cgroup v1
-    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1's "no limit"
-    ({}, None),
+NO_LIMIT_V1 = "9223372036854771712\n"  # cgroup v1's page-rounded 2**63
+
+
+@pytest.mark.parametrize(("proc", "files", "want"), [
+    # cgroup v2 inside a container's namespace: its own cgroup is the root
+    ("0::/\n", {"memory.max": "2684354560\n"}, 2684354560),
+    ("0::/\n", {"memory.max": "max\n"}, None),
+    # v2 without a namespace (a systemd unit): the lowest limit from its cgroup up
+    ("0::/system.slice/imgsearch.service\n", {"system.slice/imgsearch.service/memory.max": "max\n",
+                                               "system.slice/memory.max": "1073741824\n"}, 1073741824),
+    # cgroup v1, namespaced, then a container's cgroup seen from the host with its parent's limit
+    ("4:memory:/\n", {"memory/memory.limit_in_bytes": "1073741824\n"}, 1073741824),
+    ("4:memory:/docker/abc\n", {"memory/docker/abc/memory.limit_in_bytes": NO_LIMIT_V1,
+                                "memory/docker/abc/memory.stat": "cache 0\nhierarchical_memory_limit 536870912\n"},
+     536870912),
+    ("4:memory:/\n", {"memory/memory.limit_in_bytes": NO_LIMIT_V1}, None),
+    ("", {}, None),
 ])
-def test_container_limit_from_cgroup_v2_or_v1(tmp_path, files, want):
+def test_the_limit_that_applies_to_this_process(tmp_path, proc, files, want):
+    root = tmp_path / "cgroup"
+    root.mkdir()
     for rel, text in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    assert container_memory_limit(tmp_path) == want
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (tmp_path / "proc_cgroup").write_text(proc)
+    assert container_memory_limit(root, tmp_path / "proc_cgroup") == want
 
 
 def test_a_limit_under_the_budget_is_named_with_what_to_change(settings_env):
