@@ -383,9 +383,10 @@ def triton_level(pool, server, model: str, conc: int, batch: int) -> dict:
                                           for i, c in enumerate(shares)])
     wall = max(p[2] for p in parts) - start_at  # requests in flight at the deadline still count
     lat = [x for p in parts for x in p[0]]
-    d = stats_since(server.metrics_url, model, before, requests=len(lat) + len(shares))  # + each client's warm-up
-    if d.requests < len(lat) + len(shares):
-        R["notes"].append(f"{model} c={conc}: Triton counted {d.requests:.0f} of {len(lat) + len(shares)} "
+    sent = len(lat) + len(shares)  # + each client's warm-up
+    d = stats_since(server.metrics_url, model, before, requests=sent)
+    if d.requests < sent:
+        R["notes"].append(f"{model} c={conc}: Triton counted {d.requests:.0f} of {sent} "
                           "requests; its averages for that level are partial")
     errs = Counter()
     for p in parts:

@@ -32,7 +32,7 @@ from . import page
 from .errors import LastResortMiddleware, install_handlers
 from .limiter import InflightLimiter
 from .lingering import LingeringClose
-from .memory import container_memory_limit, memory_budget, memory_warning
+from .memory import MIB, container_memory_limit, memory_budget, memory_warning
 from .metrics import Metrics, MetricsMiddleware
 from .routes import router
 from .security import SecurityHeadersMiddleware
@@ -138,5 +138,5 @@ def app_from_env() -> FastAPI:
         log.warning(warning)
     else:
         log.info("memory budget %s per process, %d process(es); container limit %s", budget.describe(),
-                 settings.workers, "none" if limit is None else f"{limit / 2**20:,.0f} MiB")
+                 settings.workers, "none" if limit is None else f"{limit / MIB:,.0f} MiB")
     return create_app(settings)

@@ -54,11 +54,11 @@ class MemoryBudget:
         parts = ", ".join(f"{name} {getattr(self, name) / MIB:,.0f}" for name in PARTS if getattr(self, name))
         return f"{self.total / MIB:,.0f} MiB ({parts})"
 
-    def largest(self, n: int = 3) -> list[tuple[str, str]]:
-        """The ``n`` largest parts that settings bound, each with the settings that lower it."""
+    def largest(self) -> list[tuple[str, str]]:
+        """The three largest parts that settings bound, each with the settings that lower it."""
         knobs = KNOBS | {"decodes": self.decode_knob}
         parts = sorted((p for p in PARTS if p in knobs and getattr(self, p)), key=lambda p: -getattr(self, p))
-        return [(p, knobs[p]) for p in parts[:n]]
+        return [(p, knobs[p]) for p in parts[:3]]
 
 
 def memory_budget(s: Settings) -> MemoryBudget:
@@ -102,15 +102,16 @@ def _limit(text: str) -> int | None:
 
 
 def _v2_limit(root: Path, path: str) -> int | None:
-    limits = []
+    found = []
     parts = [p for p in path.split("/") if p]
     for depth in range(len(parts), -1, -1):
         try:
-            limits.append(_limit((root.joinpath(*parts[:depth]) / "memory.max").read_text()))
+            limit = _limit((root.joinpath(*parts[:depth]) / "memory.max").read_text())
         except OSError:
             continue
-    found = [x for x in limits if x is not None]
-    return min(found) if found else None
+        if limit is not None:
+            found.append(limit)
+    return min(found, default=None)
 
 
 def _v1_limit(root: Path, path: str) -> int | None:

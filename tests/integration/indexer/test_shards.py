@@ -13,7 +13,6 @@ the test checks that the path holds the content and the label is that path's lab
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -24,7 +23,7 @@ import numpy as np
 import psutil
 import pytest
 
-from harness.indexer import open_store
+from harness.indexer import index_in_process, open_store
 from harness.stack import MilvusServer
 from imgsearch.indexer.scan import label_for, scan, shard_of
 from imgsearch.store import content_id
@@ -116,20 +115,6 @@ def run_shards(spawn_index, root: Path, env: dict[str, str], tmp_path: Path, *op
         assert proc.returncode == 0, f"shard {k}: {err[-3000:]}"
         reports[k] = json.loads((tmp_path / f"shard-{k}.json").read_text())
     return reports
-
-
-def index_in_process(root: Path, env: dict[str, str], *options: str) -> int:
-    """``imgsearch index`` in this process with exactly ``env`` as its IMGSEARCH_* settings, as
-    :func:`harness.indexer.subprocess_index` gives a process (saves a process start: seconds of
-    imports on a loaded box)."""
-    from imgsearch.cli import main
-
-    with pytest.MonkeyPatch.context() as mp:
-        for k in [k for k in os.environ if k.startswith("IMGSEARCH_")]:
-            mp.delenv(k)
-        for k, v in env.items():
-            mp.setenv(k, v)
-        return main(["index", str(root), "--no-progress", *options])
 
 
 def run_in_process(root: Path, env: dict[str, str], tmp_path: Path, *options: str,
