@@ -45,3 +45,22 @@ def test_errors_and_readyz_keep_addresses_and_backend_text_in_the_log(tmp_path, 
         if gw is not None:
             gw.stop()
         milvus.stop()
+
+
+def test_readyz_with_triton_unreachable_names_no_address(tmp_path, repo18):
+    """The Triton side of the same rule: its check's detail (model, address) goes to the log only."""
+    from imgsearch.triton_server import free_port
+
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there: connections are refused
+    gw = start_gateway(gateway_env(repo18, url, tmp_path / "empty.db", tmp_path), log_level="warning",
+                       log_path=tmp_path / "gw.log")
+    try:
+        with httpx.Client(base_url=gw.url, timeout=60) as c:
+            ready = c.get("/readyz")
+    finally:
+        gw.stop()
+    assert ready.status_code == 503 and ready.json()["checks"]["triton"] is False, ready.text
+    leaked = [s for s in (url, url.split(":")[1], "127.0.0.1", "grpc", "refused") if s in ready.text]
+    assert not leaked, (leaked, ready.text)
+    assert ready.json()["detail"]["triton"] == "Triton (the model server) is not ready"
+    assert url in gw.log_text()  # the operator's side keeps the address
