@@ -11,7 +11,8 @@ of the same requests; the profile says where the time goes.
 
   healthz   GET /healthz: the gateway's floor (no Triton, no Milvus), for reading the others
   Milvus client: the two calls of a ``similar`` made by the store in this process, CPU per call,
-            and the same search through the bare gRPC stub (the floor of a Python client)
+            alone and batched, beside pymilvus' own client making the same calls, and the same
+            search through the bare gRPC stub (the floor of a Python client)
   similar   GET /v1/images/{id}/similar over ``--vectors`` synthetic 2048-d vectors
   search    POST /v1/search, IMGSEARCH_TRITON_INPUT=bytes (files go to Triton's ensemble
             undecoded), resnet18 with random weights exported here
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 
 from bench import command_line
@@ -51,7 +53,7 @@ from harness.stack import (
 )
 from harness.vectors import clustered_vectors, vectors_card_repo
 from imgsearch.model_card import read_card
-from imgsearch.store import SearchQuery, VectorStore
+from imgsearch.store import SearchQuery, VectorStore, search_ef
 from imgsearch.triton_server import LocalTriton, free_port
 
 MODEL = "resnet152"
@@ -70,7 +72,10 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, client
     gw = start_gateway(env, log_level="warning", log_path=tmp / f"{name}.log",
                        python_args=["-m", "bench.profiled", str(prof)] if profile else ())
     try:
-        with httpx.Client(base_url=gw.url, timeout=60) as c:
+        # one kept-alive connection per client, as a browser or a load balancer's pool keeps: httpx's
+        # default keeps 20, so 32 clients would open a connection for almost every request
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        with httpx.Client(base_url=gw.url, timeout=60, limits=limits) as c:
             for i in range(20):  # warm-up: connections, first-call imports, caches
                 r = send(c, i)
                 assert r.status_code == 200, r.text
@@ -94,13 +99,15 @@ def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, client
 
 
 def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict:
-    """CPU of this process per call of the two Milvus calls a ``similar`` makes (the stored
-    vector, then the search), through the gateway's own store over the same server: the share
-    of a ``similar`` that is the Milvus client (pymilvus + gRPC), apart from HTTP and routing.
+    """CPU of this process per call, for the two Milvus calls a ``similar`` makes (the stored
+    vector, then the search), alone and as a batch shares them: the share of a ``similar`` that
+    is the Milvus client, apart from HTTP and routing.
 
-    ``search_raw_grpc``: the same search as one request built beforehand and sent through
-    Milvus' generated gRPC stub, its hit ids read from the reply: no pymilvus work per call,
-    so the least CPU any Python client spends on a Milvus search (the gRPC runtime's own).
+    ``store_*``: the gateway's own store, which builds and reads Milvus' gRPC messages with numpy
+    (:mod:`imgsearch.milvus_rpc`). ``pymilvus_*``: the same calls through pymilvus'
+    ``MilvusClient`` on the same server, side by side. ``search_raw_grpc``: one request built
+    beforehand and sent through the stub, its hit ids read from the reply: the least CPU any
+    Python client spends on a Milvus search (the gRPC runtime's own).
     """
     import grpc
     from pymilvus.client.prepare import Prepare
@@ -110,28 +117,57 @@ def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict
     channel = grpc.insecure_channel(uri.removeprefix("http://"))
     try:
         store.open(2048, model_sha, patient=True)
-        first = store.get_many(ids[:20], with_embedding=True)  # warm-up: channel, collection schema
+        first = store.get_many(ids[:40], with_embedding=True)  # warm-up: channel, collection schema
         vectors = {e.id: e.embedding for e in first if e is not None}
+        client = store._connect()
         stub = milvus_pb2_grpc.MilvusServiceStub(channel)
-        request = Prepare.search_requests_with_expr(
-            COLLECTION, "embedding", {"metric_type": "COSINE", "params": {"ef": 64}}, 11,
-            data=[vectors[ids[0]]], output_fields=["path", "label"])
+        params = {"metric_type": "COSINE", "params": {"ef": search_ef(10)}}
+        request = Prepare.search_requests_with_expr(COLLECTION, "embedding", params, 11, data=[vectors[ids[0]]],
+                                                    output_fields=["path", "label"])
 
-        def raw_search(id_: int) -> list[int]:
+        def raw_search(k: int) -> list[int]:
             reply = stub.Search(request, timeout=store.timeout_s)
             if reply.status.code:
                 raise RuntimeError(f"raw search failed: {reply.status.reason}")
             return list(reply.results.ids.int_id.data)
 
-        calls = {"get": lambda id_: store.get_many([id_], with_embedding=True),  # the gateway's two calls
-                 "search": lambda id_: store.search_many([SearchQuery(vectors[id_], 10, None, id_)]),
+        def batch(k: int, size: int) -> list[int]:
+            return [ids[(k + j) % 40] for j in range(size)]
+
+        def store_search(k: int, size: int = 1) -> list:
+            return store.search_many([SearchQuery(vectors[i], 10, None, i) for i in batch(k, size)])
+
+        def pymilvus_search(k: int, size: int = 1) -> list:
+            res = client.search(COLLECTION, data=[vectors[i] for i in batch(k, size)], limit=11,
+                                output_fields=["path", "label"], search_params=params, timeout=store.timeout_s)
+            return [[(h["id"], h["entity"]["path"], h["entity"]["label"], h["distance"]) for h in hits] for hits in res]
+
+        def pymilvus_get(k: int, size: int = 1) -> list:
+            rows = client.get(COLLECTION, ids=batch(k, size), output_fields=["id", "path", "label", "embedding"],
+                              timeout=store.timeout_s)
+            return [(r["id"], r["path"], r["label"], np.asarray(r["embedding"], dtype=np.float32)) for r in rows]
+
+        calls = {"store_get": lambda k: store.get_many(batch(k, 1), with_embedding=True),
+                 "pymilvus_get": pymilvus_get,
+                 "store_search": store_search, "pymilvus_search": pymilvus_search,
+                 "store_get_x8": lambda k: store.get_many(batch(k, 8), with_embedding=True),
+                 "pymilvus_get_x8": lambda k: pymilvus_get(k, 8),
+                 "store_search_x16": lambda k: store_search(k, 16),
+                 "pymilvus_search_x16": lambda k: pymilvus_search(k, 16),
                  "search_raw_grpc": raw_search}
-        assert len(raw_search(ids[0])) == 11, "the raw search found nothing: it would measure an empty reply"
+        assert len(raw_search(0)) == 11, "the raw search found nothing: it would measure an empty reply"
+        got = store.get_many(batch(0, 4), with_embedding=True)
+        theirs_rows = {r[0]: r for r in pymilvus_get(0, 4)}
+        assert all(np.array_equal(e.embedding, theirs_rows[e.id][3]) and e.path == theirs_rows[e.id][1]
+                   for e in got), "not the same rows"
+        ours, theirs = store_search(0, 4), pymilvus_search(0, 4)
+        assert [[h.id for h in hits] for hits in ours] == [[h[0] for h in hits if h[0] != i][:10]
+                                                           for i, hits in zip(batch(0, 4), theirs)], "not the same hits"
         out = {}
         for name, call in calls.items():
             c0 = time.process_time()
-            for i in range(n):
-                call(ids[i % 20])
+            for k in range(n):
+                call(k)
             out[f"{name}_cpu_ms_per_call"] = round((time.process_time() - c0) / n * 1000, 3)
         return {"calls": n, **out}
     finally:

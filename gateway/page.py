@@ -74,7 +74,7 @@ class Assets(StaticFiles):
 
 
 def mount(app: FastAPI) -> None:
-    app.include_router(router)
+    """The static folders (the page's routes are in ``router``)."""
     app.mount("/static", Assets(directory=STATIC), name="static")
     sw = swagger_dir()
     if sw is not None:

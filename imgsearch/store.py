@@ -24,6 +24,7 @@ import numpy as np
 if TYPE_CHECKING:
     from imgsearch.settings import Settings
 
+from . import milvus_rpc
 from .errors import (
     CollectionMismatch,
     EntryRefused,
@@ -182,6 +183,13 @@ class _WithDeadline:
             return attr(*args, **kwargs)
 
         return call
+
+    def rpc(self, method: str, request: Any) -> Any:
+        """Send one of Milvus' own gRPC requests (:mod:`imgsearch.milvus_rpc`) on pymilvus'
+        connection, with the database and request headers pymilvus sends with its own."""
+        stub = self._client._get_connection()._stub
+        metadata = self._client._generate_call_context().to_grpc_metadata()
+        return getattr(stub, method)(request, timeout=self._timeout_s, metadata=metadata)
 
 
 class VectorStore:
@@ -457,20 +465,18 @@ class VectorStore:
             return []
         limit = max(q.top_k + (q.exclude_id is not None) for q in queries)
         ef = max(search_ef(q.top_k) for q in queries)
-        # pymilvus takes numpy rows as they are; .tolist() of a 2048-d vector costs more than the call's framing
-        data = [np.asarray(q.vector, dtype=np.float32) for q in queries]
-        params: dict[str, Any] = {"metric_type": "COSINE", "params": {"ef": max(ef, limit)}}
-        res = self._call("search", lambda c: c.search(
-            self.collection, data=data, limit=limit, filter=label_filter(label) if label else "",
-            output_fields=["path", "label"], search_params=params))
+        request = milvus_rpc.search_request(
+            self.collection, np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries]), limit,
+            {"metric_type": "COSINE", "params": {"ef": max(ef, limit)}}, label_filter(label) if label else "",
+            ["path", "label"])
+        res = self._call("search", lambda c: milvus_rpc.read_hits(c.rpc("Search", request)))
         out: list[list[Hit]] = []
         for q, hits in zip(queries, res):
             row: list[Hit] = []
-            for h in hits:
-                score = float(h["distance"])
-                if h["id"] == q.exclude_id or (q.min_score is not None and score < q.min_score):
+            for id_, path, lab, score in hits:
+                if id_ == q.exclude_id or (q.min_score is not None and score < q.min_score):
                     continue
-                row.append(Hit(int(h["id"]), h["entity"]["path"], h["entity"]["label"], score))
+                row.append(Hit(id_, path, lab, score))
                 if len(row) == q.top_k:
                     break
             out.append(row)
@@ -478,12 +484,13 @@ class VectorStore:
 
     def get_many(self, ids: Sequence[int], with_embedding: bool = False) -> list[Entry | None]:
         """One Milvus call for many ids; None where an id is not in the collection."""
+        if not ids:
+            return []
         fields = ["id", "path", "label"] + (["embedding"] if with_embedding else [])
-        got = self._call("get", lambda c: c.get(self.collection, ids=sorted({int(i) for i in ids}),
-                                                output_fields=fields))
-        found = {int(r["id"]): Entry(int(r["id"]), r["path"], r["label"],
-                                     np.asarray(r["embedding"], dtype=np.float32) if with_embedding else None)
-                 for r in got}
+        request = milvus_rpc.query_request(self.collection, f"id in {sorted({int(i) for i in ids})}", fields)
+        got, paths, labels, vectors = self._call("get", lambda c: milvus_rpc.read_rows(c.rpc("Query", request)))
+        found = {id_: Entry(id_, paths[n], labels[n], vectors[n] if vectors is not None else None)
+                 for n, id_ in enumerate(got)}
         return [found.get(int(i)) for i in ids]
 
     # --- the vector index -------------------------------------------------------------
