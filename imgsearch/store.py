@@ -185,11 +185,28 @@ class _WithDeadline:
         return call
 
     def rpc(self, method: str, request: Any) -> Any:
-        """Send one of Milvus' own gRPC requests (:mod:`imgsearch.milvus_rpc`) on pymilvus'
-        connection, with the database and request headers pymilvus sends with its own."""
-        stub = self._client._get_connection()._stub
+        """Send one of Milvus' own gRPC requests (:mod:`imgsearch.milvus_rpc`, reads only) on
+        pymilvus' connection, with the database and request headers pymilvus sends with its own.
+
+        A read that meets UNAVAILABLE is sent once more, within the same deadline: a server may
+        close an idle connection at any time (Milvus Lite's does, with GOAWAY "too_many_pings",
+        after two of pymilvus' 10-second keepalive pings), and a call in flight then fails
+        without having been served; the channel connects again for the next one. pymilvus
+        retries its own calls so; a Milvus that is down fails the second try as fast as the first.
+        """
+        import grpc
+
+        call = getattr(self._client._get_connection()._stub, method)
         metadata = self._client._generate_call_context().to_grpc_metadata()
-        return getattr(stub, method)(request, timeout=self._timeout_s, metadata=metadata)
+        deadline = time.monotonic() + self._timeout_s
+        try:
+            return call(request, timeout=self._timeout_s, metadata=metadata)
+        except grpc.RpcError as e:
+            left = deadline - time.monotonic()
+            if e.code() != grpc.StatusCode.UNAVAILABLE or left <= 0:
+                raise
+            log.info("Milvus %s: %s; trying once more", method, e.details())
+            return call(request, timeout=left, metadata=metadata)
 
 
 class VectorStore:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import numpy as np
 import pytest
 from pymilvus.client.prepare import Prepare
@@ -145,3 +146,50 @@ def test_an_error_status_is_the_store_s_error_and_names_milvus_reason():
     assert e.value.answered
     with pytest.raises(StoreUnavailable, match="during get: collection not loaded"):
         store_with(stub).get_many([1])
+
+
+class Dropped(grpc.RpcError):
+    """What a call in flight on a connection the server closes raises (or one past its deadline)."""
+
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "GOAWAY received; Debug Text: too_many_pings" if self._code == grpc.StatusCode.UNAVAILABLE else "late"
+
+
+class Flaky(Stub):
+    """Fails its first ``failures`` calls with ``code``, then answers."""
+
+    def __init__(self, failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        super().__init__()
+        self.failures, self.code, self.calls = failures, code, 0
+
+    def Search(self, request, timeout=None, metadata=None):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise Dropped(self.code)
+        return super().Search(request, timeout, metadata)
+
+
+def test_a_read_dropped_with_its_connection_is_sent_once_more():
+    stub = Flaky(failures=1)
+    hits = store_with(stub).search_many([SearchQuery(np.ones(4, dtype=np.float32), top_k=3)])
+    assert stub.calls == 2 and [h.id for h in hits[0]] == [1, 2, 3]
+
+
+def test_a_milvus_that_stays_unavailable_fails_after_the_second_try():
+    stub = Flaky(failures=5)
+    with pytest.raises(StoreUnavailable, match="during search") as e:
+        store_with(stub).search_many([SearchQuery(np.ones(4, dtype=np.float32))])
+    assert stub.calls == 2 and not e.value.answered
+
+
+def test_a_call_past_its_deadline_is_not_sent_again():
+    stub = Flaky(failures=1, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+    with pytest.raises(StoreUnavailable):
+        store_with(stub).search_many([SearchQuery(np.ones(4, dtype=np.float32))])
+    assert stub.calls == 1
