@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import command_line
 from imgsearch.store import Row, SearchQuery, VectorStore
 
 RESENT = "trying once more"
@@ -30,7 +34,8 @@ RESENT = "trying once more"
 def reader(wait_s: float, minutes: float) -> None:
     """One process: reads every ``wait_s``; prints one JSON line per read."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    store = VectorStore(str(Path(tempfile.mkdtemp(prefix="idle-reads-")) / "x.db"), "images")
+    folder = Path(tempfile.mkdtemp(prefix="idle-reads-"))
+    store = VectorStore(str(folder / "x.db"), "images")
     store.open(8, "sha", patient=True)
     vector = np.ones(8, dtype=np.float32)
     store.upsert([Row(1, "a.jpg", "a", vector)])
@@ -44,6 +49,7 @@ def reader(wait_s: float, minutes: float) -> None:
         except Exception as e:  # noqa: BLE001 - counted and shown, whatever it is
             print(json.dumps({"ok": False, "error": str(e)[:300]}), flush=True)
     store.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--waits", type=float, nargs="+", default=[40, 47, 53, 70],
                    help="seconds between reads, one process each (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=5.0, help="how long each process reads (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="also write the counts here as JSON")
     p.add_argument("--reader", type=float, help=argparse.SUPPRESS)
     return p
 
@@ -61,19 +68,28 @@ def main(argv: list[str] | None = None) -> int:
         reader(args.reader, args.minutes)
         return 0
     procs = {w: subprocess.Popen([sys.executable, "-m", "bench.idle_reads", "--reader", str(w), "--minutes",
-                                  str(args.minutes)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                  str(args.minutes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for w in args.waits}
-    total = {"reads": 0, "failed": 0, "sent_again": 0}
+    rows, crashed = {}, []
     for w, proc in procs.items():
-        out, _ = proc.communicate()
+        out, err = proc.communicate()
+        if proc.returncode:
+            crashed.append(f"the reader every {w:g} s exited {proc.returncode}: {err[-1500:]}")
         lines = out.splitlines()
         reads = [json.loads(ln) for ln in lines if ln.startswith("{")]
-        row = {"reads": len(reads), "failed": sum(not r["ok"] for r in reads),
-               "sent_again": sum(RESENT in ln for ln in lines)}
-        print(f"every {w:g} s: {row}" + "".join(f"\n  {r['error']}" for r in reads if not r["ok"]))
-        total = {k: total[k] + row[k] for k in total}
-    print(f"all: {total}")
-    return 1 if total["failed"] else 0
+        rows[f"{w:g}"] = {"reads": len(reads), "failed": sum(not r["ok"] for r in reads),
+                          "sent_again": sum(RESENT in ln for ln in lines),
+                          "errors": [r["error"] for r in reads if not r["ok"]]}
+        print(f"every {w:g} s: " + ", ".join(f"{k} {v}" for k, v in rows[f"{w:g}"].items() if k != "errors")
+              + "".join(f"\n  {e}" for e in rows[f"{w:g}"]["errors"]))
+    total = {k: sum(r[k] for r in rows.values()) for k in ("reads", "failed", "sent_again")}
+    print(f"all: {total}" + "".join(f"\n{c}" for c in crashed))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"total": total, "every_s": rows, "minutes": args.minutes,
+                                        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                        "command": command_line("bench.idle_reads", argv)}, indent=2) + "\n")
+    return 1 if total["failed"] or crashed or not total["reads"] else 0
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 
-class MilvusRefused(Exception):
-    """Milvus answered the call with an error status."""
+class RpcFailed(Exception):
+    """A search or get that failed: Milvus' error status, a reply that does not add up, or the
+    gRPC status of a call it did not answer (whose name the message carries)."""
 
 
 def search_request(collection: str, vectors: np.ndarray, limit: int, params: dict[str, Any], expr: str,
@@ -41,6 +42,7 @@ def search_request(collection: str, vectors: np.ndarray, limit: int, params: dic
 
 
 def query_request(collection: str, expr: str, output_fields: Sequence[str]) -> Any:
+    """One QueryRequest: the rows ``expr`` selects, with ``output_fields``."""
     from pymilvus.grpc_gen import common_pb2, milvus_pb2
 
     return milvus_pb2.QueryRequest(
@@ -50,9 +52,10 @@ def query_request(collection: str, expr: str, output_fields: Sequence[str]) -> A
 
 
 def check(reply: Any) -> Any:
+    """The reply, or RpcFailed with Milvus' reason when its status is an error."""
     status = reply.status
     if status.code or status.error_code:
-        raise MilvusRefused(f"{status.reason or 'error'} (code {status.code or status.error_code})")
+        raise RpcFailed(f"{status.reason or 'error'} (code {status.code or status.error_code})")
     return reply
 
 
@@ -81,19 +84,21 @@ def _strings(fields: Any) -> dict[str, Any]:
     return {f.field_name: f.scalars.string_data.data for f in fields if f.scalars.HasField("string_data")}
 
 
-def read_hits(reply: Any) -> list[list[tuple[int, str, str, float]]]:
-    """Per query, its hits best first: (id, path, label, score)."""
+def read_hits(reply: Any, nq: int) -> list[list[tuple[int, str, str, float]]]:
+    """Per query (``nq`` of them), its hits best first: (id, path, label, score)."""
     res = check(reply).results
     ids = list(res.ids.int_id.data)
-    scores = np.asarray(res.scores, dtype=np.float32).tolist()
+    scores = list(res.scores)
     text = _strings(res.fields_data)
     paths = list(text.get("path", ()))
     labels = list(text.get("label", ()))
-    if len(scores) != len(ids) or len(paths) != len(ids) or len(labels) != len(ids):
-        raise MilvusRefused(f"Milvus' search reply is inconsistent: {len(ids)} ids, {len(scores)} scores, "
-                            f"{len(paths)} paths, {len(labels)} labels")
+    # Milvus leaves topks empty when no query found anything
+    topks = list(res.topks) or [0] * nq
+    if not len(scores) == len(paths) == len(labels) == len(ids) == sum(topks) or len(topks) != nq:
+        raise RpcFailed(f"Milvus' search reply does not add up: {nq} queries, {len(topks)} hit counts summing to "
+                        f"{sum(topks)}, {len(ids)} ids, {len(scores)} scores, {len(paths)} paths, {len(labels)} labels")
     out, start = [], 0
-    for n in list(res.topks) or [0] * res.num_queries:
+    for n in topks:
         out.append(list(zip(ids[start:start + n], paths[start:start + n], labels[start:start + n],
                             scores[start:start + n])))
         start += n
@@ -105,9 +110,14 @@ def read_rows(reply: Any) -> tuple[list[int], list[str], list[str], np.ndarray |
     fields = {f.field_name: f for f in check(reply).fields_data}
     ids = list(fields["id"].scalars.long_data.data) if "id" in fields else []
     text = _strings(fields.values())
+    paths, labels = list(text.get("path", ())), list(text.get("label", ()))
     embeddings = None
     if "embedding" in fields:
         vec = fields["embedding"].vectors
-        embeddings = floats(vec.float_vector).reshape(len(ids), vec.dim) if ids else np.empty((0, vec.dim),
-                                                                                               np.float32)
-    return ids, list(text.get("path", ())), list(text.get("label", ())), embeddings
+        values = floats(vec.float_vector)
+        if vec.dim <= 0 or values.size != len(ids) * vec.dim:
+            raise RpcFailed(f"Milvus' get reply does not add up: {len(ids)} ids, {values.size} floats of dim {vec.dim}")
+        embeddings = values.reshape(len(ids), vec.dim)
+    if len(paths) != len(ids) or len(labels) != len(ids):
+        raise RpcFailed(f"Milvus' get reply does not add up: {len(ids)} ids, {len(paths)} paths, {len(labels)} labels")
+    return ids, paths, labels, embeddings

@@ -199,14 +199,15 @@ class _WithDeadline:
         call = getattr(self._client._get_connection()._stub, method)
         metadata = self._client._generate_call_context().to_grpc_metadata()
         deadline = time.monotonic() + self._timeout_s
-        try:
-            return call(request, timeout=self._timeout_s, metadata=metadata)
-        except grpc.RpcError as e:
-            left = deadline - time.monotonic()
-            if e.code() != grpc.StatusCode.UNAVAILABLE or left <= 0:
-                raise
-            log.info("Milvus %s: %s; trying once more", method, e.details())
-            return call(request, timeout=left, metadata=metadata)
+        for attempt in (1, 2):
+            try:
+                return call(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata)
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details()
+                if attempt == 2 or code != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                    # the status name (UNAVAILABLE, DEADLINE_EXCEEDED) tells _call it was not answered
+                    raise milvus_rpc.RpcFailed(f"{code.name}: {details}") from None
+                log.info("Milvus %s: %s; trying once more", method, details)
 
 
 class VectorStore:
@@ -486,7 +487,7 @@ class VectorStore:
             self.collection, np.stack([np.asarray(q.vector, dtype=np.float32) for q in queries]), limit,
             {"metric_type": "COSINE", "params": {"ef": max(ef, limit)}}, label_filter(label) if label else "",
             ["path", "label"])
-        res = self._call("search", lambda c: milvus_rpc.read_hits(c.rpc("Search", request)))
+        res = self._call("search", lambda c: milvus_rpc.read_hits(c.rpc("Search", request), len(queries)))
         out: list[list[Hit]] = []
         for q, hits in zip(queries, res):
             row: list[Hit] = []

@@ -183,13 +183,47 @@ def test_a_read_dropped_with_its_connection_is_sent_once_more():
 
 def test_a_milvus_that_stays_unavailable_fails_after_the_second_try():
     stub = Flaky(failures=5)
-    with pytest.raises(StoreUnavailable, match="during search") as e:
+    with pytest.raises(StoreUnavailable, match="during search: UNAVAILABLE: GOAWAY received") as e:
         store_with(stub).search_many([SearchQuery(np.ones(4, dtype=np.float32))])
     assert stub.calls == 2 and not e.value.answered
 
 
 def test_a_call_past_its_deadline_is_not_sent_again():
     stub = Flaky(failures=1, code=grpc.StatusCode.DEADLINE_EXCEEDED)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable, match="during search: DEADLINE_EXCEEDED: late") as e:
         store_with(stub).search_many([SearchQuery(np.ones(4, dtype=np.float32))])
-    assert stub.calls == 1
+    assert stub.calls == 1 and not e.value.answered
+
+
+def test_replies_that_do_not_add_up_are_the_store_s_error_not_a_crash():
+    v = np.ones(4, dtype=np.float32)
+
+    class ShortPaths(Stub):
+        def Search(self, request, timeout=None, metadata=None):
+            reply = super().Search(request, timeout, metadata)
+            del reply.results.fields_data[0].scalars.string_data.data[-1]
+            return reply
+
+        def Query(self, request, timeout=None, metadata=None):
+            reply = super().Query(request, timeout, metadata)
+            del reply.fields_data[1].scalars.string_data.data[-1]
+            return reply
+
+    class FewerLists(Stub):
+        def Search(self, request, timeout=None, metadata=None):
+            reply = super().Search(request, timeout, metadata)
+            del reply.results.topks[-1]
+            return reply
+
+    class ShortVectors(Stub):
+        def Query(self, request, timeout=None, metadata=None):
+            reply = super().Query(request, timeout, metadata)
+            del reply.fields_data[-1].vectors.float_vector.data[-1]
+            return reply
+
+    for stub in (ShortPaths(), FewerLists()):
+        with pytest.raises(StoreUnavailable, match="search reply does not add up"):
+            store_with(stub).search_many([SearchQuery(v), SearchQuery(v)])
+    for stub in (ShortPaths(), ShortVectors()):
+        with pytest.raises(StoreUnavailable, match="get reply does not add up"):
+            store_with(stub).get_many([1, 2], with_embedding=True)
