@@ -244,7 +244,9 @@ class LocalTriton:
                 raise LauncherError(
                     f"tritonserver exited with code {code} while loading {self.repository}:\n{self.log_excerpt()}"
                 )
-            if self.is_ready():
+            # tritonserver starts its metrics endpoint after gRPC and HTTP: a caller that reads
+            # metrics_url right after start() would otherwise meet a refused connection
+            if self.is_ready() and port_in_use(self.host, self.metrics_port):
                 return
             time.sleep(0.25)
         self.stop()
