@@ -52,6 +52,7 @@ from harness.stack import (
     start_gateway,
 )
 from harness.vectors import clustered_vectors, vectors_card_repo
+from imgsearch import milvus_rpc
 from imgsearch.model_card import read_card
 from imgsearch.store import SearchQuery, VectorStore, search_ef
 from imgsearch.triton_server import LocalTriton, free_port
@@ -110,7 +111,6 @@ def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict
     Python client spends on a Milvus search (the gRPC runtime's own).
     """
     import grpc
-    from pymilvus.client.prepare import Prepare
     from pymilvus.grpc_gen import milvus_pb2_grpc
 
     store = VectorStore(uri, COLLECTION)
@@ -122,8 +122,7 @@ def milvus_client_cost(uri: str, ids: list[int], n: int, model_sha: str) -> dict
         client = store._connect()
         stub = milvus_pb2_grpc.MilvusServiceStub(channel)
         params = {"metric_type": "COSINE", "params": {"ef": search_ef(10)}}
-        request = Prepare.search_requests_with_expr(COLLECTION, "embedding", params, 11, data=[vectors[ids[0]]],
-                                                    output_fields=["path", "label"])
+        request = milvus_rpc.search_request(COLLECTION, vectors[ids[0]], 11, params, "", ["path", "label"])
 
         def raw_search(k: int) -> list[int]:
             reply = stub.Search(request, timeout=store.timeout_s)

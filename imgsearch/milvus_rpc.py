@@ -62,21 +62,14 @@ def check(reply: Any) -> Any:
 def floats(array: Any) -> np.ndarray:
     """A FloatArray's values, without a Python float per value.
 
-    proto3 packs a repeated float: its encoding is the field's tag, the byte length as a
-    varint, then the floats, little-endian. Anything else is read the slow way.
+    proto3 packs a repeated float: its one field's tag, the byte length as a varint, then the
+    floats, little-endian, to the end. So the floats are the last 4 bytes per value; anything
+    else is read the slow way.
     """
     raw = array.SerializeToString()
-    if raw[:1] == b"\x0a":
-        size, shift, i = 0, 0, 1
-        while i < len(raw):
-            byte = raw[i]
-            i += 1
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        if i + size == len(raw) and size % 4 == 0:
-            return np.frombuffer(raw, dtype="<f4", offset=i).astype(np.float32)
+    start = len(raw) - 4 * len(array.data)
+    if raw[:1] == b"\x0a" and 1 < start <= 11:  # the tag, then a varint of 1 to 10 bytes
+        return np.frombuffer(raw, dtype="<f4", offset=start).astype(np.float32)
     return np.asarray(array.data, dtype=np.float32)
 
 
