@@ -111,10 +111,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports. The sockets stay bound until all are chosen: ports asked for
+    one at a time may come back equal (the OS reuses a just-closed port), and tritonserver
+    refuses to start with its gRPC and metrics endpoints on one port."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def prepare_backend_dir(paths: TritonPaths, dest: Path) -> Path:
@@ -153,9 +162,10 @@ class LocalTriton:
         self.repository = Path(repository).resolve()
         self.config_name = config_name
         self.host = host
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        picked = iter(free_ports(3))
+        self.http_port = http_port or next(picked)
+        self.grpc_port = grpc_port or next(picked)
+        self.metrics_port = metrics_port or next(picked)
         self.exit_timeout_s = exit_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = extra_args or []

@@ -69,3 +69,11 @@ def test_fixed_ports_and_another_repository(recorder):
     (server,) = recorder.made
     assert server.repository == Path("/other")
     assert server.kw == {"exit_timeout_s": 7, "http_port": 9100, "grpc_port": 9101, "metrics_port": 9102}
+
+
+def test_a_local_triton_s_three_ports_are_distinct():
+    from imgsearch.triton_server import LocalTriton, free_ports
+
+    assert all(len(set(free_ports(3))) == 3 for _ in range(200))
+    server = LocalTriton(Path("."), "cpu", grpc_port=free_ports(1)[0])
+    assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
