@@ -28,6 +28,7 @@ from . import schemas
 from .errors import ApiError, responses
 from .images import open_image_under, resolve_under, thumbnail_under
 from .metrics import CONTENT_TYPE
+from .request_route import request_route
 from .search import encode_upload, search_image, similar_to
 from .security import bearer, check_api_key, check_bearer
 from .state import Runtime
@@ -158,13 +159,13 @@ def require_file(upload_data: bytes | None) -> bytes:
 
 # --- search ----------------------------------------------------------------------------
 
-@router.post(
-    "/v1/search", response_model=schemas.SearchResponse, tags=["search"],
+@request_route(
+    router, "/v1/search", methods=["POST"], response_model=schemas.SearchResponse, tags=["search"],
     summary="Search with an uploaded image",
     description="multipart `file` (+ `top_k`, `min_score`, `label` as form fields or query parameters; "
                 "form wins). Returns the nearest indexed images by cosine, a breed guess and per-stage timings.",
     responses=responses(408, 413, 415, 422, 502, 503), openapi_extra=SEARCH_BODY)
-async def search(request: Request) -> Any:
+async def search(request: Request) -> Response:
     rt = runtime(request)  # not a Depends: FastAPI's dependency solving is a visible share of a search's CPU
     query = search_values(request.query_params)
     upload = await read_upload(request, rt.settings.max_upload_bytes, rt.settings.body_timeout_s)
@@ -175,11 +176,11 @@ async def search(request: Request) -> Any:
     return JSONResponse(await search_image(rt, data, top_k, min_score, label))
 
 
-@router.get(
-    "/v1/images/{id}/similar", response_model=schemas.SearchResponse, tags=["search"],
+@request_route(
+    router, "/v1/images/{id}/similar", methods=["GET"], response_model=schemas.SearchResponse, tags=["search"],
     summary="More like an indexed image", responses=responses(404, 422, 503),
     openapi_extra={"parameters": [ID_PARAM, *QUERY_PARAMS]})
-async def similar(request: Request) -> Any:
+async def similar(request: Request) -> Response:
     rt = runtime(request)
     id_ = image_id(request.path_params["id"])
     top_k, min_score, label = search_values(request.query_params)

@@ -93,12 +93,15 @@ def test_the_process_factory_warns_when_its_container_is_too_small(settings_env,
     settings_env.setenv("IMGSEARCH_TRITON_URL", "127.0.0.1:1")
     budget = memory_budget(Settings(_env_file=None))
     monkeypatch.setattr(gateway_app, "unmap_large_allocations", lambda: True)  # leave this process's allocator be
+    frozen = []  # and its garbage collector
+    monkeypatch.setattr(gateway_app, "freeze_start_up_objects", lambda: frozen.append(True))
     monkeypatch.setattr(gateway_app, "container_memory_limit", lambda: budget.total - MIB)
     with caplog.at_level("INFO", logger="gateway"):
         app = gateway_app.app_from_env()
     assert [r.levelname for r in caplog.records if "memory" in r.getMessage()] == ["WARNING"]
     assert memory_warning(budget, budget.total - MIB) in caplog.text
     assert app.state.metrics.memory_budget._value.get() == budget.total
+    assert frozen == [True]  # what start-up built is out of the collections that requests trigger
 
     caplog.clear()
     monkeypatch.setattr(gateway_app, "container_memory_limit", lambda: budget.total)
