@@ -8,7 +8,9 @@ was the largest share of a ``similar``'s CPU that is FastAPI's (docs/deploy.md, 
 requests per second per core). :class:`RequestRoute` keeps everything FastAPI knows of the
 route (the OpenAPI schema, its response model, methods, 405) and calls the endpoint directly.
 An exception it raises reaches the app's handlers through Starlette's ``ExceptionMiddleware``,
-as from any route.
+as from any route. With an OpenTelemetry provider configured, FastAPI's spans for these routes
+still name the route (the router sets it); they lack the request and the solved values that
+FastAPI's handler attaches for its telemetry hooks (there are no values to solve).
 """
 
 from __future__ import annotations
