@@ -132,8 +132,8 @@ def app_from_env() -> FastAPI:
     then bounds the memory the process holds, not only the rasters alive at once. It checks
     what its settings let it hold against its container's memory limit. And it takes what its
     imports built (modules, classes, the app) out of the garbage collector's generations: they
-    live as long as the process, and the collections that requests' garbage triggers then do
-    not traverse them again (half of those collections' CPU: docs/deploy.md).
+    live as long as the process, and the collections that requests' allocations trigger then
+    do not traverse them again (half of those collections' CPU: docs/deploy.md).
     """
     if not unmap_large_allocations():
         log.warning("the C library is not glibc: freed rasters may stay in the process's heaps, "
