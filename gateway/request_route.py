@@ -3,14 +3,17 @@
 FastAPI serves every route through its parameter machinery: two exit stacks, the dependency
 solver, telemetry hooks and the response checks, at every request. The two search routes take
 only the :class:`~starlette.requests.Request` (they parse their values themselves) and return a
-finished :class:`~starlette.responses.Response`, so for them that machinery does nothing but it
-was the largest share of a ``similar``'s CPU that is FastAPI's (docs/deploy.md, Gateway
-requests per second per core). :class:`RequestRoute` keeps everything FastAPI knows of the
-route (the OpenAPI schema, its response model, methods, 405) and calls the endpoint directly.
-An exception it raises reaches the app's handlers through Starlette's ``ExceptionMiddleware``,
-as from any route. With an OpenTelemetry provider configured, FastAPI's spans for these routes
-still name the route (the router sets it); they lack the request and the solved values that
-FastAPI's handler attaches for its telemetry hooks (there are no values to solve).
+finished :class:`~starlette.responses.Response`, so for them that machinery does nothing, yet it
+is about a fifth of a ``similar``'s CPU (docs/deploy.md, Gateway requests per second per core).
+:class:`RequestRoute` keeps everything FastAPI knows of the route (the OpenAPI schema, its
+response model, methods, 405) and calls the endpoint directly. An exception it raises reaches
+the app's handlers through Starlette's ``ExceptionMiddleware``, as from any route.
+
+Two limits. A router added with ``include_router`` is served through FastAPI's handler again
+(FastAPI rebuilds it for included routes): still correct, without the saving; the app takes
+these routes with ``FastAPI(routes=...)``. With an OpenTelemetry provider configured, FastAPI's
+span for such a request names the route (the router sets it) but has no ``fastapi.dependencies``
+or ``fastapi.endpoint`` child spans, and its hooks see no request or solved values.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ class RequestRoute(APIRoute):
         d = self.dependant
         takes_more = (d.path_params or d.query_params or d.header_params or d.cookie_params or d.body_params
                       or d.dependencies or self.dependencies or d.response_param_name
-                      or d.background_tasks_param_name or d.http_connection_param_name)
-        if not inspect.iscoroutinefunction(endpoint) or d.request_param_name is None or takes_more:
+                      or d.background_tasks_param_name or d.http_connection_param_name
+                      or d.security_scopes_param_name or d.websocket_param_name)
+        params = list(inspect.signature(endpoint).parameters.values())
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        one_request = len(params) == 1 and params[0].kind in positional and d.request_param_name is not None
+        if not inspect.iscoroutinefunction(endpoint) or not one_request or takes_more:
             raise TypeError(f"{self.name}: a RequestRoute endpoint is `async def f(request: Request) -> Response`, "
                             "without parameters or dependencies for FastAPI to solve")
         self.app = self._serve

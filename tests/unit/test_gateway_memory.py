@@ -110,3 +110,16 @@ def test_the_process_factory_warns_when_its_container_is_too_small(settings_env,
     assert f"memory budget {budget.describe()} per process, 1 process(es); container limit " \
            f"{budget.total / MIB:,.0f} MiB" in caplog.text
     assert "more than its container's memory limit" not in caplog.text
+
+
+def test_freezing_takes_what_is_alive_out_of_the_collections():
+    import gc
+
+    from imgsearch.gateway.app import freeze_start_up_objects
+
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_start_up_objects()
+        assert gc.get_freeze_count() > 10_000  # this process's modules, classes and functions at least
+    finally:
+        gc.unfreeze()  # back to the oldest generation: the rest of the test run collects them as before
