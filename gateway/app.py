@@ -102,8 +102,9 @@ def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
 
     # The routes go in as they are rather than through include_router(): FastAPI (0.137 on) keeps an
     # included router as a node that it resolves again on every request, the largest single entry
-    # of the gateway's profile before (docs/deploy.md, Gateway requests per second per core). So
-    # app.dependency_overrides does not reach them: tests inject the encoder and store instead.
+    # of the gateway's profile with include_router (docs/deploy.md, Gateway requests per second
+    # per core). So app.dependency_overrides does not reach them: tests inject the encoder and
+    # store instead.
     app = FastAPI(title="imgsearch", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, routes=[*router.routes, *page.router.routes])
     app.state.settings = settings

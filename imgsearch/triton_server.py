@@ -162,7 +162,9 @@ class LocalTriton:
         self.repository = Path(repository).resolve()
         self.config_name = config_name
         self.host = host
-        picked = iter(free_ports(3))
+        # the free ports come from one call, and never one the caller gave: three distinct ports
+        given = {p for p in (http_port, grpc_port, metrics_port) if p}
+        picked = iter([p for p in free_ports(3 + len(given)) if p not in given])
         self.http_port = http_port or next(picked)
         self.grpc_port = grpc_port or next(picked)
         self.metrics_port = metrics_port or next(picked)
