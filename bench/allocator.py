@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import command_line
+from bench import command_line, machine
 from harness.data import huge_png
 
 CASES = ("turns", "jpeg", "png")
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": command_line("bench.allocator", argv),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "libc": " ".join(platform.libc_ver())},
+        "machine": {**machine(), "libc": " ".join(platform.libc_ver())},
         "runs": runs}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import pstats
 import signal
 import sys
@@ -38,7 +36,7 @@ import httpx
 import numpy as np
 import psutil
 
-from bench import command_line
+from bench import command_line, machine
 from bench.search import build_collection
 from harness.drive import drive_threads
 from harness.stack import (
@@ -70,7 +68,9 @@ def cpu_s(pid: int) -> float:
 
 def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, clients: int = 1) -> dict:
     prof = tmp / f"{name}.prof"
-    gw = start_gateway(env, log_level="warning", log_path=tmp / f"{name}.log",
+    # through `imgsearch serve`, as the images and manifests run it (its uvicorn options: no proxy
+    # headers middleware, the connection limit and keep-alive from the settings)
+    gw = start_gateway(env, serve_cli=True, log_level="warning", log_path=tmp / f"{name}.log",
                        python_args=["-m", "bench.profiled", str(prof)] if profile else ())
     try:
         # one kept-alive connection per client, as a browser or a load balancer's pool keeps: httpx's
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
             res["search_bytes"] = runs(senv, search, "search")
     milvus.stop()
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    res["machine"] = machine()
     res["command"] = command_line("bench.profile_gateway", argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench import command_line
+from bench import command_line, machine
 from bench.gateway import run_round, summarize
 from harness.stack import (
     COLLECTION,
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         res["search"] = bench_search(args, tmp)
     res["verdicts"] = verdicts(res, args.window_ms)
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    res["machine"] = machine()
     res["command"] = command_line("bench.search", argv)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
