@@ -5,10 +5,8 @@ R requests) and every percentile they report from :mod:`imgsearch.stats` (neares
 """
 
 import os
-import platform
 import shlex
 import sys
-from pathlib import Path
 
 
 def command_line(module: str, argv: list[str] | None = None) -> str:
@@ -18,16 +16,9 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
 
 
 def machine() -> dict:
-    """What a results file records of the machine that measured it. Absolute CPU times differ
-    severalfold between machines of the same size (a shared host, another processor), so the
-    processor and the load at the start are kept beside the figures."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "processor": model, "platform": platform.platform(),
-            "python": platform.python_version(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    """What a results file records of the machine that measured it (the load test's record, and
+    the load average at the start). Absolute CPU times differ severalfold between machines of
+    the same size (a shared host, another processor), so they are kept beside the figures."""
+    from imgsearch.loadtest.cli import machine_info
+
+    return {**machine_info(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
