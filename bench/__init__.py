@@ -4,7 +4,6 @@ Their client load comes from :mod:`harness.drive` (closed loop: N clients for S 
 R requests) and every percentile they report from :mod:`imgsearch.stats` (nearest rank).
 """
 
-import os
 import shlex
 import sys
 
@@ -13,12 +12,3 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     """The shell line that runs benchmark ``module`` again with ``argv`` (this process's own
     arguments when None), as its results file records it: quoted, so it reads back whole."""
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
-
-
-def machine() -> dict:
-    """What a results file records of the machine that measured it (the load test's record, and
-    the load average at the start). Absolute CPU times differ severalfold between machines of
-    the same size (a shared host, another processor), so they are kept beside the figures."""
-    from imgsearch.loadtest.cli import machine_info
-
-    return {**machine_info(), "load_avg": [round(x, 2) for x in os.getloadavg()]}

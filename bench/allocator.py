@@ -24,8 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import command_line, machine
+from bench import command_line
 from harness.data import huge_png
+from imgsearch.loadtest.cli import machine_info
 
 CASES = ("turns", "jpeg", "png")
 CHILD = r"""
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": command_line("bench.allocator", argv),
-        "machine": {**machine(), "libc": " ".join(platform.libc_ver())},
+        "machine": {**machine_info(), "libc": " ".join(platform.libc_ver())},
         "runs": runs}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

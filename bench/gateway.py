@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +37,7 @@ from pathlib import Path
 from harness.drive import drive
 from harness.stack import gateway_env, index_images, start_gateway
 from imgsearch.imaging import decode_image, sniff_format
+from imgsearch.loadtest.cli import machine_info
 from imgsearch.loadtest.scenario import image_files
 from imgsearch.settings import get_settings
 from imgsearch.stats import percentiles
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.seconds:.0f}s gateway), gateway {gateway_url}, Triton {triton_url}", flush=True)
         res = asyncio.run(bench(args, gateway_url, triton_url))
     res["config"] = {k: str(v) for k, v in vars(args).items()}
-    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    res["machine"] = machine_info()
     print_table(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import command_line
+from imgsearch.loadtest.cli import machine_info
 from imgsearch.store import Row, SearchQuery, VectorStore
 
 RESENT = "trying once more"
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"total": total, "every_s": rows, "minutes": args.minutes,
-                                        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                        "machine": machine_info(),
                                         "command": command_line("bench.idle_reads", argv)}, indent=2) + "\n")
     return 1 if total["failed"] or crashed or not total["reads"] else 0
 

@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import psutil
 
-from bench import command_line, machine
+from bench import command_line
 from bench.search import build_collection
 from harness.drive import drive_threads
 from harness.stack import (
@@ -51,6 +51,7 @@ from harness.stack import (
 )
 from harness.vectors import clustered_vectors, vectors_card_repo
 from imgsearch import milvus_rpc
+from imgsearch.loadtest.cli import machine_info
 from imgsearch.model_card import read_card
 from imgsearch.store import SearchQuery, VectorStore, search_ef
 from imgsearch.triton_server import LocalTriton, free_port
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
             res["search_bytes"] = runs(senv, search, "search")
     milvus.stop()
-    res["machine"] = machine()
+    res["machine"] = machine_info()
     res["command"] = command_line("bench.profile_gateway", argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

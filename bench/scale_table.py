@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from bench import command_line
 from bench.search import NOTE, build_collection, compare, gateway_pair, similar_worker
 from harness.stack import COLLECTION, MODEL
 from harness.vectors import clustered_vectors, recall_at_k, release, vectors_card_repo
+from imgsearch.loadtest.cli import machine_info
 from imgsearch.model_card import read_card
 from imgsearch.store import HNSW, VectorStore, search_ef
 from imgsearch.triton_server import free_port
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
     cells = {(c["vectors"], c["dim"]): c for c in res.get("cells", [])}
     res.update({"note": NOTE, "index": dict(HNSW),
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version()}})
+                "machine": machine_info()})
     for n, d in todo:
         tmp = Path(tempfile.mkdtemp(prefix="scale-"))
         print(f"cell {n} x {d}", flush=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench import command_line, machine
+from bench import command_line
 from bench.gateway import run_round, summarize
 from harness.stack import (
     COLLECTION,
@@ -54,15 +54,15 @@ from harness.vectors import (
     time_searches,
     vectors_card_repo,
 )
+from imgsearch.loadtest.cli import machine_info
 from imgsearch.model_card import read_card
 from imgsearch.stats import percentile
 from imgsearch.store import VectorStore
 from imgsearch.triton_metrics import metric_sum
 from imgsearch.triton_server import free_port
 
-NOTE = ("Measured on a shared machine (other processes use the same cores): absolute req/s and latencies move "
-        "with their load; the on/off ratios are measured side by side in alternating rounds of one run, "
-        "and are what this file reports.")
+NOTE = ("Absolute req/s and latencies move with the machine and with other processes' load on it; the "
+        "on/off ratios are measured side by side in alternating rounds of one run, and are what this file reports.")
 
 
 def build_collection(db: Path, vectors: np.ndarray, sha: str, extra_rows=()) -> tuple[list[int], dict]:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         res["search"] = bench_search(args, tmp)
     res["verdicts"] = verdicts(res, args.window_ms)
     res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    res["machine"] = machine()
+    res["machine"] = machine_info()
     res["command"] = command_line("bench.search", argv)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import machine
 from harness.drive import drive
 from imgsearch.export.triton_config import without_dynamic_batching
+from imgsearch.loadtest.cli import machine_info
 from imgsearch.settings import get_settings
 from imgsearch.stats import percentiles
 from imgsearch.triton_client import TritonEncoder
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{n['img_s']:>13.1f} {n['p50_ms']:>7.1f} {n['p99_ms']:>7.1f} | {ratios[c]:>5}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": machine(),
+        "machine": machine_info(),
         "repository": str(args.repository), "model": args.model, "seconds": args.seconds,
         "dynamic_vs_nobatch": ratios, "rows": rows}, indent=2))
     print(f"\nwrote {args.out}")
