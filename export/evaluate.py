@@ -22,7 +22,6 @@ of recall and mAP and counted in ``queries_without_gallery_match``.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import random
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from imgsearch.errors import ImageError
-from imgsearch.imaging import decode_image
+from imgsearch.imaging import decode_image, jpeg_bytes
 from imgsearch.triton_client import TritonEncoder, with_backoff
 
 from .data import LabelledImages, scan_folder, split_per_class
@@ -135,12 +134,6 @@ def probs_accuracy(probs: np.ndarray | None, q_names: Sequence[str], labels: Seq
 # --- near duplicates ------------------------------------------------------------------
 
 
-def _jpeg(im, quality: int) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def near_duplicate_variants(data: bytes, seed: int, size: int = 320) -> dict[str, bytes]:
     """Edited copies of one image as JPEG bytes: crop, flip, colour, jpeg (q=30), all four."""
     from PIL import Image, ImageEnhance
@@ -163,11 +156,11 @@ def near_duplicate_variants(data: bytes, seed: int, size: int = 320) -> dict[str
         return x.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
     return {
-        "crop": _jpeg(crop(im), 95),
-        "flip": _jpeg(flip(im), 95),
-        "colour": _jpeg(colour(im), 95),
-        "jpeg": _jpeg(im, 30),
-        "all": _jpeg(colour(flip(crop(im))), 50),
+        "crop": jpeg_bytes(crop(im), 95),
+        "flip": jpeg_bytes(flip(im), 95),
+        "colour": jpeg_bytes(colour(im), 95),
+        "jpeg": jpeg_bytes(im, 30),
+        "all": jpeg_bytes(colour(flip(crop(im))), 50),
     }
 
 

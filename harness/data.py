@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from imgsearch.imaging import jpeg_bytes
+
 COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (160, 40, 200),
            (20, 200, 200), (240, 120, 10), (120, 70, 30), (250, 250, 250), (10, 10, 10)]
 SHAPES = ["circle", "square", "triangle", "cross", "ring"]
@@ -39,12 +41,6 @@ def shape_image(cls: int, seed: int, size: int = 160) -> Image.Image:
     arr = np.asarray(im).astype(np.int16)
     noise = np.random.default_rng(seed).integers(-12, 13, arr.shape)
     return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
-
-
-def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def png_bytes(im: Image.Image) -> bytes:

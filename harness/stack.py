@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import os
-import random
 import selectors
 import shutil
 import signal
@@ -31,15 +29,13 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.milvus_lite_server import POLICY_MARKER
 from imgsearch.triton_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "resnet152"  # the served name (tests export a resnet18 under it)
 COLLECTION = "images"
-
-COLOURS = [(220, 30, 30), (30, 160, 40), (30, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200)]
-
 
 @functools.cache
 def _log_dir() -> tempfile.TemporaryDirectory:
@@ -54,32 +50,13 @@ def _default_log(prefix: str) -> Path:
 
 
 def shape_jpeg(cls: int, seed: int, size: int = 160) -> bytes:
-    """A noisy background with one coloured disc or square: the class is the colour."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(seed)
-    im = Image.new("RGB", (size, size), tuple(rng.randint(90, 170) for _ in range(3)))
-    d = ImageDraw.Draw(im)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    (d.ellipse if cls % 2 else d.rectangle)([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[cls % len(COLOURS)])
-    arr = np.asarray(im).astype(np.int16) + np.random.default_rng(seed).integers(-12, 13, (size, size, 3))
-    buf = io.BytesIO()
-    Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    """One generated image of class ``cls`` as JPEG bytes (:func:`harness.data.shape_image`)."""
+    return jpeg_bytes(shape_image(cls, seed, size))
 
 
 def make_images(root: Path, classes: int = 4, per_class: int = 8) -> list[Path]:
-    files = []
-    for c in range(classes):
-        d = root / f"n{c:08d}-class_{c}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            p = d / f"img_{i:04d}.jpg"
-            p.write_bytes(shape_jpeg(c, 1000 * c + i))
-            files.append(p)
-    return files
+    """A small labelled folder of generated images (:func:`harness.data.make_dataset`)."""
+    return make_dataset(root, classes=classes, per_class=per_class)
 
 
 def release_lite(path: str | Path) -> None:

@@ -168,6 +168,13 @@ def decode_image(
     return np.ascontiguousarray(arr)
 
 
+def jpeg_bytes(im: Image.Image, quality: int = 90) -> bytes:
+    """``im`` encoded as a JPEG file."""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def thumbnail(
     f: BinaryIO,
     max_side: int = 256,

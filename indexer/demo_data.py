@@ -18,12 +18,13 @@ examples:
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from imgsearch.imaging import jpeg_bytes
 
 # scikit-image sample images that load offline (the others need pooch + a download),
 # photographs or photo-like; grey and binary ones become RGB.
@@ -67,7 +68,7 @@ def variant(photo, name: str, index: int, seed: int = 0) -> bytes:
     from PIL import Image, ImageEnhance, ImageOps
 
     if index == 0:
-        return _jpeg(photo, 90)
+        return jpeg_bytes(photo, 90)
     rng = np.random.default_rng(zlib.crc32(f"{seed}:{name}:{index}".encode()))
     im = photo
     w, h = im.size
@@ -90,13 +91,7 @@ def variant(photo, name: str, index: int, seed: int = 0) -> bytes:
     im = Image.fromarray(np.clip(np.asarray(im, np.float32) * gains, 0, 255).astype(np.uint8))
     scale = rng.uniform(0.5, 1.0)
     im = im.resize((max(32, int(im.width * scale)), max(32, int(im.height * scale))), Image.Resampling.BILINEAR)
-    return _jpeg(im, int(rng.choice(QUALITIES)))
-
-
-def _jpeg(im, quality: int) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+    return jpeg_bytes(im, int(rng.choice(QUALITIES)))
 
 
 def build(out_dir: Path, count: int = 320, seed: int = 0) -> tuple[int, int, list[str]]:

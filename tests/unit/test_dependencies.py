@@ -182,3 +182,31 @@ def test_role_check_would_catch_a_stray_import(tmp_path):
     assert third_party_imports(mod) == {"numpy", "torch", "matplotlib"}
     gateway = {canon(n) for n in lock_closure({"gateway"})}
     assert not {canon(d) for d in md.packages_distributions()["torch"]} & gateway
+
+
+COMPONENTS = {"gateway", "export", "indexer", "loadtest"}  # installed as imgsearch.<name>
+
+
+def top_level_component_imports(path: Path) -> list[str]:
+    """``import gateway`` / ``from export.x import y`` in ``path``: names that resolve to a
+    component folder only where the repository root is on sys.path, as a second copy."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        out += [n for n in names if n.split(".")[0] in COMPONENTS]
+    return out
+
+
+def test_components_are_imported_through_the_imgsearch_namespace(tmp_path):
+    files = [p for p in ROOT.rglob("*.py") if ".venv" not in p.parts and "site-packages" not in p.parts]
+    assert len(files) > 100
+    found = {p.relative_to(ROOT).as_posix(): top_level_component_imports(p) for p in files}
+    assert {k: v for k, v in found.items() if v} == {}
+    stray = tmp_path / "m.py"
+    stray.write_text("import gateway.app\nfrom imgsearch.gateway import app\ndef f():\n    from export import cli\n")
+    assert top_level_component_imports(stray) == ["gateway.app", "export"]

@@ -1,6 +1,6 @@
 """Reliability stack: generated images indexed once into a template Milvus Lite dir, then
 one uvicorn gateway per need, each over its own copy of that dir (Milvus Lite: one process
-per file). The harness is the one ``bench/flood.py`` uses, so the figures it publishes
+per file). The harness is the one ``bench/flood.py`` uses (its scenarios are ``harness/faults.py``), so the figures it publishes
 and the bounds asserted here come from the same code.
 
 ``main_gw``: API key set, IMGSEARCH_MAX_INFLIGHT=4, default 10 MiB upload limit, its own

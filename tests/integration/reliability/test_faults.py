@@ -22,7 +22,7 @@ import time
 import psutil
 import pytest
 
-from bench.flood import (
+from harness.faults import (
     graceful_shutdown,
     locked_then_released,
     make_client,

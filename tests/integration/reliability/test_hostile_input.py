@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from bench.flood import RssSampler
 from harness.data import bomb_png, image_bytes, shape_image
+from harness.faults import RssSampler
 from imgsearch.triton_metrics import metric_sum
 
 pytestmark = pytest.mark.integration

@@ -1,8 +1,8 @@
 """Overload: a flood at 10x the measured capacity is shed early and visibly, and Triton's
 bounded queue rejects instead of queueing without limit.
 
-Both run the scenario functions of bench/flood.py (the published figures come from the
-same code) and assert bounds on what they measured.
+Both run the scenario functions of harness/faults.py (``python -m bench.flood`` publishes
+figures from the same code) and assert bounds on what they measured.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import asyncio
 import httpx
 import pytest
 
-from bench.flood import flood, scrape, triton_queue
 from harness.configs import assert_bounded_rejecting_queue
 from harness.data import make_tiny_queue_repo
+from harness.faults import flood, scrape, triton_queue
 from harness.stack import (
     MODEL,
     REPO_ROOT,
