@@ -212,18 +212,24 @@ def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def verdicts(res: dict, window_ms: float) -> dict:
+    """The issue's targets, each true only when both compared runs answered every request: an
+    error answered fast (a shed 503) or a timeout on one side would otherwise decide a latency."""
+    def clean(*cmps: dict) -> bool:
+        return all(c[m]["errors"] == 0 for c in cmps for m in ("on", "off"))
+
     v = {}
     if "similar" in res:
-        at = res["similar"]["at_clients"]
-        v["similar_rps_ratio_ge_3"] = bool((at["ratio_rps_on_off"] or 0) >= 3.0)
-        v["similar_p99_lower_on"] = at["p99_on_lower"]
-        v["similar_1_client_p50_rise_le_window"] = res["similar"]["at_1_client"]["p50_delta_ms"] <= window_ms
+        at, one = res["similar"]["at_clients"], res["similar"]["at_1_client"]
+        v["similar_rps_ratio_ge_3"] = clean(at) and bool((at["ratio_rps_on_off"] or 0) >= 3.0)
+        v["similar_p99_lower_on"] = clean(at) and bool(at["p99_on_lower"])
+        v["similar_1_client_p50_rise_le_window"] = clean(one) and one["p50_delta_ms"] <= window_ms
     if "search" in res:
+        steps = res["search"]["steps"]
         k = res["search"]["knee"]
-        v["search_knee_on_ge_off"] = k["on"]["throughput_rps"] >= k["off"]["throughput_rps"]
-        one = [s for s in res["search"]["steps"] if s["clients"] == 1]
+        v["search_knee_on_ge_off"] = clean(*steps) and k["on"]["throughput_rps"] >= k["off"]["throughput_rps"]
+        one = [s for s in steps if s["clients"] == 1]
         if one:
-            v["search_1_client_p50_rise_le_window"] = one[0]["p50_delta_ms"] <= window_ms
+            v["search_1_client_p50_rise_le_window"] = clean(one[0]) and one[0]["p50_delta_ms"] <= window_ms
     return v
 
 
