@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import os
@@ -36,16 +35,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from bench import command_line
 from harness.drive import drive
-from harness.stack import REPO_ROOT, gateway_env, release_lite, start_gateway
+from harness.stack import REPO_ROOT, served_folder
 from imgsearch.imaging import decode_image
-from imgsearch.triton_server import LocalTriton
 
 MODULE = "bench.quality"  # run as python -m MODULE from the repository root
 MODEL = "encoder"
@@ -93,27 +90,12 @@ async def search_all(url: str, files: list[Path], concurrency: int = 4) -> list[
         return (await drive(one, concurrency=concurrency, requests=len(files), raise_errors=True)).results()
 
 
-@contextlib.contextmanager
-def served_stack(cs, repo: Path, work: Path) -> Iterator[str]:
-    """Triton on ``repo``, the gallery indexed by ``imgsearch index`` into Milvus Lite, the gateway; yields its URL."""
-    db = work / "milvus.db"
-    with LocalTriton(repo, "cpu") as triton:
-        env = gateway_env(repo, triton.grpc_url, db, cs.root / "gallery", model_name=MODEL)
-        imgsearch("index", str(cs.root / "gallery"), "--recreate", env=env)
-        release_lite(db)
-        gw = start_gateway(env)
-        try:
-            yield gw.url
-        finally:
-            gw.stop()
-
-
 def served(cs, repo: Path, work: Path) -> tuple[np.ndarray, float]:
     """Every query through the gateway, as ranks of its original."""
     from imgsearch.export.copydetect import ranks_from_lists
 
     t0 = time.perf_counter()
-    with served_stack(cs, repo, work) as url:
+    with served_folder(cs.root / "gallery", repo, work, MODEL) as url:
         lists = asyncio.run(search_all(url, [cs.root / "queries" / r for r in cs.queries]))
     return ranks_from_lists(lists, cs), time.perf_counter() - t0
 

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -228,6 +228,27 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
         time.sleep(0.2)
     gw.stop()
     raise RuntimeError(f"gateway not up after {startup_timeout_s}s:\n{gw.log_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def served_folder(folder: Path, repo: Path, work: Path, model_name: str) -> Iterator[str]:
+    """Triton on ``repo``, ``folder`` indexed by ``imgsearch index`` into Milvus Lite under
+    ``work``, then the gateway over them; yields the gateway's URL."""
+    from imgsearch.triton_server import LocalTriton
+
+    db = work / "milvus.db"
+    with LocalTriton(repo, "cpu") as triton:
+        env = gateway_env(repo, triton.grpc_url, db, folder, model_name=model_name)
+        cmd = [sys.executable, "-m", "imgsearch.cli", "index", str(folder), "--recreate"]
+        r = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"imgsearch index failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        release_lite(db)
+        gw = start_gateway(env)
+        try:
+            yield gw.url
+        finally:
+            gw.stop()
 
 
 class MilvusServer:

