@@ -65,6 +65,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = TEMPLATES / "encoder_model.py"
 ENCODER_MODULES = ("encoder_engines.py", "encoder_parity.py", "encoder_torch.py")
 PREPROCESS_TEMPLATE = TEMPLATES / "preprocess_model.py"
+PREPROCESS_MODULES = ("preprocess_decoder.py",)  # beside model.py, which imports them
 
 
 class ParityError(CheckpointError):
@@ -256,6 +257,8 @@ def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, g
     pre = Path(repository) / preprocess_name
     (pre / "1").mkdir(parents=True, exist_ok=True)
     (pre / "configs").mkdir(exist_ok=True)
+    for module in PREPROCESS_MODULES:  # before model.py, which imports them
+        shutil.copyfile(TEMPLATES / module, pre / "1" / module)
     shutil.copyfile(PREPROCESS_TEMPLATE, pre / "1" / "model.py")
     size = card.input_size
     pre_gpu = preprocess_config(size, PREPROCESS_GPU, instance_kind="KIND_GPU", decoder="torchvision",

@@ -35,7 +35,7 @@ from imgsearch.triton_metrics import fetch_model_stats, stats_since
 from imgsearch.triton_server import LocalTriton
 
 MODEL = "resnet152"
-TEMPLATE = Path(__file__).resolve().parents[2] / "export" / "templates" / "preprocess_model.py"
+TEMPLATE = Path(__file__).resolve().parents[2] / "export" / "templates" / "preprocess_decoder.py"
 
 
 def exif_jpeg(im: Image.Image, orientation: int) -> bytes:
@@ -166,7 +166,7 @@ def test_torchvision_decoder_agrees_with_pillow_within_tolerance(tv_triton, repo
 
 
 def load_preprocess_module():
-    return load_module(TEMPLATE, "preprocess_model")
+    return load_module(TEMPLATE, "preprocess_decoder")
 
 
 def test_torchvision_decoder_pixels_match_pillow_and_orientation():

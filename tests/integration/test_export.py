@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from imgsearch.export.model import mlp_head
-from imgsearch.export.onnx_export import ENCODER_MODULES, export_model
+from imgsearch.export.onnx_export import ENCODER_MODULES, PREPROCESS_MODULES, export_model
 from imgsearch.model_card import read_card, read_labels
 
 
@@ -24,6 +24,8 @@ def test_export_writes_repository_and_card(repo18):
     for f in ("1/model.onnx", "1/model.py", "config.pbtxt", "configs/cpu.pbtxt", "labels.txt", "model_card.json",
               *(f"1/{m}" for m in ENCODER_MODULES)):  # the modules model.py imports: Triton copies nothing else
         assert (d / f).is_file(), f
+    for f in ("1/model.py", *(f"1/{m}" for m in PREPROCESS_MODULES)):
+        assert (repo18 / "preprocess" / f).is_file(), f
     card = read_card(repo18, "resnet152")
     assert (card.arch, card.embedding_dim, card.num_classes, card.weights) == ("resnet18", 512, 0, "random:0")
     assert card.parity["min_cosine"] >= 0.9999 and card.parity["images"] >= 8

@@ -40,7 +40,7 @@ def decode(f):
     decode_image(f.read())
 if where in ("pillow", "torchvision"):  # Triton's preprocess model, as its Python backend runs it
     import importlib.util
-    spec = importlib.util.spec_from_file_location("preprocess_model", sys.argv[3])
+    spec = importlib.util.spec_from_file_location("preprocess_decoder", sys.argv[3])
     mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     decoder = mod.Decoder(where)
     fast = lambda: decoder.stats["fast"]
@@ -58,7 +58,7 @@ with open(path, "rb") as f:
     decode(f)
 print(hwm() - base, fast() - before)
 """
-TEMPLATE = Path(__file__).parents[2] / "export" / "templates" / "preprocess_model.py"
+TEMPLATE = Path(__file__).parents[2] / "export" / "templates" / "preprocess_decoder.py"
 
 
 @pytest.mark.parametrize(("mode", "where"), [("I;16", "gateway"), ("RGBA", "gateway"), ("P", "gateway"),
@@ -154,7 +154,7 @@ def jpeg_of(w: int, h: int, seed: int, orientation: int = 1) -> bytes:
 def test_torchvision_path_shrinks_as_pillow_does_within_the_ensemble_tolerance():
     """Large and lopsided JPEGs through the preprocess model's torchvision path (averaged down
     in uint8 strips, then resized) against decode_image: the tolerance of the ensemble tests."""
-    dec = load_module(TEMPLATE, "preprocess_model").Decoder("torchvision", "cpu")
+    dec = load_module(TEMPLATE, "preprocess_decoder").Decoder("torchvision", "cpu")
     files = [jpeg_of(3000, 2000, 1), jpeg_of(1001, 677, 2), jpeg_of(5000, 300, 3), jpeg_of(300, 2500, 4),
              jpeg_of(449, 448, 5), jpeg_of(2400, 1600, 6, orientation=6), jpeg_of(1800, 2400, 7, orientation=7)]
     got = dec.decode(files)
@@ -165,7 +165,7 @@ def test_torchvision_path_shrinks_as_pillow_does_within_the_ensemble_tolerance()
 
 
 def test_torchvision_path_decodes_a_batch_in_chunks_under_its_memory_budget():
-    mod = load_module(TEMPLATE, "preprocess_model")
+    mod = load_module(TEMPLATE, "preprocess_decoder")
     assert list(mod.raster_chunks([5, 5, 20, 3, 3, 3, 9], 10)) == [[0, 1], [2], [3, 4, 5], [6]]
     files = [jpeg_of(900, 700, s) for s in range(5)] + [jpeg_of(1600, 1200, 9), jpeg_of(640, 480, 10)]
     whole = mod.Decoder("torchvision", "cpu").decode(files)

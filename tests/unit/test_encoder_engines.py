@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from harness.data import load_version_module
-from imgsearch.export.onnx_export import ENCODER_MODULES, TEMPLATE, TEMPLATES
+from imgsearch.export.onnx_export import ENCODER_MODULES, PREPROCESS_MODULES, PREPROCESS_TEMPLATE, TEMPLATE, TEMPLATES
 from imgsearch.export.templates import encoder_engines as eng
 from imgsearch.export.templates.encoder_parity import ParityGate, Reference, measure, parity_images
 
@@ -114,3 +114,15 @@ def test_the_exported_folder_holds_every_module_model_py_imports(tmp_path):
         shutil.copyfile(TEMPLATES / f, tmp_path / f)
     mod = load_version_module(tmp_path, "encoder_engines")
     assert set(mod.ENGINES) == set(eng.ENGINES)
+
+
+def test_the_preprocess_folder_holds_every_module_its_model_py_imports(tmp_path):
+    """The preprocess model's model.py holds only its Triton class; its decoding comes from the
+    modules copied beside it, loaded as Triton loads them."""
+    files = [PREPROCESS_TEMPLATE, *(TEMPLATES / m for m in PREPROCESS_MODULES)]
+    needed = set().union(*(relative_imports(f) for f in files))
+    assert needed == set(PREPROCESS_MODULES)
+    for f in PREPROCESS_MODULES:
+        shutil.copyfile(TEMPLATES / f, tmp_path / f)
+    mod = load_version_module(tmp_path, "preprocess_decoder")
+    assert mod.Decoder("pillow").decode([b"not an image"])[0].code == "unsupported_media_type"
