@@ -138,21 +138,21 @@ EXCEPTIONS = {
 NOT_DISTRIBUTIONS = {"triton_python_backend_utils"}
 
 
-def third_party_imports(path: Path) -> set[str]:
-    local = {p.stem for p in path.parent.glob("*.py")}
-    out = set()
+def absolute_imports(path: Path) -> list[str]:
+    """Every module ``path`` imports by absolute name, at any depth (functions included)."""
+    names: list[str] = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        for name in names:
-            top = name.split(".")[0]
-            if top not in sys.stdlib_module_names and top not in local and top != "imgsearch":
-                out.add(top)
-    return out
+            names.append(node.module)
+    return names
+
+
+def third_party_imports(path: Path) -> set[str]:
+    local = {p.stem for p in path.parent.glob("*.py")}
+    tops = {name.split(".")[0] for name in absolute_imports(path)}
+    return {t for t in tops if t not in sys.stdlib_module_names and t not in local and t != "imgsearch"}
 
 
 def test_every_component_import_is_in_its_role():
@@ -190,16 +190,7 @@ COMPONENTS = {"gateway", "export", "indexer", "loadtest"}  # installed as imgsea
 def top_level_component_imports(path: Path) -> list[str]:
     """``import gateway`` / ``from export.x import y`` in ``path``: names that resolve to a
     component folder only where the repository root is on sys.path, as a second copy."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        out += [n for n in names if n.split(".")[0] in COMPONENTS]
-    return out
+    return [n for n in absolute_imports(path) if n.split(".")[0] in COMPONENTS]
 
 
 def test_components_are_imported_through_the_imgsearch_namespace(tmp_path):
