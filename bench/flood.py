@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.faults import (
     flood,
     graceful_shutdown,
@@ -64,8 +65,6 @@ from harness.stack import (
     export_repo,
     gateway_env,
     index_images,
-    make_images,
-    shape_jpeg,
     start_gateway,
 )
 
@@ -84,10 +83,10 @@ def run_own_stack(args: argparse.Namespace, wanted: list[str]) -> dict[str, Any]
         print(f"model repository {repo} ({time.monotonic() - t0:.0f}s)", file=sys.stderr)
         triton = stack.enter_context(LocalTriton(repo, "cpu", exit_timeout_s=2))
         images = tmp / "images"
-        make_images(images)
+        make_dataset(images, classes=4, per_class=8)
         template = tmp / "template.db"
         index_images(images, str(template), triton.grpc_url, repo)
-        query = args.query.read_bytes() if args.query else shape_jpeg(1, 424242)
+        query = args.query.read_bytes() if args.query else jpeg_bytes(shape_image(1, 424242))
         n = 0
 
         def gateway(triton_url: str, milvus_uri: str | None = None, **extra: object) -> GatewayProc:
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.host:
         if wanted != ["flood"] and set(wanted) != set(SCENARIOS):
             p.error("--host runs the flood only: the fault scenarios need a stack this script started")
-        query = args.query.read_bytes() if args.query else shape_jpeg(1, 424242)
+        query = args.query.read_bytes() if args.query else jpeg_bytes(shape_image(1, 424242))
         results = {"flood": public(asyncio.run(flood(args.host.rstrip("/"), query, args.pid, factor=args.factor,
                                                      flood_s=args.flood_s)))}
     else:

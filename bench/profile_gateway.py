@@ -38,6 +38,7 @@ import psutil
 
 from bench import command_line
 from bench.search import build_collection
+from harness.data import make_dataset
 from harness.drive import drive_threads
 from harness.stack import (
     COLLECTION,
@@ -46,7 +47,6 @@ from harness.stack import (
     export_repo,
     gateway_env,
     index_images,
-    make_images,
     start_gateway,
 )
 from harness.vectors import clustered_vectors, vectors_card_repo
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_search:
         repo18 = export_repo(tmp / "repo18")
         root = tmp / "images"
-        make_images(root, classes=4, per_class=8)
+        make_dataset(root, classes=4, per_class=8)
         files = [p.read_bytes() for p in sorted(root.rglob("*.jpg"))]
         with LocalTriton(repo18, "cpu", exit_timeout_s=5) as triton:
             index_images(root, milvus.uri, triton.grpc_url, repo18, collection="search")

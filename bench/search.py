@@ -37,13 +37,13 @@ import numpy as np
 
 from bench import command_line
 from bench.gateway import run_round, summarize
+from harness.data import make_dataset
 from harness.stack import (
     COLLECTION,
     MODEL,
     copy_db,
     gateway_env,
     index_images,
-    make_images,
     rss_tree_bytes,
     start_gateway,
 )
@@ -194,7 +194,7 @@ def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
     repo = args.repository or export_repo(tmp / "repo18")
     card = read_card(repo, MODEL)
     root = tmp / "images"
-    make_images(root, classes=6, per_class=8)
+    make_dataset(root, classes=6, per_class=8)
     images = [p.read_bytes() for p in sorted(root.rglob("*.jpg"))]
     with LocalTriton(repo, "cpu", exit_timeout_s=5) as triton:
         db = tmp / "search.db"

@@ -7,13 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.stack import release_lite
+from harness.stack import clean_env, release_lite
 from imgsearch.store import VectorStore, content_id
-
-
-def clean_env(env: dict[str, str]) -> dict[str, str]:
-    """This process's environment with exactly ``env`` as its IMGSEARCH_* settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")} | env
 
 
 def subprocess_index(root: Path, env: dict[str, str], *options: str, cwd: Path) -> subprocess.Popen:

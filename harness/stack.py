@@ -29,13 +29,18 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.milvus_lite_server import POLICY_MARKER
 from imgsearch.triton_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "resnet152"  # the served name (tests export a resnet18 under it)
 COLLECTION = "images"
+
+def clean_env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment with exactly ``env`` as its IMGSEARCH_* settings: a developer's
+    own settings never leak into a server or a CLI run the harness starts."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")} | env
+
 
 @functools.cache
 def _log_dir() -> tempfile.TemporaryDirectory:
@@ -47,16 +52,6 @@ def _default_log(prefix: str) -> Path:
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=".log", dir=_log_dir().name)
     os.close(fd)
     return Path(name)
-
-
-def shape_jpeg(cls: int, seed: int, size: int = 160) -> bytes:
-    """One generated image of class ``cls`` as JPEG bytes (:func:`harness.data.shape_image`)."""
-    return jpeg_bytes(shape_image(cls, seed, size))
-
-
-def make_images(root: Path, classes: int = 4, per_class: int = 8) -> list[Path]:
-    """A small labelled folder of generated images (:func:`harness.data.make_dataset`)."""
-    return make_dataset(root, classes=classes, per_class=per_class)
 
 
 def release_lite(path: str | Path) -> None:
@@ -198,9 +193,7 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     no file the gateway writes may grow past this (RLIMIT_FSIZE), as on a full disk.
     """
     port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
-    clean.update(env)
-    clean.update(extra_env or {})
+    clean = clean_env({**env, **(extra_env or {})})
     clean.setdefault("PYTHONUNBUFFERED", "1")
     if serve_cli:
         cmd = [sys.executable, *python_args, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -240,7 +233,7 @@ def served_folder(folder: Path, repo: Path, work: Path, model_name: str) -> Iter
     with LocalTriton(repo, "cpu") as triton:
         env = gateway_env(repo, triton.grpc_url, db, folder, model_name=model_name)
         cmd = [sys.executable, "-m", "imgsearch.cli", "index", str(folder), "--recreate"]
-        r = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+        r = subprocess.run(cmd, cwd=REPO_ROOT, env=clean_env(env), capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"imgsearch index failed ({r.returncode}):\n{r.stderr[-3000:]}")
         release_lite(db)

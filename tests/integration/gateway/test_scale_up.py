@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import subprocess
 import sys
 import threading
@@ -33,15 +32,15 @@ import psutil
 import pytest
 from fastapi import Request
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.stack import (
     REPO_ROOT,
     MilvusServer,
+    clean_env,
     free_port,
     gateway_env,
     index_images,
-    make_images,
     release_lite,
-    shape_jpeg,
     start_gateway,
 )
 from imgsearch.imaging import decode_image
@@ -54,7 +53,7 @@ LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1")  # gRPC connects over an AF_INET6 s
 
 
 def _search_file(i: int) -> dict:
-    return {"file": (f"q{i}.jpg", shape_jpeg(i % 4, 50_000 + i), "image/jpeg")}
+    return {"file": (f"q{i}.jpg", jpeg_bytes(shape_image(i % 4, 50_000 + i)), "image/jpeg")}
 
 
 # --- 1. several workers, one Triton channel each ----------------------------------------
@@ -95,7 +94,7 @@ async def _burst(url: str, n: int, start: int) -> list[httpx.Response]:
 def milvus_server(tmp_path_factory, triton, repo18):
     base = tmp_path_factory.mktemp("scale_up")
     root = base / "images"
-    make_images(root, classes=4, per_class=8)
+    make_dataset(root, classes=4, per_class=8)
     server = MilvusServer(base / "server.db", log_path=base / "milvus.log").start()
     try:
         ids = index_images(root, server.uri, triton.grpc_url, repo18)
@@ -167,9 +166,8 @@ def test_two_workers_share_triton_and_milvus_and_each_reuses_one_grpc_connection
 
 
 def test_several_workers_with_a_milvus_lite_file_are_refused(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSEARCH_")}
     # a Triton URL, so that a serve that wrongly went on would not start a local Triton
-    env.update(gateway_env(tmp_path, "127.0.0.1:1", tmp_path / "lite.db", tmp_path))
+    env = clean_env(gateway_env(tmp_path, "127.0.0.1:1", tmp_path / "lite.db", tmp_path))
     port = free_port()
     res = subprocess.run([sys.executable, "-m", "imgsearch.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
                           "--port", str(port)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -296,7 +294,7 @@ def loop_gateway(settings_env, tmp_path, triton, repo18):
     from imgsearch.settings import Settings
 
     root = tmp_path / "images"
-    make_images(root, classes=2, per_class=4)
+    make_dataset(root, classes=2, per_class=4)
     db = tmp_path / "loop.db"
     index_images(root, str(db), triton.grpc_url, repo18)
     for k, v in gateway_env(repo18, triton.grpc_url, db, root, max_inflight=64,
@@ -355,7 +353,7 @@ def test_searches_decode_off_the_event_loop_and_healthz_answers_meanwhile(loop_g
     steps.threshold = threshold = one_decode / MARGIN
     with httpx.Client(base_url=gw.url, timeout=120) as c:
         # warm-up: first-request work (route and schema set-up) is not what this checks
-        warm = c.post("/v1/search", files={"file": ("w.jpg", shape_jpeg(1, 7), "image/jpeg")})
+        warm = c.post("/v1/search", files={"file": ("w.jpg", jpeg_bytes(shape_image(1, 7)), "image/jpeg")})
         assert warm.status_code == 200 and warm.json()["results"], warm.text
 
         # control: the same upload decoded ON the loop is caught

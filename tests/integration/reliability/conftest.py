@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.data import jpeg_bytes, make_dataset, shape_image
 from harness.stack import (
     COLLECTION,
     GatewayProc,
     copy_db,
     gateway_env,
     index_images,
-    make_images,
     release_lite,
-    shape_jpeg,
     start_gateway,
 )
 
@@ -57,7 +56,7 @@ class MainGateway:
 def rel_data(tmp_path_factory, triton, repo18) -> RelData:
     base = tmp_path_factory.mktemp("rel")
     images = base / "images"
-    make_images(images, classes=4, per_class=6)
+    make_dataset(images, classes=4, per_class=6)
     template = base / "template.db"
     ids = index_images(images, str(template), triton.grpc_url, repo18)
     return RelData(base, images, template, ids)
@@ -115,7 +114,7 @@ def sec_gw(rel_data, repo18, triton) -> SecGateway:
     root, outside = base / "images", base / "outside"
     (root / "ok").mkdir(parents=True)
     outside.mkdir()
-    secret, inside = shape_jpeg(5, 1), shape_jpeg(4, 2)
+    secret, inside = jpeg_bytes(shape_image(5, 1)), jpeg_bytes(shape_image(4, 2))
     (outside / "secret.jpg").write_bytes(secret)
     (root / "ok" / "inside.jpg").write_bytes(inside)
     (root / "linkdir").symlink_to(outside, target_is_directory=True)

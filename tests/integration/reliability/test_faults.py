@@ -22,6 +22,7 @@ import time
 import psutil
 import pytest
 
+from harness.data import jpeg_bytes, shape_image
 from harness.faults import (
     graceful_shutdown,
     locked_then_released,
@@ -29,12 +30,12 @@ from harness.faults import (
     outage,
     search_once,
 )
-from harness.stack import LockHolder, MilvusServer, copy_db, free_port, shape_jpeg
+from harness.stack import LockHolder, MilvusServer, copy_db, free_port
 from imgsearch.triton_server import LocalTriton
 
 pytestmark = [pytest.mark.integration, pytest.mark.alone]  # bounds in wall-clock time
 
-QUERY = shape_jpeg(1, 4242)
+QUERY = jpeg_bytes(shape_image(1, 4242))
 
 
 def check_outage(res: dict, code: str, gw) -> None:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from harness.configs import assert_bounded_rejecting_queue
-from harness.data import make_tiny_queue_repo
+from harness.data import jpeg_bytes, make_tiny_queue_repo, shape_image
 from harness.faults import flood, scrape, triton_queue
 from harness.stack import (
     MODEL,
@@ -21,7 +21,6 @@ from harness.stack import (
     backend_bound_repo,
     gateway_env,
     index_images,
-    shape_jpeg,
     start_gateway,
 )
 from imgsearch.export.triton_config import parse_config
@@ -57,7 +56,7 @@ def flood_gw(rel_data, tmp_path_factory):
 
 
 def test_flood_at_10x_capacity_sheds_with_retry_after_and_recovers(flood_gw):
-    query = shape_jpeg(2, 777)
+    query = jpeg_bytes(shape_image(2, 777))
     before = asyncio.run(scrape(flood_gw.url))
     res = asyncio.run(flood(flood_gw.url, query, flood_gw.pid, factor=10.0, probe_s=2.0, capacity_s=3.0,
                             flood_s=4.0))
@@ -91,7 +90,7 @@ def tiny_queue_triton(tmp_path_factory, repo18):
 
 def test_triton_queue_full_is_503_with_retry_after_and_counted(launch, tiny_queue_triton):
     gw = launch(tiny_queue_triton.grpc_url, max_inflight=64)  # the gateway's own limit stays out of the way
-    res = asyncio.run(triton_queue(gw.url, shape_jpeg(3, 888), n=40))
+    res = asyncio.run(triton_queue(gw.url, jpeg_bytes(shape_image(3, 888)), n=40))
     print({k: v for k, v in res.items() if k != "replies"})
     assert {r.status for r in res["replies"]} <= {200, 503}, res["by_status"]
     n503 = res["by_status"].get("503", 0)
@@ -103,7 +102,7 @@ def test_triton_queue_full_is_503_with_retry_after_and_counted(launch, tiny_queu
     assert res["errors_overloaded"] == n503
     assert tiny_queue_triton.is_ready()
     with httpx.Client(base_url=gw.url, timeout=30) as c:  # the burst is over: the next search is served
-        r = c.post("/v1/search", files={"file": ("q.jpg", shape_jpeg(3, 888), "image/jpeg")})
+        r = c.post("/v1/search", files={"file": ("q.jpg", jpeg_bytes(shape_image(3, 888)), "image/jpeg")})
         assert r.status_code == 200, r.text
 
 

@@ -19,8 +19,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from harness.data import jpeg_bytes, shape_image
 from harness.deps import read_export
-from harness.stack import shape_jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def raw_get(url: str, path: str) -> tuple[int, bytes]:
 
 def test_writes_are_disabled_without_a_configured_key(sec_gw):
     with client(sec_gw.url) as c:
-        files = {"file": ("a.jpg", shape_jpeg(0, 1), "image/jpeg")}
+        files = {"file": ("a.jpg", jpeg_bytes(shape_image(0, 1)), "image/jpeg")}
         for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Bearer anything"}):
             r = c.post("/v1/images", data={"label": "x"}, files=files, headers=headers)
             assert r.status_code == 403 and r.json()["error"]["code"] == "writes_disabled", r.text
@@ -62,7 +62,7 @@ def test_writes_are_disabled_without_a_configured_key(sec_gw):
 
 
 def test_wrong_or_missing_key_is_401_and_the_right_key_works(main_gw, api_key):
-    img = shape_jpeg(3, 31337)
+    img = jpeg_bytes(shape_image(3, 31337))
     wrong = [None, "Bearer", f"Bearer {api_key[:-1]}", f"Bearer {api_key}x", f"Bearer {api_key.upper()}",
              f"Bearer {'x' * len(api_key)}", api_key]
     with client(main_gw.url) as c:
