@@ -1,0 +1,85 @@
+"""``build_index`` against a Milvus server: flush, then wait while the server reports rows not yet
+indexed. Milvus Lite reports every row indexed at once, so this branch runs only over a client
+that answers as a server does (``describe_index`` of pymilvus' MilvusClient: rows total, indexed,
+pending)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgsearch.errors import StoreUnavailable
+from imgsearch.store import PROP_BUILT, VectorStore
+
+TOTAL = 20_000
+
+
+class Server:
+    """A Milvus server's index build: ``pending`` rows at the flush, ``step`` fewer at each describe."""
+
+    def __init__(self, pending: int, step: int) -> None:
+        self.pending, self.step = pending, step
+        self.calls: list[str] = []
+        self.flushed = False
+        self.properties: dict[str, str] = {}
+
+    def flush(self, collection, timeout=None):
+        self.calls.append("flush")
+        self.flushed = True
+
+    def describe_index(self, collection, field, timeout=None):
+        self.calls.append("describe_index")
+        assert self.flushed, "the index is waited for only after the flush sealed the rows"
+        state = {"index_type": "HNSW", "metric_type": "COSINE", "M": "16", "efConstruction": "200",
+                 "total_rows": TOTAL, "indexed_rows": TOTAL - self.pending, "pending_index_rows": self.pending,
+                 "state": "InProgress" if self.pending else "Finished"}
+        self.pending = max(0, self.pending - self.step)
+        return state
+
+    def describe_collection(self, collection, timeout=None):
+        return {"properties": dict(self.properties)}
+
+    def query(self, collection, filter="", output_fields=(), timeout=None):
+        return [{"count(*)": TOTAL}]
+
+    def alter_collection_properties(self, collection, properties, timeout=None):
+        self.calls.append("alter_collection_properties")
+        self.properties.update(properties)
+
+    def close(self):
+        pass
+
+
+def store_with(client: Server) -> VectorStore:
+    store = VectorStore("http://127.0.0.1:19530", "images", timeout_s=2.0)
+    store._client = client
+    return store
+
+
+def test_build_index_on_a_server_waits_until_no_row_is_pending():
+    server = Server(pending=TOTAL, step=5_000)
+    state = store_with(server).build_index(poll_s=0)
+
+    assert server.calls[0] == "flush"
+    # 20k, 15k, 10k, 5k pending, then 0: five polls before the build is recorded
+    assert server.calls[1:6] == ["describe_index"] * 5
+    assert server.calls[6] == "alter_collection_properties"
+    assert state["pending_index_rows"] == 0 and state["indexed_rows"] == TOTAL
+    assert state["state"] == "Finished"
+    assert state["last_build"]["rows"] == TOTAL
+    assert json.loads(server.properties[PROP_BUILT])["rows"] == TOTAL
+
+
+def test_an_index_already_built_is_not_waited_for():
+    server = Server(pending=0, step=0)
+    store_with(server).build_index(poll_s=60)  # a poll would sleep a minute
+    assert server.calls[:3] == ["flush", "describe_index", "alter_collection_properties"]
+
+
+def test_a_server_that_never_finishes_is_unavailable_after_the_deadline_and_says_where_it_stood():
+    server = Server(pending=1_000, step=0)
+    with pytest.raises(StoreUnavailable, match=r"did not finish the index of 'images' in 0s.*'pending_index_rows': 1000"):
+        store_with(server).build_index(timeout_s=0.05, poll_s=0.01)
+    assert "alter_collection_properties" not in server.calls  # no build recorded for an unfinished index
+    assert server.calls.count("describe_index") >= 2
