@@ -107,6 +107,21 @@ def gateway_pair(repo: Path, triton_url: str, db: Path, image_root: Path, window
         on.stop(20)
 
 
+async def warm_up(mode: str, worker, items: list, clients: int, patience_s: float = 3600.0) -> None:
+    """One request per client, repeated until every one answers 200. A gateway over a copied Lite
+    file can spend minutes loading it (250k x 2048-d: longer than a client's timeout), and a round
+    started before that would time the load, not the search."""
+    t0 = time.monotonic()
+    while True:
+        got = await asyncio.gather(*[worker(items[i % len(items)]) for i in range(clients)])
+        if all(s == "200" for s in got):
+            return
+        if time.monotonic() - t0 > patience_s:
+            raise RuntimeError(f"gateway {mode!r} still not answering after {patience_s:.0f} s: {Counter(got)}")
+        print(f"  {mode}: warming up ({dict(Counter(got))}), {time.monotonic() - t0:.0f} s", flush=True)
+        await asyncio.sleep(1.0)
+
+
 async def compare(gws: dict, make_worker, items: list, clients: int, seconds: float, rounds: int) -> dict:
     """Alternating on/off rounds at ``clients``; summary per mode, ratios, Milvus calls per mode."""
     out: dict = {"clients": clients}
@@ -116,7 +131,7 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
             client = await stack.enter_async_context(httpx.AsyncClient(
                 base_url=gw.url, timeout=120, limits=httpx.Limits(max_connections=clients)))
             workers[mode] = make_worker(client)
-            await asyncio.gather(*[workers[mode](items[i % len(items)]) for i in range(clients)])  # warm-up
+            await warm_up(mode, workers[mode], items, clients)
             before[mode] = (await client.get("/metrics")).text
         rs = {m: [] for m in gws}
         for i in range(rounds):
