@@ -8,6 +8,7 @@ drops the client, so the next call reconnects: a Milvus that comes back needs no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -224,7 +225,7 @@ class VectorStore:
         self.load_timeout_s = max(timeout_s, load_timeout_s)
         self._client = None
         self._lock = threading.Lock()
-        self._opening = threading.local()  # .deadline: open()'s, for the calls made inside it
+        self._patience = threading.local()  # .deadline: a batch operation's, for the calls made inside it
 
     @classmethod
     def from_settings(cls, settings: Settings, collection: str | None = None) -> VectorStore:
@@ -253,7 +254,7 @@ class VectorStore:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             client = self._connect()
-            deadline = getattr(self._opening, "deadline", None) or self.timeout_s
+            deadline = getattr(self._patience, "deadline", None) or self.timeout_s
             return fn(_WithDeadline(client, deadline), *args, **kwargs)
         except (StoreError, ValueError):
             raise
@@ -315,8 +316,7 @@ class VectorStore:
         gateway opens impatiently: a hung Milvus must still be reported within a request's
         deadline.
         """
-        self._opening.deadline = self.load_timeout_s if patient else None
-        try:
+        with self._patient(self.load_timeout_s if patient else None):
             if recreate and self.exists():
                 self.drop()
             if not self.exists():
@@ -327,8 +327,15 @@ class VectorStore:
                 self.check(dim, model_sha)
                 self._finish_index(dim)
             self._load()
+
+    @contextlib.contextmanager
+    def _patient(self, deadline_s: float | None) -> Iterator[None]:
+        """Every call this thread makes inside gets ``deadline_s`` (None: the request deadline)."""
+        self._patience.deadline = deadline_s
+        try:
+            yield
         finally:
-            self._opening.deadline = None
+            self._patience.deadline = None
 
     def _load(self) -> None:
         self._call("load_collection", lambda c: c.load_collection(self.collection, timeout=self.load_timeout_s))
@@ -536,37 +543,40 @@ class VectorStore:
         A Milvus server builds the index of sealed segments by itself (wait for it); Milvus
         Lite builds it when the collection loads (release, load).
         """
-        t0 = time.perf_counter()
-        self._call_again("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
-        if is_lite(self.uri):
-            def reload(c) -> None:
-                c.release_collection(self.collection)
-                c.load_collection(self.collection, timeout=timeout_s)  # Lite builds the index here
+        # every call in here may wait as long as the build: Milvus Lite, still writing the index
+        # its flush started, answered the count after the reload of 250k 2048-d rows in over 10 s
+        with self._patient(timeout_s):
+            t0 = time.perf_counter()
+            self._call_again("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
+            if is_lite(self.uri):
+                def reload(c) -> None:
+                    c.release_collection(self.collection)
+                    c.load_collection(self.collection, timeout=timeout_s)  # Lite builds the index here
 
-            # The flush also starts Milvus Lite's background index build, which writes its index
-            # file in place and outside the lock a load takes: a load meeting a half-written file
-            # fails with a short read, and the next one reads it whole.
-            self._call_again("load_collection", reload, attempts=5)
-        else:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                st = self.index_state()
-                if not st["pending_index_rows"] and (st["indexed_rows"] or 0) >= (st["total_rows"] or 0):
-                    break
-                if time.monotonic() > deadline:
-                    raise StoreUnavailable(f"Milvus ({self.uri}) did not finish the index of {self.collection!r} "
-                                           f"in {timeout_s:.0f}s: {st}")
-                time.sleep(poll_s)
-        built = {"rows": self.count(), "seconds": round(time.perf_counter() - t0, 3)}
-        # Shards of one run finish at once and each records its build; Milvus Lite's server
-        # writes the collection's schema file through one fixed temporary name, so concurrent
-        # property writes can collide. The record is informational: tried again, then only warned of.
-        try:
-            self._call_again("alter_collection_properties", lambda c: c.alter_collection_properties(
-                self.collection, properties={PROP_BUILT: json.dumps(built)}))
-        except StoreError as e:
-            log.warning("index of %s built, but its build record was not saved: %s", self.collection, e)
-        return self.index_state()
+                # The flush also starts Milvus Lite's background index build, which writes its index
+                # file in place and outside the lock a load takes: a load meeting a half-written file
+                # fails with a short read, and the next one reads it whole.
+                self._call_again("load_collection", reload, attempts=5)
+            else:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    st = self.index_state()
+                    if not st["pending_index_rows"] and (st["indexed_rows"] or 0) >= (st["total_rows"] or 0):
+                        break
+                    if time.monotonic() > deadline:
+                        raise StoreUnavailable(f"Milvus ({self.uri}) did not finish the index of {self.collection!r} "
+                                               f"in {timeout_s:.0f}s: {st}")
+                    time.sleep(poll_s)
+            built = {"rows": self.count(), "seconds": round(time.perf_counter() - t0, 3)}
+            # Shards of one run finish at once and each records its build; Milvus Lite's server
+            # writes the collection's schema file through one fixed temporary name, so concurrent
+            # property writes can collide. The record is informational: tried again, then only warned of.
+            try:
+                self._call_again("alter_collection_properties", lambda c: c.alter_collection_properties(
+                    self.collection, properties={PROP_BUILT: json.dumps(built)}))
+            except StoreError as e:
+                log.warning("index of %s built, but its build record was not saved: %s", self.collection, e)
+            return self.index_state()
 
     def _call_again(self, what: str, fn, attempts: int = 3):
         """``_call`` for a call that may be repeated: again while Milvus answers it with an error.

@@ -21,15 +21,20 @@ class Server:
     def __init__(self, pending: int, step: int) -> None:
         self.pending, self.step = pending, step
         self.calls: list[str] = []
+        self.timeouts: dict[str, set] = {}
         self.flushed = False
         self.properties: dict[str, str] = {}
 
+    def _record(self, name: str, timeout) -> None:
+        self.calls.append(name)
+        self.timeouts.setdefault(name, set()).add(timeout)
+
     def flush(self, collection, timeout=None):
-        self.calls.append("flush")
+        self._record("flush", timeout)
         self.flushed = True
 
     def describe_index(self, collection, field, timeout=None):
-        self.calls.append("describe_index")
+        self._record("describe_index", timeout)
         assert self.flushed, "the index is waited for only after the flush sealed the rows"
         state = {"index_type": "HNSW", "metric_type": "COSINE", "M": "16", "efConstruction": "200",
                  "total_rows": TOTAL, "indexed_rows": TOTAL - self.pending, "pending_index_rows": self.pending,
@@ -38,13 +43,15 @@ class Server:
         return state
 
     def describe_collection(self, collection, timeout=None):
+        self._record("describe_collection", timeout)
         return {"properties": dict(self.properties)}
 
     def query(self, collection, filter="", output_fields=(), timeout=None):
+        self._record("query", timeout)
         return [{"count(*)": TOTAL}]
 
     def alter_collection_properties(self, collection, properties, timeout=None):
-        self.calls.append("alter_collection_properties")
+        self._record("alter_collection_properties", timeout)
         self.properties.update(properties)
 
     def close(self):
@@ -61,10 +68,10 @@ def test_build_index_on_a_server_waits_until_no_row_is_pending():
     server = Server(pending=TOTAL, step=5_000)
     state = store_with(server).build_index(poll_s=0)
 
-    assert server.calls[0] == "flush"
-    # 20k, 15k, 10k, 5k pending, then 0: five polls before the build is recorded
-    assert server.calls[1:6] == ["describe_index"] * 5
-    assert server.calls[6] == "alter_collection_properties"
+    calls = [c for c in server.calls if c != "describe_collection"]  # the build record's read
+    assert calls[0] == "flush"
+    # 20k, 15k, 10k, 5k pending, then 0: five polls, then the count and the build record
+    assert calls[1:8] == ["describe_index"] * 5 + ["query", "alter_collection_properties"]
     assert state["pending_index_rows"] == 0 and state["indexed_rows"] == TOTAL
     assert state["state"] == "Finished"
     assert state["last_build"]["rows"] == TOTAL
@@ -74,7 +81,20 @@ def test_build_index_on_a_server_waits_until_no_row_is_pending():
 def test_an_index_already_built_is_not_waited_for():
     server = Server(pending=0, step=0)
     store_with(server).build_index(poll_s=60)  # a poll would sleep a minute
-    assert server.calls[:3] == ["flush", "describe_index", "alter_collection_properties"]
+    assert [c for c in server.calls if c != "describe_collection"][:4] == \
+        ["flush", "describe_index", "query", "alter_collection_properties"]
+
+
+def test_every_call_of_a_build_waits_as_long_as_the_build_and_requests_after_it_do_not():
+    server = Server(pending=TOTAL, step=TOTAL)
+    store = store_with(server)  # a request's deadline: 2 s
+    store.build_index(timeout_s=900, poll_s=0)
+    assert set(server.timeouts) == {"flush", "describe_index", "describe_collection", "query",
+                                    "alter_collection_properties"}
+    assert all(t == {900} for t in server.timeouts.values()), server.timeouts
+    server.timeouts.clear()
+    store.count()
+    assert server.timeouts == {"query": {2.0}}
 
 
 def test_a_server_that_never_finishes_is_unavailable_after_the_deadline_and_says_where_it_stood():
