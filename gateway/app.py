@@ -55,7 +55,7 @@ def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
     """The gateway app; ``encoder`` / ``store`` stand in for the Triton client and the Milvus store
     the settings name (anything with their methods: tests run the routes over in-process fakes).
     The app closes them with its lifespan, as it does its own."""
-    if not settings.triton_url:
+    if encoder is None and not settings.triton_url:
         raise ModelRepositoryError(
             "IMGSEARCH_TRITON_URL is not set: run `imgsearch serve` (it starts the local Triton) "
             "or point the gateway at a running Triton (host:port of its gRPC endpoint)")
@@ -83,7 +83,7 @@ def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
             log.warning("Milvus not available at startup (%s); /readyz stays 503 until it is", e)
         if not await encoder.is_ready():
             log.warning("Triton model %r not ready at %s; /readyz stays 503 until it is",
-                        settings.model_name, settings.triton_url)
+                        settings.model_name, encoder.url)
         else:
             if card.has_probs and not await encoder.has_probs():
                 log.warning("model card promises 'probs' but Triton's model has no such output")
@@ -94,7 +94,7 @@ def create_app(settings: Settings, *, encoder: TritonEncoder | None = None,
         mode = {True: "file bytes", False: "pixels", None: "bytes once Triton is ready"}[rt.use_bytes]
         log.info("gateway ready: model %s (%s, %d-d%s), Triton %s (input: %s), Milvus %s/%s, image root %s",
                  card.name, card.arch, card.embedding_dim, ", untrained" if card.untrained else "",
-                 settings.triton_url, mode, settings.milvus_uri, settings.collection, rt.image_root)
+                 encoder.url, mode, settings.milvus_uri, settings.collection, rt.image_root)
         try:
             yield
         finally:

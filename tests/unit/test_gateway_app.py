@@ -42,9 +42,10 @@ def test_a_bug_is_a_json_500_with_the_security_headers_and_counted(settings_env)
     assert 'imgsearch_requests_total{route="/boom",status="500"} 1.0' in text
 
 
-def test_the_app_needs_a_triton_url(settings_env):
+def test_the_app_needs_a_triton_url_unless_given_an_encoder(settings_env):
     with pytest.raises(ModelRepositoryError, match="IMGSEARCH_TRITON_URL"):
         create_app(Settings(_env_file=None))
+    assert create_app(Settings(_env_file=None), encoder=object()) is not None
 
 
 def test_static_paths_with_a_nul_byte_are_404(settings_env):

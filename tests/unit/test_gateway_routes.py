@@ -90,7 +90,7 @@ def serve(settings_env, tmp_path):
         (model_dir / CARD_FILE).write_text(card.to_json())
         if labels:
             (model_dir / LABELS_FILE).write_text("\n".join(labels) + "\n")
-        settings = Settings(_env_file=None, triton_url="fake-triton:0", model_repository=base / "repo",
+        settings = Settings(_env_file=None, model_repository=base / "repo",
                             model_name=MODEL, image_root=base / "images", api_key=api_key,
                             max_upload_bytes=MAX_UPLOAD, decode_threads=1, store_threads=1, **kw)
         enc, store = FakeEncoder(enc_dim, labels), FakeStore()
