@@ -12,6 +12,8 @@ with the neighbours' load.
   search    ``POST /v1/search`` through a real Triton (``--repository``, or a resnet18 with
             random weights exported here) over the demo-style images plus synthetic vectors
             of the model's dimension: req/s per client count, and the knee (most req/s).
+            ``--baseline REV`` adds a third gateway, "today": this project's code at REV
+            (``git archive``), e.g. the commit before search batching, in the same rounds.
   index     the cost of a search right after the inserts, and once ``build_index`` (what
             ``imgsearch index`` now ends with) has flushed and waited for the index.
 
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +44,8 @@ from harness.data import make_dataset
 from harness.stack import (
     COLLECTION,
     MODEL,
+    REPO_ROOT,
+    GatewayProc,
     copy_db,
     gateway_env,
     index_images,
@@ -87,24 +92,33 @@ def build_collection(db: Path, vectors: np.ndarray, sha: str, extra_rows=()) -> 
                  "index_state": state}
 
 
+def checkout(rev: str, dest: Path) -> Path:
+    """This repository's files at ``rev`` (``git archive``: no .git, nothing untracked) in ``dest``."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 @contextlib.contextmanager
 def gateway_pair(repo: Path, triton_url: str, db: Path, image_root: Path, window_ms: float, batch_max: int,
-                 tmp: Path):
-    """Batching on and off, each over its own copy of the collection (one process per Lite file)."""
-    off_db = copy_db(db, tmp / f"{db.stem}-off.db")
+                 tmp: Path, baseline: Path | None = None):
+    """Batching on and off, each over its own copy of the collection (one process per Lite file);
+    with ``baseline`` (a :func:`checkout`), that code's gateway too, as "today"."""
     common = {"max_inflight": 512, "collection": COLLECTION}
-    on = start_gateway(gateway_env(repo, triton_url, db, image_root, search_batch_ms=window_ms,
-                                   search_batch_max=batch_max, **common),
-                       log_level="warning", log_path=tmp / "gateway-on.log")
-    try:
-        off = start_gateway(gateway_env(repo, triton_url, off_db, image_root, search_batch_ms=0, **common),
-                            log_level="warning", log_path=tmp / "gateway-off.log")
-        try:
-            yield {"on": on, "off": off}
-        finally:
-            off.stop(20)
-    finally:
-        on.stop(20)
+    with contextlib.ExitStack() as stack:
+        def serve(mode: str, db_: Path, code: Path | None = None, **settings: object) -> GatewayProc:
+            gw = start_gateway(gateway_env(repo, triton_url, db_, image_root, **common, **settings),
+                               log_level="warning", log_path=tmp / f"gateway-{mode}.log", checkout=code)
+            stack.callback(gw.stop, 20)
+            return gw
+
+        gws = {"on": serve("on", db, search_batch_ms=window_ms, search_batch_max=batch_max),
+               "off": serve("off", copy_db(db, tmp / f"{db.stem}-off.db"), search_batch_ms=0)}
+        if baseline is not None:
+            gws["today"] = serve("today", copy_db(db, tmp / f"{db.stem}-today.db"), baseline)
+        yield gws
 
 
 async def warm_up(mode: str, worker, items: list, clients: int, patience_s: float = 3600.0) -> None:
@@ -123,7 +137,8 @@ async def warm_up(mode: str, worker, items: list, clients: int, patience_s: floa
 
 
 async def compare(gws: dict, make_worker, items: list, clients: int, seconds: float, rounds: int) -> dict:
-    """Alternating on/off rounds at ``clients``; summary per mode, ratios, Milvus calls per mode."""
+    """Alternating rounds (on, off[, today]) at ``clients``; summary per mode, on's ratios to the
+    others, Milvus calls per mode."""
     out: dict = {"clients": clients}
     async with contextlib.AsyncExitStack() as stack:
         workers, before = {}, {}
@@ -147,13 +162,19 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
                      - metric_sum(before[mode], "imgsearch_milvus_batch_size_count", op="search"))
             vecs = (metric_sum(text, "imgsearch_milvus_batch_size_sum", op="search")
                     - metric_sum(before[mode], "imgsearch_milvus_batch_size_sum", op="search"))
-            out[mode] = {**asdict(s), "statuses": _statuses(rs[mode]), "milvus_search_calls": int(calls),
-                         "vectors_per_search_call": round(vecs / calls, 2) if calls else None,
-                         "rss_mb": round(rss_tree_bytes(gw.pid) / 2**20, 1)}
+            out[mode] = {**asdict(s), "statuses": _statuses(rs[mode]), "rss_mb": round(rss_tree_bytes(gw.pid) / 2**20, 1)}
+            if mode != "today":  # code before batching has no batch metrics
+                out[mode] |= {"milvus_search_calls": int(calls),
+                              "vectors_per_search_call": round(vecs / calls, 2) if calls else None}
     on, off = out["on"], out["off"]
     out["ratio_rps_on_off"] = round(on["throughput_rps"] / off["throughput_rps"], 3) if off["throughput_rps"] else None
     out["p99_on_lower"] = on["p99_ms"] < off["p99_ms"]
     out["p50_delta_ms"] = round(on["p50_ms"] - off["p50_ms"], 3)
+    if "today" in out:
+        today = out["today"]
+        out["ratio_rps_on_today"] = (round(on["throughput_rps"] / today["throughput_rps"], 3)
+                                     if today["throughput_rps"] else None)
+        out["p50_delta_ms_today"] = round(on["p50_ms"] - today["p50_ms"], 3)
     return out
 
 
@@ -216,21 +237,28 @@ def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
         vectors = clustered_vectors(args.vectors, card.embedding_dim, seed=3)
         ids, index = build_collection(db, vectors, card.model_sha)
         index_images(root, str(db), triton.grpc_url, repo)  # the query images themselves, too
-        with gateway_pair(repo, triton.grpc_url, db, root, args.window_ms, args.batch_max, tmp) as gws:
+        baseline = checkout(args.baseline, tmp / "baseline") if args.baseline else None
+        with gateway_pair(repo, triton.grpc_url, db, root, args.window_ms, args.batch_max, tmp, baseline) as gws:
             steps = [asyncio.run(compare(gws, search_worker(args.top_k), images, c, args.seconds, args.rounds))
                      for c in args.search_clients]
-    knee = {m: max(steps, key=lambda s: s[m]["throughput_rps"]) for m in ("on", "off")}
+    knee = {m: max(steps, key=lambda s: s[m]["throughput_rps"]) for m in ("on", "off", "today") if m in steps[0]}
     return {"model": {"arch": card.arch, "dim": card.embedding_dim, "weights": card.weights},
             "vectors": args.vectors, "index": index, "steps": steps,
+            **({"baseline": args.baseline, "baseline_commit": _commit(args.baseline)} if args.baseline else {}),
             "knee": {m: {"clients": k["clients"], "throughput_rps": k[m]["throughput_rps"],
                          "p99_ms": k[m]["p99_ms"]} for m, k in knee.items()}}
+
+
+def _commit(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", rev + "^{commit}"],
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def verdicts(res: dict, window_ms: float) -> dict:
     """The issue's targets, each true only when both compared runs answered every request: an
     error answered fast (a shed 503) or a timeout on one side would otherwise decide a latency."""
     def clean(*cmps: dict) -> bool:
-        return all(c[m]["errors"] == 0 for c in cmps for m in ("on", "off"))
+        return all(c[m]["errors"] == 0 for c in cmps for m in ("on", "off", "today") if m in c)
 
     v = {}
     if "similar" in res:
@@ -242,9 +270,14 @@ def verdicts(res: dict, window_ms: float) -> dict:
         steps = res["search"]["steps"]
         k = res["search"]["knee"]
         v["search_knee_on_ge_off"] = clean(*steps) and k["on"]["throughput_rps"] >= k["off"]["throughput_rps"]
+        if "today" in k:
+            v["search_knee_on_ge_today"] = clean(*steps) and k["on"]["throughput_rps"] >= k["today"]["throughput_rps"]
         one = [s for s in steps if s["clients"] == 1]
         if one:
             v["search_1_client_p50_rise_le_window"] = clean(one[0]) and one[0]["p50_delta_ms"] <= window_ms
+            if "today" in one[0]:
+                v["search_1_client_p50_rise_vs_today_le_window"] = (clean(one[0])
+                                                                    and one[0]["p50_delta_ms_today"] <= window_ms)
     return v
 
 
@@ -261,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="on+off pairs per setting (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--repository", type=Path, help="search: model repository (default: export a random resnet18)")
+    p.add_argument("--baseline", metavar="REV",
+                   help="search: also serve this project's gateway as it was at REV (a commit from before its "
+                        "components moved under imgsearch, e.g. the one before search batching), as \"today\"")
     p.add_argument("--skip-similar", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/search-batching.json"),

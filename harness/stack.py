@@ -183,7 +183,7 @@ def _file_size_limit(nbytes: int):
 def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: str = "info",
                   log_path: Path | None = None, startup_timeout_s: float = 120.0,
                   extra_env: dict[str, str] | None = None, python_args: Sequence[str] = (),
-                  max_file_bytes: int | None = None) -> GatewayProc:
+                  max_file_bytes: int | None = None, checkout: Path | None = None) -> GatewayProc:
     """The gateway as in production, on a free loopback port; returns once /healthz answers.
 
     ``serve_cli``: through ``imgsearch serve`` (its uvicorn settings: graceful shutdown
@@ -191,11 +191,17 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     to ``log_path``. The caller's IMGSEARCH_* variables are dropped first. ``python_args`` go
     before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway). ``max_file_bytes``:
     no file the gateway writes may grow past this (RLIMIT_FSIZE), as on a full disk.
+    ``checkout``: the gateway of another checkout of this project, from the layout it had before
+    its components moved under ``imgsearch`` (``uvicorn gateway.app:app_from_env``, run in that
+    folder so that its own packages are imported): a benchmark's baseline.
     """
     port = free_port()
     clean = clean_env({**env, **(extra_env or {})})
     clean.setdefault("PYTHONUNBUFFERED", "1")
-    if serve_cli:
+    if checkout is not None:
+        cmd = [sys.executable, *python_args, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", log_level]
+    elif serve_cli:
         cmd = [sys.executable, *python_args, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", log_level]
     else:
@@ -205,7 +211,7 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     if log_path is None:
         log_path = _default_log("gateway-")
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=clean, stdout=logf, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=checkout or REPO_ROOT, env=clean, stdout=logf, stderr=subprocess.STDOUT,
                                 preexec_fn=None if max_file_bytes is None else _file_size_limit(max_file_bytes))
     gw = GatewayProc(f"http://127.0.0.1:{port}", port, proc, log_path)
     deadline = time.monotonic() + startup_timeout_s
