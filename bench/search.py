@@ -46,6 +46,7 @@ from harness.stack import (
     MODEL,
     REPO_ROOT,
     GatewayProc,
+    checkout,
     copy_db,
     gateway_env,
     index_images,
@@ -92,20 +93,11 @@ def build_collection(db: Path, vectors: np.ndarray, sha: str, extra_rows=()) -> 
                  "index_state": state}
 
 
-def checkout(rev: str, dest: Path) -> Path:
-    """This repository's files at ``rev`` (``git archive``: no .git, nothing untracked) in ``dest``."""
-    dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
 @contextlib.contextmanager
 def gateway_pair(repo: Path, triton_url: str, db: Path, image_root: Path, window_ms: float, batch_max: int,
                  tmp: Path, baseline: Path | None = None):
     """Batching on and off, each over its own copy of the collection (one process per Lite file);
-    with ``baseline`` (a :func:`checkout`), that code's gateway too, as "today"."""
+    with ``baseline`` (a :func:`harness.stack.checkout`), that code's gateway too, as "today"."""
     common = {"max_inflight": 512, "collection": COLLECTION}
     with contextlib.ExitStack() as stack:
         def serve(mode: str, db_: Path, code: Path | None = None, **settings: object) -> GatewayProc:

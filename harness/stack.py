@@ -191,14 +191,15 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     to ``log_path``. The caller's IMGSEARCH_* variables are dropped first. ``python_args`` go
     before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway). ``max_file_bytes``:
     no file the gateway writes may grow past this (RLIMIT_FSIZE), as on a full disk.
-    ``checkout``: the gateway of another checkout of this project, from the layout it had before
-    its components moved under ``imgsearch`` (``uvicorn gateway.app:app_from_env``, run in that
-    folder so that its own packages are imported): a benchmark's baseline.
+    ``checkout``: the gateway of another revision of this project (:func:`checkout`), run in
+    its folder so that its own packages are imported: a benchmark's baseline. A revision from
+    before the components moved under ``imgsearch`` runs as it ran then
+    (``uvicorn gateway.app:app_from_env``).
     """
     port = free_port()
     clean = clean_env({**env, **(extra_env or {})})
     clean.setdefault("PYTHONUNBUFFERED", "1")
-    if checkout is not None:
+    if checkout is not None and not (checkout / "imgsearch" / "gateway").exists():
         cmd = [sys.executable, *python_args, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", log_level]
     elif serve_cli:
@@ -227,6 +228,25 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
         time.sleep(0.2)
     gw.stop()
     raise RuntimeError(f"gateway not up after {startup_timeout_s}s:\n{gw.log_text()[-4000:]}")
+
+
+def checkout(rev: str, dest: Path) -> Path:
+    """This repository's files at ``rev`` (``git archive``: no .git, nothing untracked) in
+    ``dest``, importable from there: each component folder that pyproject.toml installs as
+    ``imgsearch.<name>`` is linked under ``imgsearch/``, where the installed project has it (the
+    editable install would otherwise import this checkout's component)."""
+    import tomllib
+
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", "--format=tar", rev],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    package_dir = tomllib.loads((dest / "pyproject.toml").read_text()).get("tool", {}).get(
+        "setuptools", {}).get("package-dir", {})
+    for name, folder in package_dir.items():
+        if name.startswith("imgsearch.") and name.count(".") == 1:
+            (dest / "imgsearch" / name.split(".")[1]).symlink_to(Path("..") / folder)
+    return dest
 
 
 @contextlib.contextmanager

@@ -1,0 +1,105 @@
+"""Gateway CPU per request: this checkout against another revision of the project, side by side.
+
+Both gateways are started by ``imgsearch serve`` (the revision's from a ``git archive`` of it:
+:func:`harness.stack.checkout`) over one Milvus Lite server holding ``--vectors`` synthetic
+2048-d vectors, and measured as :mod:`bench.profile_gateway` measures them (the gateway
+process' own CPU time over a run of ``GET /v1/images/{id}/similar``, divided by the requests),
+in alternating rounds (this, that, this, that, ...) at each client count, so whatever else
+the machine does hits both alike. Runs of one code differ by several percent between rounds:
+the medians (:mod:`imgsearch.stats`, nearest rank) and their ratio are what the results file
+reports.
+
+  python -m bench.gateway_ab a442fca --rounds 5 --requests 1500 --clients 1 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import bench.profile_gateway as profile_gateway
+from bench import command_line
+from bench.search import build_collection
+from harness.stack import REPO_ROOT, MilvusServer, checkout, copy_db, gateway_env, start_gateway
+from harness.vectors import clustered_vectors, vectors_card_repo
+from imgsearch.loadtest.cli import machine_info
+from imgsearch.model_card import read_card
+from imgsearch.stats import percentile
+from imgsearch.triton_server import free_port
+
+MODEL = "resnet152"
+
+
+def commit(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", rev + "^{commit}"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("baseline", metavar="REV", help="the revision to measure beside this checkout")
+    p.add_argument("--requests", type=int, default=1500, help="requests per round (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of each gateway per client count (default: %(default)s)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 32], help="client counts (default: %(default)s)")
+    p.add_argument("--vectors", type=int, default=5000, help="collection size (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/gateway-ab.json"), help="(default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="gateway-ab-"))
+    t0 = time.perf_counter()
+    base = checkout(args.baseline, tmp / "baseline")
+    repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
+    sha = read_card(repo, MODEL).model_sha
+    ids, _ = build_collection(tmp / "similar.db", clustered_vectors(args.vectors, 2048, seed=5), sha)
+    milvus = MilvusServer(copy_db(tmp / "similar.db", tmp / "server.db"), log_path=tmp / "milvus.log").start()
+    env = gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp)
+
+    def similar(c: httpx.Client, i: int) -> httpx.Response:
+        return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
+
+    sides = {"this": None, "baseline": base}
+    res: dict = {"baseline": args.baseline, "baseline_commit": commit(args.baseline), "this_commit": commit("HEAD"),
+                 "by_clients": []}
+    try:
+        for clients in args.clients:
+            rounds: dict[str, list[float]] = {side: [] for side in sides}
+            for r in range(args.rounds):
+                for side, code in sides.items():
+                    # profile_gateway.measure starts its gateway through start_gateway: this side's, or the revision's
+                    profile_gateway.start_gateway = (start_gateway if code is None else
+                                                     lambda e, code=code, **kw: start_gateway(e, checkout=code, **kw))
+                    m = profile_gateway.measure(env, similar, args.requests, tmp, f"{side}-{clients}-{r}", False, clients)
+                    rounds[side].append(m["gateway_cpu_ms_per_request"])
+                    print(f"  {clients:3d} client(s) round {r + 1}/{args.rounds} {side:8s} "
+                          f"{m['gateway_cpu_ms_per_request']:.3f} ms gateway CPU per similar", flush=True)
+            med = {side: round(percentile(v, 50), 3) for side, v in rounds.items()}
+            res["by_clients"].append({"clients": clients, "rounds_ms": rounds, "median_ms": med,
+                                      "ratio_this_to_baseline": round(med["this"] / med["baseline"], 3)})
+    finally:
+        profile_gateway.start_gateway = start_gateway
+        milvus.stop()
+    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    res["machine"] = machine_info()
+    res["command"] = command_line("bench.gateway_ab", argv)
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    for row in res["by_clients"]:
+        print(f"{row['clients']} client(s): this {row['median_ms']['this']} ms, {args.baseline} "
+              f"{row['median_ms']['baseline']} ms per similar (x{row['ratio_this_to_baseline']})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
