@@ -74,8 +74,6 @@ class MicroBatcher(Generic[Q, R]):
         if not self.enabled:
             self._observe(1, (0.0,))
             return (await self._run(key, [item]))[0]
-        if self.send_when_idle and not self._queue and self._in_flight < self.max_calls:
-            return await self._call_alone(key, item)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         batch = self._open.get(key)
@@ -90,22 +88,6 @@ class MicroBatcher(Generic[Q, R]):
             del self._open[key]  # full: the next request of this key starts another batch
         self._pump()
         return await fut
-
-    async def _call_alone(self, key: Hashable, item: Q) -> R:
-        """A free slot and nothing waiting: the request is a batch of its own, sent now and
-        awaited by the request itself. The batch record, the window timer, the call's task and
-        the future that hands its answer over are what a lone request would pay for nothing
-        (a lone ``similar`` makes two such calls)."""
-        self._observe(1, (0.0,))
-        self._in_flight += 1
-        try:
-            results = await self._run(key, [item])
-        finally:
-            self._in_flight -= 1
-            self._pump()
-        if len(results) != 1:
-            raise RuntimeError(f"batched call returned {len(results)} results for 1 request")
-        return results[0]
 
     def _ready(self, batch: _Pending[Q]) -> bool:
         return self.send_when_idle or batch.expired or len(batch.items) >= self.max_batch

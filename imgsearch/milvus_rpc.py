@@ -12,7 +12,6 @@ hold the fields pymilvus' ``Prepare`` sets for the same call (a unit test compar
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,31 +21,6 @@ import numpy as np
 class RpcFailed(Exception):
     """A search or get that failed: Milvus' error status, a reply that does not add up, or the
     gRPC status of a call it did not answer (whose name the message carries)."""
-
-
-_DIRECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # handler -> (channel, stub, headers)
-
-
-def stub_and_headers(handler: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """A stub for pymilvus' connection ``handler`` and the headers a call must add to the call's own.
-
-    pymilvus sends its calls through gRPC interceptors that add headers (the identifier its
-    server registered the client under, the authorization). Each interceptor layer costs a
-    visible share of a small call's CPU, so for a connection whose only interceptor adds the
-    identifier, the stub here is on the channel itself and the identifier is sent as a header
-    of the call. Any other case (a token, a layout this does not know) keeps pymilvus' stub.
-    """
-    channel = getattr(handler, "_channel", None)
-    identifier = getattr(handler, "_identifier", None)
-    if channel is None or identifier is None or getattr(handler, "_authorization_interceptor", True) is not None:
-        return handler._stub, []
-    known = _DIRECT.get(handler)
-    if known is None or known[0] is not channel:  # a reconnect replaces the channel
-        from pymilvus.grpc_gen import milvus_pb2_grpc
-
-        known = _DIRECT[handler] = (channel, milvus_pb2_grpc.MilvusServiceStub(channel),
-                                    [("identifier", str(identifier))])
-    return known[1], known[2]
 
 
 def search_request(collection: str, vectors: np.ndarray, limit: int, params: dict[str, Any], expr: str,

@@ -198,9 +198,8 @@ class _WithDeadline:
         """
         import grpc
 
-        stub, headers = milvus_rpc.stub_and_headers(self._client._get_connection())
-        call = getattr(stub, method)
-        metadata = self._client._generate_call_context().to_grpc_metadata() + headers
+        call = getattr(self._client._get_connection()._stub, method)
+        metadata = self._client._generate_call_context().to_grpc_metadata()
         deadline = time.monotonic() + self._timeout_s
         for attempt in (1, 2):
             try:

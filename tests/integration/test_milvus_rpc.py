@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from harness.stack import MilvusServer
-from imgsearch import milvus_rpc
 from imgsearch.errors import StoreUnavailable
 from imgsearch.store import Row, SearchQuery, VectorStore, search_ef
 
@@ -71,35 +70,3 @@ def test_a_refused_call_is_the_store_s_error_naming_milvus_reason(store):
     finally:
         other.close()
     assert store.get_many([1])[0].id == 1  # the store itself still answers
-
-
-def test_the_store_s_calls_carry_the_headers_pymilvus_interceptors_add(store):
-    """The store sends its two calls on the channel under pymilvus' interceptors, adding their
-    header itself: the server must see what pymilvus' own stub would have sent."""
-    import grpc
-    from pymilvus.grpc_gen import milvus_pb2_grpc
-
-    handler = store._connect()._get_connection()
-    seen: list[list[tuple[str, str]]] = []
-
-    class Recorder(grpc.UnaryUnaryClientInterceptor):
-        def intercept_unary_unary(self, continuation, details, request):
-            seen.append(sorted((k, v) for k, v in details.metadata or () if k != "client-request-unixmsec"))
-            return continuation(details, request)
-
-    channel = handler._channel
-    handler._channel = grpc.intercept_channel(channel, Recorder())  # under every interceptor
-    try:
-        pymilvus_stub = milvus_pb2_grpc.MilvusServiceStub(
-            grpc.intercept_channel(handler._channel, handler._identifier_interceptor))
-        ours = store.search_many([SearchQuery(store.vectors[0], top_k=3)])
-        assert len(seen) == 1, "the store's search did not go through the channel itself"
-        context = store._connect()._generate_call_context().to_grpc_metadata()
-        request = milvus_rpc.search_request("images", store.vectors[0], 3, {"metric_type": "COSINE", "params": {}},
-                                            "", ["path", "label"])
-        theirs = milvus_rpc.read_hits(pymilvus_stub.Search(request, timeout=10, metadata=context), 1)
-    finally:
-        handler._channel = channel
-    assert seen[0] == seen[1]
-    assert ("identifier", str(handler._identifier)) in seen[0]
-    assert [h.id for h in ours[0]] == [h[0] for h in theirs[0]]

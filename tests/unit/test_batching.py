@@ -213,24 +213,3 @@ def test_max_batch_below_one_is_refused():
         MicroBatcher(Recorder().run, window_s=0.01, max_batch=0)
     with pytest.raises(ValueError):
         MicroBatcher(Recorder().run, window_s=0.01, max_batch=4, max_calls=0)
-
-
-def test_a_lone_call_s_error_or_miscounted_answer_reaches_its_request_and_frees_the_slot():
-    async def short(key, items):
-        return []
-
-    async def main():
-        failing = MicroBatcher(Recorder(fail=RuntimeError("milvus down")).run, window_s=30.0, max_batch=64)
-        with pytest.raises(RuntimeError, match="milvus down"):
-            await failing.submit("k", 1)
-        miscounted = MicroBatcher(short, window_s=30.0, max_batch=64)
-        with pytest.raises(RuntimeError, match="0 results for 1 request"):
-            await miscounted.submit("k", 1)
-        rec = Recorder()
-        ok = MicroBatcher(rec.run, window_s=30.0, max_batch=64, observe=rec.observe)
-        first = await ok.submit("k", 1)
-        return first, await asyncio.wait_for(ok.submit("k", 2), 5.0), failing._in_flight, miscounted._in_flight, rec
-
-    first, second, *in_flight, rec = run(main())
-    assert (first, second) == (10, 20) and in_flight == [0, 0]
-    assert rec.sizes == [1, 1] and rec.waits == [0.0, 0.0]
