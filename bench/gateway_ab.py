@@ -15,7 +15,6 @@ reports.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,10 @@ from pathlib import Path
 import httpx
 
 import bench.profile_gateway as profile_gateway
-from bench import command_line
+from bench import write_results
 from bench.search import build_collection
 from harness.stack import REPO_ROOT, MilvusServer, checkout, copy_db, gateway_env, start_gateway
 from harness.vectors import clustered_vectors, vectors_card_repo
-from imgsearch.loadtest.cli import machine_info
 from imgsearch.model_card import read_card
 from imgsearch.stats import percentile
 from imgsearch.triton_server import free_port
@@ -88,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         profile_gateway.start_gateway = start_gateway
         milvus.stop()
-    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    res["machine"] = machine_info()
-    res["command"] = command_line("bench.gateway_ab", argv)
-    res["wall_s"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_results(res, args, "bench.gateway_ab", argv, t0)
     for row in res["by_clients"]:
         print(f"{row['clients']} client(s): this {row['median_ms']['this']} ms, {args.baseline} "
               f"{row['median_ms']['baseline']} ms per similar (x{row['ratio_this_to_baseline']})")

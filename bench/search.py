@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench import command_line
+from bench import write_results
 from bench.gateway import run_round, summarize
 from harness.data import make_dataset
 from harness.stack import (
@@ -60,7 +60,6 @@ from harness.vectors import (
     time_searches,
     vectors_card_repo,
 )
-from imgsearch.loadtest.cli import machine_info
 from imgsearch.model_card import read_card
 from imgsearch.stats import percentile
 from imgsearch.store import VectorStore
@@ -310,12 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"search: clients {args.search_clients}, window {args.window_ms} ms", flush=True)
         res["search"] = bench_search(args, tmp)
     res["verdicts"] = verdicts(res, args.window_ms)
-    res["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    res["machine"] = machine_info()
-    res["command"] = command_line("bench.search", argv)
-    res["wall_s"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    write_results(res, args, "bench.search", argv, t0)
     print(json.dumps(res["verdicts"], indent=2))
     print(f"wrote {args.out}")
     return 0
