@@ -15,6 +15,7 @@ reports.
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import tempfile
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import httpx
 
-import bench.profile_gateway as profile_gateway
 from bench import write_results
+from bench.profile_gateway import measure
 from bench.search import build_collection
-from harness.stack import REPO_ROOT, MilvusServer, checkout, copy_db, gateway_env, start_gateway
+from harness.stack import REPO_ROOT, MilvusServer, checkout, commit, copy_db, gateway_env, start_gateway
 from harness.vectors import clustered_vectors, vectors_card_repo
 from imgsearch.model_card import read_card
 from imgsearch.stats import percentile
@@ -35,9 +36,10 @@ from imgsearch.triton_server import free_port
 MODEL = "resnet152"
 
 
-def commit(rev: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", rev + "^{commit}"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+def tree_is_clean() -> bool:
+    """Whether this checkout's tracked files are those of its HEAD (what ``this_commit`` names)."""
+    return not subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                              check=True, capture_output=True, text=True).stdout.strip()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gateway-ab-"))
     t0 = time.perf_counter()
-    base = checkout(args.baseline, tmp / "baseline")
+    res: dict = {"baseline": args.baseline, "baseline_commit": commit(args.baseline), "this_commit": commit("HEAD"),
+                 "this_tree_clean": tree_is_clean(), "by_clients": []}
+    base = checkout(res["baseline_commit"], tmp / "baseline")
     repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
     sha = read_card(repo, MODEL).model_sha
     ids, _ = build_collection(tmp / "similar.db", clustered_vectors(args.vectors, 2048, seed=5), sha)
@@ -65,18 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     def similar(c: httpx.Client, i: int) -> httpx.Response:
         return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
 
-    sides = {"this": None, "baseline": base}
-    res: dict = {"baseline": args.baseline, "baseline_commit": commit(args.baseline), "this_commit": commit("HEAD"),
-                 "by_clients": []}
+    sides = {"this": start_gateway, "baseline": functools.partial(start_gateway, checkout=base)}
     try:
         for clients in args.clients:
             rounds: dict[str, list[float]] = {side: [] for side in sides}
             for r in range(args.rounds):
-                for side, code in sides.items():
-                    # profile_gateway.measure starts its gateway through start_gateway: this side's, or the revision's
-                    profile_gateway.start_gateway = (start_gateway if code is None else
-                                                     lambda e, code=code, **kw: start_gateway(e, checkout=code, **kw))
-                    m = profile_gateway.measure(env, similar, args.requests, tmp, f"{side}-{clients}-{r}", False, clients)
+                for side, start in sides.items():
+                    m = measure(env, similar, args.requests, tmp, f"{side}-{clients}-{r}", False, clients, start)
                     rounds[side].append(m["gateway_cpu_ms_per_request"])
                     print(f"  {clients:3d} client(s) round {r + 1}/{args.rounds} {side:8s} "
                           f"{m['gateway_cpu_ms_per_request']:.3f} ms gateway CPU per similar", flush=True)
@@ -84,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             res["by_clients"].append({"clients": clients, "rounds_ms": rounds, "median_ms": med,
                                       "ratio_this_to_baseline": round(med["this"] / med["baseline"], 3)})
     finally:
-        profile_gateway.start_gateway = start_gateway
         milvus.stop()
     write_results(res, args, "bench.gateway_ab", argv, t0)
     for row in res["by_clients"]:

@@ -67,11 +67,12 @@ def cpu_s(pid: int) -> float:
     return t.user + t.system
 
 
-def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, clients: int = 1) -> dict:
+def measure(env: dict, send, n: int, tmp: Path, name: str, profile: bool, clients: int = 1,
+            start=start_gateway) -> dict:
     prof = tmp / f"{name}.prof"
     # through `imgsearch serve`, as the images and manifests run it (its uvicorn options: no proxy
     # headers middleware, the connection limit and keep-alive from the settings)
-    gw = start_gateway(env, serve_cli=True, log_level="warning", log_path=tmp / f"{name}.log",
+    gw = start(env, serve_cli=True, log_level="warning", log_path=tmp / f"{name}.log",
                        python_args=["-m", "bench.profiled", str(prof)] if profile else ())
     try:
         # one kept-alive connection per client, as a browser or a load balancer's pool keeps: httpx's

@@ -15,7 +15,7 @@ with the neighbours' load.
             ``--baseline REV`` adds a third gateway, "today": this project's code at REV
             (``git archive``), e.g. the commit before search batching, in the same rounds.
   index     the cost of a search right after the inserts, and once ``build_index`` (what
-            ``imgsearch index`` now ends with) has flushed and waited for the index.
+            ``imgsearch index`` ends with) has flushed and waited for the index.
 
   python -m bench.search                      # all three, results JSON in bench/results/
   python -m bench.search --skip-search --vectors 5000 --seconds 5   # a quick look
@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +43,9 @@ from harness.data import make_dataset
 from harness.stack import (
     COLLECTION,
     MODEL,
-    REPO_ROOT,
     GatewayProc,
     checkout,
+    commit,
     copy_db,
     gateway_env,
     index_images,
@@ -105,22 +104,29 @@ def gateway_pair(repo: Path, triton_url: str, db: Path, image_root: Path, window
             stack.callback(gw.stop, 20)
             return gw
 
+        # every copy before any gateway opens the file
+        off_db = copy_db(db, tmp / f"{db.stem}-off.db")
+        today_db = copy_db(db, tmp / f"{db.stem}-today.db") if baseline is not None else None
         gws = {"on": serve("on", db, search_batch_ms=window_ms, search_batch_max=batch_max),
-               "off": serve("off", copy_db(db, tmp / f"{db.stem}-off.db"), search_batch_ms=0)}
+               "off": serve("off", off_db, search_batch_ms=0)}
         if baseline is not None:
-            gws["today"] = serve("today", copy_db(db, tmp / f"{db.stem}-today.db"), baseline)
+            gws["today"] = serve("today", today_db, baseline)
         yield gws
 
 
-async def warm_up(mode: str, worker, items: list, clients: int, patience_s: float = 3600.0) -> None:
+async def warm_up(mode: str, gw: GatewayProc, worker, items: list, clients: int,
+                  patience_s: float = 3600.0) -> None:
     """One request per client, repeated until every one answers 200. A gateway over a copied Lite
     file can spend minutes loading it (250k x 2048-d: longer than a client's timeout), and a round
-    started before that would time the load, not the search."""
+    started before that would time the load, not the search. A 4xx or a gateway that exited
+    will not change by waiting."""
     t0 = time.monotonic()
     while True:
         got = await asyncio.gather(*[worker(items[i % len(items)]) for i in range(clients)])
         if all(s == "200" for s in got):
             return
+        if gw.proc.poll() is not None or any(s.startswith("4") for s in got):
+            raise RuntimeError(f"gateway {mode!r} cannot be warmed up: {dict(Counter(got))} (log: {gw.log_path})")
         if time.monotonic() - t0 > patience_s:
             raise RuntimeError(f"gateway {mode!r} still not answering after {patience_s:.0f} s: {Counter(got)}")
         print(f"  {mode}: warming up ({dict(Counter(got))}), {time.monotonic() - t0:.0f} s", flush=True)
@@ -137,7 +143,7 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
             client = await stack.enter_async_context(httpx.AsyncClient(
                 base_url=gw.url, timeout=120, limits=httpx.Limits(max_connections=clients)))
             workers[mode] = make_worker(client)
-            await warm_up(mode, workers[mode], items, clients)
+            await warm_up(mode, gw, workers[mode], items, clients)
             before[mode] = (await client.get("/metrics")).text
         rs = {m: [] for m in gws}
         for i in range(rounds):
@@ -228,28 +234,24 @@ def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
         vectors = clustered_vectors(args.vectors, card.embedding_dim, seed=3)
         ids, index = build_collection(db, vectors, card.model_sha)
         index_images(root, str(db), triton.grpc_url, repo)  # the query images themselves, too
-        baseline = checkout(args.baseline, tmp / "baseline") if args.baseline else None
+        baseline_commit = commit(args.baseline) if args.baseline else None
+        baseline = checkout(baseline_commit, tmp / "baseline") if baseline_commit else None
         with gateway_pair(repo, triton.grpc_url, db, root, args.window_ms, args.batch_max, tmp, baseline) as gws:
             steps = [asyncio.run(compare(gws, search_worker(args.top_k), images, c, args.seconds, args.rounds))
                      for c in args.search_clients]
     knee = {m: max(steps, key=lambda s: s[m]["throughput_rps"]) for m in ("on", "off", "today") if m in steps[0]}
     return {"model": {"arch": card.arch, "dim": card.embedding_dim, "weights": card.weights},
             "vectors": args.vectors, "index": index, "steps": steps,
-            **({"baseline": args.baseline, "baseline_commit": _commit(args.baseline)} if args.baseline else {}),
+            **({"baseline": args.baseline, "baseline_commit": baseline_commit} if baseline_commit else {}),
             "knee": {m: {"clients": k["clients"], "throughput_rps": k[m]["throughput_rps"],
                          "p99_ms": k[m]["p99_ms"]} for m, k in knee.items()}}
 
 
-def _commit(rev: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", rev + "^{commit}"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-
-
 def verdicts(res: dict, window_ms: float) -> dict:
-    """The issue's targets, each true only when both compared runs answered every request: an
-    error answered fast (a shed 503) or a timeout on one side would otherwise decide a latency."""
-    def clean(*cmps: dict) -> bool:
-        return all(c[m]["errors"] == 0 for c in cmps for m in ("on", "off", "today") if m in c)
+    """The targets, each true only when the runs it compares answered every request: an error
+    answered fast (a shed 503) or a timeout on one side would otherwise decide a latency."""
+    def clean(*cmps: dict, against: str = "off") -> bool:
+        return all(c[m]["errors"] == 0 for c in cmps for m in ("on", against))
 
     v = {}
     if "similar" in res:
@@ -262,12 +264,13 @@ def verdicts(res: dict, window_ms: float) -> dict:
         k = res["search"]["knee"]
         v["search_knee_on_ge_off"] = clean(*steps) and k["on"]["throughput_rps"] >= k["off"]["throughput_rps"]
         if "today" in k:
-            v["search_knee_on_ge_today"] = clean(*steps) and k["on"]["throughput_rps"] >= k["today"]["throughput_rps"]
+            v["search_knee_on_ge_today"] = (clean(*steps, against="today")
+                                            and k["on"]["throughput_rps"] >= k["today"]["throughput_rps"])
         one = [s for s in steps if s["clients"] == 1]
         if one:
             v["search_1_client_p50_rise_le_window"] = clean(one[0]) and one[0]["p50_delta_ms"] <= window_ms
             if "today" in one[0]:
-                v["search_1_client_p50_rise_vs_today_le_window"] = (clean(one[0])
+                v["search_1_client_p50_rise_vs_today_le_window"] = (clean(one[0], against="today")
                                                                     and one[0]["p50_delta_ms_today"] <= window_ms)
     return v
 
@@ -286,8 +289,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--repository", type=Path, help="search: model repository (default: export a random resnet18)")
     p.add_argument("--baseline", metavar="REV",
-                   help="search: also serve this project's gateway as it was at REV (a commit from before its "
-                        "components moved under imgsearch, e.g. the one before search batching), as \"today\"")
+                   help="search: also serve this project's gateway as it was at REV (e.g. 9dc91c4^, the commit "
+                        "before search batching), as \"today\"")
     p.add_argument("--skip-similar", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results/search-batching.json"),

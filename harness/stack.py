@@ -194,7 +194,7 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     ``checkout``: the gateway of another revision of this project (:func:`checkout`), run in
     its folder so that its own packages are imported: a benchmark's baseline. A revision from
     before the components moved under ``imgsearch`` runs as it ran then
-    (``uvicorn gateway.app:app_from_env``).
+    (``uvicorn gateway.app:app_from_env``; ``serve_cli`` does not apply).
     """
     port = free_port()
     clean = clean_env({**env, **(extra_env or {})})
@@ -228,6 +228,12 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
         time.sleep(0.2)
     gw.stop()
     raise RuntimeError(f"gateway not up after {startup_timeout_s}s:\n{gw.log_text()[-4000:]}")
+
+
+def commit(rev: str) -> str:
+    """The full hash of ``rev`` in this repository."""
+    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", rev + "^{commit}"],
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def checkout(rev: str, dest: Path) -> Path:

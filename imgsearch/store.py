@@ -332,11 +332,12 @@ class VectorStore:
     @contextlib.contextmanager
     def _patient(self, deadline_s: float | None) -> Iterator[None]:
         """Every call this thread makes inside gets ``deadline_s`` (None: the request deadline)."""
+        outer = getattr(self._patience, "deadline", None)
         self._patience.deadline = deadline_s
         try:
             yield
         finally:
-            self._patience.deadline = None
+            self._patience.deadline = outer
 
     def _load(self) -> None:
         self._call("load_collection", lambda c: c.load_collection(self.collection, timeout=self.load_timeout_s))
