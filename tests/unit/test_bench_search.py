@@ -30,3 +30,20 @@ def test_errors_on_either_side_make_a_verdict_false():
     bad = copy.deepcopy(res)
     bad["search"]["steps"][-1]["off"]["errors"] = 1  # a timed-out unbatched run decides no knee
     assert verdicts(bad, window)["search_knee_on_ge_off"] is False
+
+
+def test_the_baseline_is_compared_and_its_errors_count_too():
+    res = json.loads(RESULTS.read_text())
+    window = res["config"]["window_ms"]
+    today = {"search_knee_on_ge_today", "search_1_client_p50_rise_vs_today_le_window"}
+    assert today <= set(verdicts(res, window)), "the committed run has no baseline gateway"
+    bad = copy.deepcopy(res)
+    bad["search"]["steps"][0]["today"]["errors"] = 2  # the 1-client step
+    got = verdicts(bad, window)
+    assert {k for k, ok in got.items() if not ok} == today  # on against off compares two clean runs still
+    slower = copy.deepcopy(res)
+    for step in slower["search"]["steps"]:
+        step["today"]["throughput_rps"] = step["on"]["throughput_rps"] * 1.01
+    slower["search"]["knee"]["today"]["throughput_rps"] = max(s["today"]["throughput_rps"]
+                                                              for s in slower["search"]["steps"])
+    assert verdicts(slower, window)["search_knee_on_ge_today"] is False
