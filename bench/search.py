@@ -155,12 +155,12 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
         for mode, gw in gws.items():
             s = summarize(mode, rs[mode])
             text = httpx.get(gw.url + "/metrics", timeout=30).text
-            calls = (metric_sum(text, "imgsearch_milvus_batch_size_count", op="search")
-                     - metric_sum(before[mode], "imgsearch_milvus_batch_size_count", op="search"))
-            vecs = (metric_sum(text, "imgsearch_milvus_batch_size_sum", op="search")
-                    - metric_sum(before[mode], "imgsearch_milvus_batch_size_sum", op="search"))
             out[mode] = {**asdict(s), "statuses": _statuses(rs[mode]), "rss_mb": round(rss_tree_bytes(gw.pid) / 2**20, 1)}
             if mode != "today":  # code before batching has no batch metrics
+                calls = (metric_sum(text, "imgsearch_milvus_batch_size_count", op="search")
+                         - metric_sum(before[mode], "imgsearch_milvus_batch_size_count", op="search"))
+                vecs = (metric_sum(text, "imgsearch_milvus_batch_size_sum", op="search")
+                        - metric_sum(before[mode], "imgsearch_milvus_batch_size_sum", op="search"))
                 out[mode] |= {"milvus_search_calls": int(calls),
                               "vectors_per_search_call": round(vecs / calls, 2) if calls else None}
     on, off = out["on"], out["off"]

@@ -562,7 +562,9 @@ class VectorStore:
             else:
                 deadline = time.monotonic() + timeout_s
                 while True:
-                    st = self.index_state()
+                    # a poll gets what is left of the build's time (a request's deadline at least)
+                    with self._patient(max(deadline - time.monotonic(), self.timeout_s)):
+                        st = self.index_state()
                     if not st["pending_index_rows"] and (st["indexed_rows"] or 0) >= (st["total_rows"] or 0):
                         break
                     if time.monotonic() > deadline:
