@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
+from imgsearch.imaging import jpeg_bytes
+
 MANIFEST = "manifest.json"
 DISTRACTOR_LABEL = "lfw_faces"
 MAX_SIDE = 640
@@ -102,9 +104,7 @@ def jpeg(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Downscaled to 40% of each side, then JPEG quality 20."""
     w, h = im.size
     small = im.resize((max(16, int(w * 0.4)), max(16, int(h * 0.4))), Image.BILINEAR)
-    buf = io.BytesIO()
-    small.save(buf, "JPEG", quality=20)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return Image.open(io.BytesIO(jpeg_bytes(small, quality=20))).convert("RGB")
 
 
 def grey(im: Image.Image, rng: np.random.Generator) -> Image.Image:

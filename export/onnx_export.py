@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,9 +214,7 @@ def export_model(
             for stale in (out_dir / "1" / "model.onnx", out_dir / "config.pbtxt", out_dir / "configs" / "cpu.pbtxt"):
                 stale.unlink(missing_ok=True)
         os.replace(weights_path, out_dir / "1" / "weights.pt")
-        for module in ENCODER_MODULES:  # before model.py, which imports them
-            shutil.copyfile(TEMPLATES / module, out_dir / "1" / module)
-        shutil.copyfile(TEMPLATE, out_dir / "1" / "model.py")
+        _install_python_model(out_dir / "1", TEMPLATE, ENCODER_MODULES)
         if onnx:
             (out_dir / "config.pbtxt").write_text(gpu_config(card, gpu_batching))
             (out_dir / "configs" / "cpu.pbtxt").write_text(cpu_config(card, cpu_batching))
@@ -246,6 +245,13 @@ def _save_serving_weights(reference: torch.nn.Module, arch: str, embedding: str,
                 "state_dict": state}, path)
 
 
+def _install_python_model(version_dir: Path, template: Path, modules: Sequence[str]) -> None:
+    """A Python-backend model version: the modules its ``model.py`` imports, then ``model.py``."""
+    for module in modules:
+        shutil.copyfile(TEMPLATES / module, version_dir / module)
+    shutil.copyfile(template, version_dir / "model.py")
+
+
 def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, gpu_max_batch: int,
                         ensemble_name: str = ENSEMBLE_NAME, preprocess_name: str = PREPROCESS_NAME,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -257,9 +263,7 @@ def write_decode_models(repository: Path, card: ModelCard, cpu_max_batch: int, g
     pre = Path(repository) / preprocess_name
     (pre / "1").mkdir(parents=True, exist_ok=True)
     (pre / "configs").mkdir(exist_ok=True)
-    for module in PREPROCESS_MODULES:  # before model.py, which imports them
-        shutil.copyfile(TEMPLATES / module, pre / "1" / module)
-    shutil.copyfile(PREPROCESS_TEMPLATE, pre / "1" / "model.py")
+    _install_python_model(pre / "1", PREPROCESS_TEMPLATE, PREPROCESS_MODULES)
     size = card.input_size
     pre_gpu = preprocess_config(size, PREPROCESS_GPU, instance_kind="KIND_GPU", decoder="torchvision",
                                 max_pixels=max_pixels, name=preprocess_name, output_name=card.input_name)

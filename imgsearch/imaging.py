@@ -192,9 +192,7 @@ def thumbnail(
     with _pillow_errors(fmt):
         im = _small_rgb(_open(f, fmt, max_pixels), fmt, max_side, budget, keep_aspect=True)
         im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=85)
-    return out.getvalue()
+        return jpeg_bytes(im, quality=85)
 
 
 def _open(f: BinaryIO, fmt: str, max_pixels: int) -> Image.Image:

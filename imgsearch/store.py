@@ -549,11 +549,11 @@ class VectorStore:
         # its flush started, answered the count after the reload of 250k 2048-d rows in over 10 s
         with self._patient(timeout_s):
             t0 = time.perf_counter()
-            self._call_again("flush", lambda c: c.flush(self.collection, timeout=timeout_s))
+            self._call_again("flush", lambda c: c.flush(self.collection))
             if is_lite(self.uri):
                 def reload(c) -> None:
                     c.release_collection(self.collection)
-                    c.load_collection(self.collection, timeout=timeout_s)  # Lite builds the index here
+                    c.load_collection(self.collection)  # Lite builds the index here
 
                 # The flush also starts Milvus Lite's background index build, which writes its index
                 # file in place and outside the lock a load takes: a load meeting a half-written file
