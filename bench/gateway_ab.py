@@ -22,18 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from bench import write_results
-from bench.profile_gateway import measure
-from bench.search import build_collection
-from harness.stack import REPO_ROOT, MilvusServer, checkout, commit, copy_db, gateway_env, start_gateway
-from harness.vectors import clustered_vectors, vectors_card_repo
-from imgsearch.model_card import read_card
+from bench.profile_gateway import measure, similar_stack
+from harness.stack import REPO_ROOT, checkout, commit, start_gateway
 from imgsearch.stats import percentile
-from imgsearch.triton_server import free_port
-
-MODEL = "resnet152"
 
 
 def tree_is_clean() -> bool:
@@ -60,14 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"baseline": args.baseline, "baseline_commit": commit(args.baseline), "this_commit": commit("HEAD"),
                  "this_tree_clean": tree_is_clean(), "by_clients": []}
     base = checkout(res["baseline_commit"], tmp / "baseline")
-    repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
-    sha = read_card(repo, MODEL).model_sha
-    ids, _ = build_collection(tmp / "similar.db", clustered_vectors(args.vectors, 2048, seed=5), sha)
-    milvus = MilvusServer(copy_db(tmp / "similar.db", tmp / "server.db"), log_path=tmp / "milvus.log").start()
-    env = gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp)
-
-    def similar(c: httpx.Client, i: int) -> httpx.Response:
-        return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
+    milvus, env, _, _, similar = similar_stack(tmp, args.vectors)
 
     sides = {"this": start_gateway, "baseline": functools.partial(start_gateway, checkout=base)}
     try:

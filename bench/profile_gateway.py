@@ -30,7 +30,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -191,20 +193,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class SimilarStack(NamedTuple):
+    milvus: MilvusServer  # the caller stops it
+    env: dict  # the gateway's settings (no Triton: ``similar`` never calls the model)
+    ids: list[int]
+    model_sha: str
+    similar: Callable[[httpx.Client, int], httpx.Response]  # a sender for :func:`measure`
+
+
+def similar_stack(tmp: Path, vectors: int) -> SimilarStack:
+    """Milvus Lite's server over ``vectors`` synthetic 2048-d vectors (built, copied, started)
+    and what a gateway serving ``similar`` over it needs."""
+    repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
+    db = tmp / "similar.db"
+    sha = read_card(repo, MODEL).model_sha
+    ids, _ = build_collection(db, clustered_vectors(vectors, 2048, seed=5), sha)
+    milvus = MilvusServer(copy_db(db, tmp / "server.db"), log_path=tmp / "milvus.log").start()
+
+    def similar(c: httpx.Client, i: int) -> httpx.Response:
+        return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
+
+    return SimilarStack(milvus, gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp), ids, sha, similar)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="profile-gateway-"))
     res: dict = {}
-
-    repo = vectors_card_repo(tmp / "repo-vectors", MODEL, 2048)
-    db = tmp / "similar.db"
-    sha = read_card(repo, MODEL).model_sha
-    ids, _ = build_collection(db, clustered_vectors(args.vectors, 2048, seed=5), sha)
-    milvus = MilvusServer(copy_db(db, tmp / "server.db"), log_path=tmp / "milvus.log").start()
-    env = gateway_env(repo, f"127.0.0.1:{free_port()}", milvus.uri, tmp)
-
-    def similar(c: httpx.Client, i: int) -> httpx.Response:
-        return c.get(f"/v1/images/{ids[i % len(ids)]}/similar", params={"top_k": 10})
+    milvus, env, ids, sha, similar = similar_stack(tmp, args.vectors)
 
     def healthz(c: httpx.Client, i: int) -> httpx.Response:
         return c.get("/healthz")

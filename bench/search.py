@@ -156,7 +156,7 @@ async def compare(gws: dict, make_worker, items: list, clients: int, seconds: fl
             s = summarize(mode, rs[mode])
             text = httpx.get(gw.url + "/metrics", timeout=30).text
             out[mode] = {**asdict(s), "statuses": _statuses(rs[mode]), "rss_mb": round(rss_tree_bytes(gw.pid) / 2**20, 1)}
-            if mode != "today":  # code before batching has no batch metrics
+            if "imgsearch_milvus_batch_size_count" in text:  # code from before batching has none
                 calls = (metric_sum(text, "imgsearch_milvus_batch_size_count", op="search")
                          - metric_sum(before[mode], "imgsearch_milvus_batch_size_count", op="search"))
                 vecs = (metric_sum(text, "imgsearch_milvus_batch_size_sum", op="search")
@@ -234,7 +234,7 @@ def bench_search(args: argparse.Namespace, tmp: Path) -> dict:
         vectors = clustered_vectors(args.vectors, card.embedding_dim, seed=3)
         ids, index = build_collection(db, vectors, card.model_sha)
         index_images(root, str(db), triton.grpc_url, repo)  # the query images themselves, too
-        baseline_commit = commit(args.baseline) if args.baseline else None
+        baseline_commit = args.baseline_commit
         baseline = checkout(baseline_commit, tmp / "baseline") if baseline_commit else None
         with gateway_pair(repo, triton.grpc_url, db, root, args.window_ms, args.batch_max, tmp, baseline) as gws:
             steps = [asyncio.run(compare(gws, search_worker(args.top_k), images, c, args.seconds, args.rounds))
@@ -300,6 +300,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.baseline_commit = commit(args.baseline) if args.baseline else None  # a wrong REV fails before the runs
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     t0 = time.perf_counter()

@@ -22,10 +22,7 @@ from typing import Any
 import httpx
 
 from harness.drive import drive
-from harness.stack import (
-    GatewayProc,
-    rss_tree_bytes,
-)
+from harness.stack import GatewayProc, rss_tree_bytes
 from imgsearch.loadtest.scenario import multipart_body
 from imgsearch.stats import percentile
 from imgsearch.triton_metrics import metric_sum
@@ -364,7 +361,7 @@ async def _half_sent_search(host: str, port: int, data: bytes, sent: asyncio.Eve
     return _reply(status, t0, payload, retry)
 
 
-async def graceful_shutdown(gw: "GatewayProc", data: bytes, n: int = 8, hold_s: float = 1.0,
+async def graceful_shutdown(gw: GatewayProc, data: bytes, n: int = 8, hold_s: float = 1.0,
                             exit_limit_s: float = 60.0) -> dict[str, Any]:
     """SIGTERM while ``n`` uploads are half sent (so certainly accepted and in flight).
 
@@ -417,8 +414,6 @@ def _wait_exit(proc: subprocess.Popen, limit_s: float) -> int | None:
     except subprocess.TimeoutExpired:
         return None
 
-
-# --- the command ------------------------------------------------------------------------
 
 def public(res: dict[str, Any]) -> dict[str, Any]:
     """The figures of a scenario without the raw replies."""

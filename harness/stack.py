@@ -192,19 +192,19 @@ def start_gateway(env: dict[str, str], *, serve_cli: bool = False, log_level: st
     before the module (``["-m", "cProfile", "-o", path]`` profiles the gateway). ``max_file_bytes``:
     no file the gateway writes may grow past this (RLIMIT_FSIZE), as on a full disk.
     ``checkout``: the gateway of another revision of this project (:func:`checkout`), run in
-    its folder so that its own packages are imported: a benchmark's baseline. A revision from
-    before the components moved under ``imgsearch`` runs as it ran then
-    (``uvicorn gateway.app:app_from_env``; ``serve_cli`` does not apply).
+    its folder so that its own packages are imported: a benchmark's baseline. Without
+    ``serve_cli``, a revision from before the components moved under ``imgsearch`` runs as
+    uvicorn ran it then (``gateway.app:app_from_env``, no head-deadline protocol).
     """
     port = free_port()
     clean = clean_env({**env, **(extra_env or {})})
     clean.setdefault("PYTHONUNBUFFERED", "1")
-    if checkout is not None and not (checkout / "imgsearch" / "gateway").exists():
-        cmd = [sys.executable, *python_args, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", log_level]
-    elif serve_cli:
+    if serve_cli:
         cmd = [sys.executable, *python_args, "-m", "imgsearch.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", log_level]
+    elif checkout is not None and not (checkout / "imgsearch" / "gateway").exists():
+        cmd = [sys.executable, *python_args, "-m", "uvicorn", "gateway.app:app_from_env", "--factory",
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", log_level]
     else:
         cmd = [sys.executable, *python_args, "-m", "uvicorn", "imgsearch.gateway.app:app_from_env", "--factory",
                "--http", "imgsearch.gateway.protocol:HeadDeadlineProtocol", "--host", "127.0.0.1",
