@@ -25,10 +25,18 @@ from imgsearch.errors import (
     TritonUnavailable,
 )
 from imgsearch.imaging import decode_image
-from imgsearch.store import Entry, Hit, Row, SearchQuery, check_rows
+from imgsearch.store import Entry, Hit, Row, SearchQuery, VectorStore, check_rows
 from imgsearch.triton_client import Encoded
 
 GRID = 7  # an image's features: mean RGB of each cell of a GRID x GRID grid
+
+
+def store_with(client, uri: str = "http://127.0.0.1:1") -> VectorStore:
+    """The real store over a stand-in for pymilvus' client (its boundary: deadlines, errors,
+    what it asks Milvus); requests get a 2 s deadline."""
+    store = VectorStore(uri, "images", timeout_s=2.0)
+    store._client = client
+    return store
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
+from harness.fakes import store_with
 from imgsearch.errors import StoreUnavailable
-from imgsearch.store import PROP_BUILT, VectorStore
+from imgsearch.store import PROP_BUILT
 
 TOTAL = 20_000
 
@@ -58,12 +59,6 @@ class Server:
         pass
 
 
-def store_with(client: Server) -> VectorStore:
-    store = VectorStore("http://127.0.0.1:19530", "images", timeout_s=2.0)
-    store._client = client
-    return store
-
-
 def test_build_index_on_a_server_waits_until_no_row_is_pending():
     server = Server(pending=TOTAL, step=5_000)
     state = store_with(server).build_index(poll_s=0)
@@ -78,9 +73,14 @@ def test_build_index_on_a_server_waits_until_no_row_is_pending():
     assert json.loads(server.properties[PROP_BUILT])["rows"] == TOTAL
 
 
-def test_an_index_already_built_is_not_waited_for():
+def test_an_index_already_built_is_not_waited_for(monkeypatch):
     server = Server(pending=0, step=0)
-    store_with(server).build_index(poll_s=60)  # a poll would sleep a minute
+
+    def no_sleep(s):
+        raise AssertionError(f"slept {s} s for an index already built")
+
+    monkeypatch.setattr("imgsearch.store.time.sleep", no_sleep)
+    store_with(server).build_index(poll_s=60)
     assert [c for c in server.calls if c != "describe_collection"][:4] == \
         ["flush", "describe_index", "query", "alter_collection_properties"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from harness.fakes import store_with
 from imgsearch.errors import EntryRefused, StoreError, StoreUnavailable
 from imgsearch.store import BULK_WRITE_TIMEOUT_S, PROP_DIM, PROP_SHA, Row, VectorStore
 
@@ -29,12 +30,6 @@ class Client:
 
     def close(self):
         pass
-
-
-def store_with(client, uri: str = "http://127.0.0.1:1") -> VectorStore:
-    store = VectorStore(uri, "images", timeout_s=2.0)
-    store._client = client
-    return store
 
 
 def row() -> Row:
